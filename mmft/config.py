@@ -1,0 +1,107 @@
+"""One place for every knob: which models, how features are taken, projector, LoRA, prompt, pipeline.
+
+Fields are prefixed by the part they configure (`lm_`, `vit_`, `mp_`, `lora_`, `prompt_`, `pipe_`,
+`gen_`) so a grep finds every knob of a component. A trained round folder carries its own
+`config.json`, written by `save_config`, so loading needs nothing but the folder.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+CONFIG_NAME = "config.json"
+FEATURE_MODES = ("pooled", "patch")
+
+
+@dataclass
+class MMFTConfig:
+    # Language model: the base weights both pipeline stages share.
+    lm_model_id: str = "microsoft/Phi-3.5-mini-instruct"
+    lm_revision: str | None = None
+
+    # Vision: CLIP, frozen. "pooled" = get_image_features (1 token), "patch" = last hidden state with CLS.
+    vit_model_id: str = "openai/clip-vit-base-patch32"
+    vit_revision: str | None = None
+    vit_feature_mode: str = "pooled"
+    vit_max_pixels: int = 50_000_000  # refuse larger images before decoding them
+
+    # Projector: Linear -> GELU -> Linear (mp_depth linear layers). Dims are filled in when the
+    # model is built, so a saved round can be checked against the weights it loads.
+    mp_depth: int = 2
+    mp_input_dim: int | None = None
+    mp_hidden_dim: int | None = None  # default: the LM's hidden size (as LLaVA)
+    mp_output_dim: int | None = None
+
+    # LoRA on the LM (Phi-3 fuses q/k/v and gate/up, so these four cover every linear).
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+    )
+
+    # Prompt: shared by training and inference through mmft.prompt.
+    prompt_system: str = ""
+    prompt_max_question_tokens: int = 256
+    prompt_max_answer_tokens: int = 256
+    prompt_clean_answers: bool = True  # drop stopwords and punctuation from training answers
+    prompt_end_of_turn: str = "<|end|>"
+
+    # Staged pipeline: draft (LoRA model, sees the image) then refine (base model, adapter off).
+    pipe_draft: bool = True
+    pipe_refine: bool = True
+    pipe_refine_template: str = (
+        "Question: {question}\nDraft answer: {draft}\n"
+        "Rewrite the draft answer as one clear sentence that answers the question."
+    )
+
+    # Generation defaults.
+    gen_max_new_tokens: int = 64
+    gen_do_sample: bool = False
+    gen_temperature: float = 0.7
+    gen_top_p: float = 0.9
+    gen_repetition_penalty: float = 1.0  # 1.0 = off; tidy() removes repeats
+
+    def __post_init__(self):
+        if self.vit_feature_mode not in FEATURE_MODES:
+            raise ValueError(
+                f"vit_feature_mode must be one of {FEATURE_MODES}, got {self.vit_feature_mode!r}"
+            )
+        if self.mp_depth < 2:
+            raise ValueError(f"mp_depth must be >= 2 (Linear -> GELU -> Linear), got {self.mp_depth}")
+        if "{question}" not in self.pipe_refine_template or "{draft}" not in self.pipe_refine_template:
+            raise ValueError("pipe_refine_template must contain {question} and {draft}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "MMFTConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
+        return cls(**data)
+
+
+def save_config(folder: str | Path, config: MMFTConfig, round_info: dict | None = None) -> Path:
+    """Write `config.json`: the model config, plus what training recorded about this round."""
+    path = Path(folder) / CONFIG_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {"mmft": asdict(config)}
+    if round_info is not None:
+        data["round"] = round_info
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def load_config(folder: str | Path) -> tuple[MMFTConfig, dict]:
+    """Read `config.json` from a round folder: (model config, round info or {})."""
+    path = Path(folder) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: a round folder must contain {CONFIG_NAME}")
+    try:
+        data = json.loads(path.read_text())
+        return MMFTConfig.from_dict(data["mmft"]), data.get("round", {})
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{path} is not a valid mmft config: {err}") from err

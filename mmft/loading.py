@@ -1,0 +1,136 @@
+"""Loading, shared by training, the app and the Hub: device, dtype, quantization, rounds.
+
+CUDA -> 4-bit NF4 with bf16 compute (QLoRA); CPU -> no quantization, bf16 only where the CPU does
+bf16 natively (else fp32: emulated bf16 is slower than fp32). Every choice can be overridden.
+No `trust_remote_code`: Phi-3 and CLIP are native to transformers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+from mmft.config import MMFTConfig, load_config
+from mmft.model import ADAPTER_DIR, MultimodalModel
+from mmft.projector import PROJECTOR_NAME, Projector, load_projector
+from mmft.vision import VisionEncoder
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cpu_has_bf16() -> bool:
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def pick_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> torch.dtype:
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+        return DTYPES[dtype]
+    if dtype is not None:
+        return dtype
+    if device.type == "cuda":
+        return torch.bfloat16
+    return torch.bfloat16 if cpu_has_bf16() else torch.float32
+
+
+def load_lm(cfg: MMFTConfig, device: torch.device, dtype: torch.dtype, quantize: bool | None = None):
+    """The base LM and its tokenizer; 4-bit NF4 by default on CUDA only."""
+    quantize = device.type == "cuda" if quantize is None else quantize
+    tokenizer = AutoTokenizer.from_pretrained(cfg.lm_model_id, revision=cfg.lm_revision)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    kwargs = dict(revision=cfg.lm_revision, dtype=dtype)
+    if quantize:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.bfloat16 if dtype == torch.float32 else dtype,
+            bnb_4bit_use_double_quant=True,
+        )
+        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+    lm = AutoModelForCausalLM.from_pretrained(cfg.lm_model_id, **kwargs)
+    if not quantize:
+        lm.to(device)
+    return lm, tokenizer
+
+
+def load_vision(cfg: MMFTConfig, device: torch.device, dtype: torch.dtype) -> VisionEncoder:
+    vision = VisionEncoder.from_pretrained(
+        cfg.vit_model_id, cfg.vit_feature_mode, cfg.vit_max_pixels, revision=cfg.vit_revision, dtype=dtype
+    )
+    return vision.to(device)
+
+
+def lora_config(cfg: MMFTConfig) -> LoraConfig:
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=list(cfg.lora_target_modules), task_type="CAUSAL_LM")
+
+
+def _assemble(cfg, lm, feature_dim) -> tuple[MMFTConfig, Projector]:
+    """Fill in / check the projector dims against the actual models and build the projector."""
+    lm_dim = lm.get_input_embeddings().weight.shape[1]
+    for name, actual in (("mp_input_dim", feature_dim), ("mp_output_dim", lm_dim)):
+        stored = getattr(cfg, name)
+        if stored is not None and stored != actual:
+            raise ValueError(f"config {name}={stored} but the models give {actual}: wrong CLIP/LM or feature mode?")
+        setattr(cfg, name, actual)
+    cfg.mp_hidden_dim = cfg.mp_hidden_dim or lm_dim
+    projector = Projector(cfg.mp_input_dim, cfg.mp_output_dim, cfg.mp_hidden_dim, cfg.mp_depth)
+    return cfg, projector.to(lm.get_input_embeddings().weight.device)
+
+
+def build_model(cfg: MMFTConfig, device=None, dtype=None, quantize=None, with_vision: bool = True,
+                feature_dim: int | None = None, adapter: str | Path | None = None,
+                trainable: bool = False) -> MultimodalModel:
+    """Base LM (+ new LoRA, or the adapter at `adapter`) + CLIP + projector (random until loaded)."""
+    device = pick_device(device)
+    dtype = pick_dtype(device, dtype)
+    lm, tokenizer = load_lm(cfg, device, dtype, quantize)
+    vision = load_vision(cfg, device, dtype) if with_vision else None
+    if vision is not None:
+        feature_dim = vision.feature_dim
+    if feature_dim is None:
+        raise ValueError("feature_dim is needed when the model is built without its vision encoder")
+    cfg, projector = _assemble(cfg, lm, feature_dim)
+    if adapter is not None:
+        lm = PeftModel.from_pretrained(lm, str(adapter), is_trainable=trainable)
+    elif trainable:
+        lm = get_peft_model(lm, lora_config(cfg))
+    return MultimodalModel(cfg, lm, tokenizer, projector, vision)
+
+
+def check_round_folder(folder: str | Path) -> Path:
+    folder = Path(folder)
+    needed = ["config.json", PROJECTOR_NAME, f"{ADAPTER_DIR}/adapter_config.json",
+              f"{ADAPTER_DIR}/adapter_model.safetensors"]
+    missing = [name for name in needed if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{folder} is not a complete round folder: missing {', '.join(missing)}")
+    return folder
+
+
+def load_round(folder: str | Path, device=None, dtype=None, quantize=None, trainable: bool = False,
+               with_vision: bool = True, **config_overrides) -> tuple[MultimodalModel, dict]:
+    """A trained round folder -> (model, round info). The folder's config.json names the base models."""
+    folder = check_round_folder(folder)
+    cfg, round_info = load_config(folder)
+    cfg = replace(cfg, **config_overrides)
+    model = build_model(cfg, device, dtype, quantize, with_vision=with_vision, feature_dim=cfg.mp_input_dim,
+                        adapter=folder / ADAPTER_DIR, trainable=trainable)
+    load_projector(model.projector, folder / PROJECTOR_NAME)
+    model.projector.requires_grad_(trainable)
+    if not trainable:
+        model.eval()
+    return model, round_info

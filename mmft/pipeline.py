@@ -1,0 +1,163 @@
+"""Staged inference: the LoRA model *drafts* from image + question, the base model *refines*.
+
+Both stages run on one copy of the base weights: the refine stage switches the adapter off
+(`disable_adapter()`) instead of loading a second model or merging (the original merged the
+adapter into the "base" and so refined with the fine-tuned model). The user's question is in both
+prompts. Typed text and speech transcripts go to the base model alone.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from transformers import TextIteratorStreamer
+
+from mmft.data import pad_batch
+from mmft.model import MultimodalModel
+from mmft.prompt import Encoded, encode_chat, refine_prompt
+from mmft.text import tidy
+
+NO_DRAFT_NOTE = "The draft stage is off, so the image was not used."
+
+
+@dataclass
+class Answer:
+    question: str
+    final: str = ""
+    draft: str | None = None  # None when there was no draft stage (text, speech)
+    notes: list[str] = field(default_factory=list)  # things the user should know (truncation...)
+
+
+class Pipeline:
+    def __init__(self, model: MultimodalModel):
+        self.model = model
+        self.cfg = model.cfg
+        self.tokenizer = model.tokenizer
+        if not (self.cfg.pipe_draft or self.cfg.pipe_refine):
+            raise ValueError("at least one of pipe_draft and pipe_refine must be on")
+
+    @classmethod
+    def from_round(cls, folder, **kwargs) -> "Pipeline":
+        from mmft.loading import load_round
+
+        model, _ = load_round(folder, **kwargs)
+        return cls(model)
+
+    # -- building blocks ---------------------------------------------------------------------
+    def _encode(self, question: str, with_image: bool) -> Encoded:
+        n = self.model.vision.num_tokens if with_image else 0
+        return encode_chat(self.tokenizer, self.cfg, [("user", question)], num_image_tokens=n)
+
+    def _notes(self, question: str) -> list[str]:
+        """What the user should be told about their question (it was cut to the token budget)."""
+        if len(self.tokenizer(question, add_special_tokens=False)["input_ids"]) > self.cfg.prompt_max_question_tokens:
+            return [f"The question was shortened to its first {self.cfg.prompt_max_question_tokens} tokens."]
+        return []
+
+    def _batch(self, prompts: list[Encoded], pixel_values=None) -> dict:
+        batch = pad_batch([vars(p) for p in prompts], self.tokenizer.pad_token_id, padding_side="left")
+        batch.pop("labels")
+        if pixel_values is not None:
+            batch["pixel_values"] = pixel_values
+        return batch
+
+    def _generate(self, batch: dict, use_adapter: bool, **gen) -> list[str]:
+        new_tokens = self.model.generate(**batch, use_adapter=use_adapter, **gen)  # [B, T_new]
+        return self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+
+    def _stream(self, batch: dict, use_adapter: bool, **gen) -> Iterator[str]:
+        """Yield the text so far as tokens arrive (generation runs in a worker thread)."""
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        errors = []
+
+        def work():
+            try:
+                self.model.generate(**batch, use_adapter=use_adapter, streamer=streamer, **gen)
+            except Exception as err:  # re-raised in the caller's thread below
+                errors.append(err)
+                streamer.end()
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        text = ""
+        for chunk in streamer:
+            text += chunk
+            yield text
+        thread.join()
+        if errors:
+            raise errors[0]
+
+    # -- stages ------------------------------------------------------------------------------
+    def draft(self, images: list, questions: list[str], **gen) -> list[str]:
+        """LoRA model on (image + question): short, keyword-like answers."""
+        pixel_values = self.model.vision.preprocess(images)  # [B, 3, H, W]
+        batch = self._batch([self._encode(q, True) for q in questions], pixel_values)
+        return [tidy(t, q) for t, q in zip(self._generate(batch, True, **gen), questions)]
+
+    def refine(self, questions: list[str], drafts: list[str], **gen) -> list[str]:
+        """Base model (adapter off) rewrites each draft into a clean sentence answering the question."""
+        batch = self._batch([self._encode(refine_prompt(self.cfg, q, d), False) for q, d in zip(questions, drafts)])
+        return [tidy(t, q) for t, q in zip(self._generate(batch, False, **gen), questions)]
+
+    def text(self, questions: list[str], **gen) -> list[str]:
+        """Base model alone, no image: typed questions and speech transcripts."""
+        batch = self._batch([self._encode(q, False) for q in questions])
+        return [tidy(t, q) for t, q in zip(self._generate(batch, False, **gen), questions)]
+
+    # -- user-facing -------------------------------------------------------------------------
+    def answer_images(self, images: list, questions: list[str], batch_size: int = 16, **gen) -> list[Answer]:
+        answers = []
+        for i in range(0, len(questions), batch_size):
+            imgs, qs = images[i : i + batch_size], questions[i : i + batch_size]
+            chunk = [Answer(q, notes=self._notes(q)) for q in qs]
+            if self.cfg.pipe_draft:
+                drafts = self.draft(imgs, qs, **gen)
+                finals = self.refine(qs, drafts, **gen) if self.cfg.pipe_refine else drafts
+            else:
+                drafts, finals = [None] * len(qs), self.text(qs, **gen)
+                for a in chunk:
+                    a.notes.append(NO_DRAFT_NOTE)
+            for a, d, f in zip(chunk, drafts, finals):
+                a.draft, a.final = d, f
+            answers += chunk
+        return answers
+
+    def answer_image(self, image, question: str, **gen) -> Answer:
+        return self.answer_images([image], [question], **gen)[0]
+
+    def answer_text(self, question: str, **gen) -> Answer:
+        """Typed text or a speech transcript: straight to the base model."""
+        return Answer(question, final=self.text([question], **gen)[0], notes=self._notes(question))
+
+    def stream_image(self, image, question: str, **gen) -> Iterator[Answer]:
+        """Like `answer_image`, yielding the partial Answer as each stage's tokens arrive."""
+        answer = Answer(question, notes=self._notes(question))
+        if not self.cfg.pipe_draft:
+            answer.notes.append(NO_DRAFT_NOTE)
+            yield from self.stream_text(question, answer=answer, **gen)
+            return
+        pixel_values = self.model.vision.preprocess([image])
+        for text in self._stream(self._batch([self._encode(question, True)], pixel_values), True, **gen):
+            answer.draft = text
+            yield answer
+        answer.draft = tidy(answer.draft or "", question)
+        if not self.cfg.pipe_refine:
+            answer.final = answer.draft
+            yield answer
+            return
+        batch = self._batch([self._encode(refine_prompt(self.cfg, question, answer.draft), False)])
+        for text in self._stream(batch, False, **gen):
+            answer.final = text
+            yield answer
+        answer.final = tidy(answer.final, question)
+        yield answer
+
+    def stream_text(self, question: str, answer: Answer | None = None, **gen) -> Iterator[Answer]:
+        answer = answer or Answer(question, notes=self._notes(question))
+        for text in self._stream(self._batch([self._encode(question, False)]), False, **gen):
+            answer.final = text
+            yield answer
+        answer.final = tidy(answer.final, question)
+        yield answer

@@ -1,0 +1,88 @@
+"""Text in and out of the model: cleaning training answers, tidying generated ones.
+
+Cleaning is the original author's trick: answers without stopwords and punctuation keep the LoRA
+model's loss on the words that carry meaning; the refine stage puts the language back. It must be
+deterministic and offline, so it uses NLTK's data-free Treebank tokenizer and a stopword list kept
+here (NLTK's English list, 179 words) instead of `nltk.download`.
+"""
+
+from __future__ import annotations
+
+import re
+
+from nltk.tokenize import TreebankWordTokenizer
+
+# NLTK's `stopwords.words("english")` (the 179-word list), copied so nothing is downloaded at run time.
+STOPWORDS = frozenset(
+    """i me my myself we our ours ourselves you you're you've you'll you'd your yours yourself
+    yourselves he him his himself she she's her hers herself it it's its itself they them their theirs
+    themselves what which who whom this that that'll these those am is are was were be been being have
+    has had having do does did doing a an the and but if or because as until while of at by for with
+    about against between into through during before after above below to from up down in out on off
+    over under again further then once here there when where why how all any both each few more most
+    other some such no nor not only own same so than too very s t can will just don don't should
+    should've now d ll m o re ve y ain aren aren't couldn couldn't didn didn't doesn doesn't hadn hadn't hasn
+    hasn't haven haven't isn isn't ma mightn mightn't mustn mustn't needn needn't shan shan't shouldn
+    shouldn't wasn wasn't weren weren't won won't wouldn wouldn't""".split()
+)
+assert len(STOPWORDS) == 179
+
+_tokenizer = TreebankWordTokenizer()
+_EDGE_PUNCT = re.compile(r"^[\W_]+|[\W_]+$")
+
+
+def clean_answer(text: str) -> str:
+    """'The cat is sitting on a red mat.' -> 'cat sitting red mat'."""
+    kept = []
+    for token in _tokenizer.tokenize(text):
+        word = "not" if token.lower() == "n't" else _EDGE_PUNCT.sub("", token)
+        if word and word.lower() not in STOPWORDS and token.lower() not in STOPWORDS:
+            kept.append(word)
+    return " ".join(kept)
+
+
+_SPACE = re.compile(r"\s+")
+_SPACE_BEFORE_PUNCT = re.compile(r"\s+([,.;:!?])")
+_REPEATED_PUNCT = re.compile(r"([,.;:!?])(?:\s*[,.;:!?])+")
+_LEADING_PUNCT = re.compile(r"^[\s,.;:!?\-]+")
+_WORD = re.compile(r"\w+")
+
+
+def _words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def _drop_repeats(words: list[str], max_n: int = 8) -> list[str]:
+    """Collapse back-to-back repeats of any phrase up to `max_n` words: 'red red circle' -> 'red circle'.
+    Words compare without case and edge punctuation; the later copy is kept (it ends the sentence)."""
+    out: list[str] = []
+    key = lambda w: _EDGE_PUNCT.sub("", w).lower()
+    for word in words:
+        out.append(word)
+        for n in range(1, max_n + 1):
+            if len(out) >= 2 * n and [key(w) for w in out[-n:]] == [key(w) for w in out[-2 * n : -n]]:
+                del out[-2 * n : -n]
+                break
+    return out
+
+
+def _strip_echo(text: str, question: str) -> str:
+    """Remove the question when the model repeats it at the start of its answer."""
+    q_words = _words(question)
+    if not q_words:
+        return text
+    tokens = list(re.finditer(r"\w+", text))
+    if len(tokens) > len(q_words) and [t.group().lower() for t in tokens[: len(q_words)]] == q_words:
+        return text[tokens[len(q_words) - 1].end() :]
+    return text
+
+
+def tidy(text: str, question: str = "") -> str:
+    """Post-process a generated answer: echo of the question, repeated phrases, stray punctuation."""
+    text = _strip_echo(text.strip(), question)
+    text = " ".join(_drop_repeats(text.split()))
+    text = _REPEATED_PUNCT.sub(r"\1", text)
+    text = _SPACE_BEFORE_PUNCT.sub(r"\1", text)
+    text = _LEADING_PUNCT.sub("", text)
+    text = _SPACE.sub(" ", text).strip()
+    return text[:1].upper() + text[1:]

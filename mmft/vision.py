@@ -1,0 +1,130 @@
+"""CLIP image features, frozen: images in, `[B, N, D_v]` feature tokens out.
+
+`pooled` gives one token per image (`get_image_features`, 1x512 for ViT-B/32); `patch` gives the
+last hidden state with CLS (50x768 for ViT-B/32). Whatever PIL hands us is made RGB first, and
+images too large to decode safely are refused before their pixels are read.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch import nn
+from transformers import CLIPModel
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+# PIL's own bomb guard raises a warning first and an error only at 2x; ours is one clear error.
+Image.MAX_IMAGE_PIXELS = None
+
+
+class ImageError(ValueError):
+    """An image we cannot or will not use; the message says why and what to do."""
+
+
+def check_size(image: Image.Image, max_pixels: int) -> None:
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageError(
+            f"image is {width}x{height} = {width * height:,} pixels, over the limit of "
+            f"{max_pixels:,}; resize it (e.g. to 1024 px on the long side) and try again"
+        )
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB. Transparency is composited on white; 16/32-bit and float are rescaled."""
+    if image.mode == "RGB":
+        return image
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode.startswith("I") or image.mode == "F":
+        # convert("RGB") clips 16-bit values to 255 (a white image): rescale to 8 bits instead.
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 255.0)
+        array = np.clip(np.rint(array / top * 255.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(array, mode="L").convert("RGB")
+    return image.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+
+
+def load_image(source, max_pixels: int) -> Image.Image:
+    """Open a path, bytes or PIL image; check its size from the header, then decode to RGB."""
+    try:
+        if isinstance(source, Image.Image):
+            image = source
+        elif isinstance(source, (bytes, bytearray)):
+            image = Image.open(io.BytesIO(source))
+        elif isinstance(source, np.ndarray):
+            image = Image.fromarray(source)
+        else:
+            image = Image.open(Path(source))
+    except FileNotFoundError:
+        raise ImageError(f"image file not found: {source}") from None
+    except (OSError, ValueError, TypeError) as err:
+        raise ImageError(f"could not read the image ({err}); is it a PNG, JPEG or similar?") from None
+    check_size(image, max_pixels)
+    try:
+        image = ImageOps.exif_transpose(image) if image.mode not in ("I;16", "F") else image
+        image.load()
+        return to_rgb(image)
+    except (OSError, ValueError, SyntaxError) as err:
+        raise ImageError(f"the image file is damaged or truncated ({err})") from None
+
+
+class VisionEncoder(nn.Module):
+    """Frozen CLIP vision tower (+ its projection for `pooled`); never trained, never in autograd."""
+
+    def __init__(self, clip: CLIPModel, processor: CLIPImageProcessorPil, mode: str, max_pixels: int):
+        super().__init__()
+        self.vision_model = clip.vision_model
+        self.visual_projection = clip.visual_projection
+        self.processor = processor
+        self.mode = mode
+        self.max_pixels = max_pixels
+        self.requires_grad_(False)
+        self.eval()
+
+    @classmethod
+    def from_pretrained(cls, model_id: str, mode: str, max_pixels: int, revision=None, dtype=None):
+        clip = CLIPModel.from_pretrained(model_id, revision=revision, dtype=dtype)
+        processor = CLIPImageProcessorPil.from_pretrained(model_id, revision=revision)
+        return cls(clip, processor, mode, max_pixels)
+
+    @property
+    def feature_dim(self) -> int:
+        if self.mode == "pooled":
+            return self.visual_projection.out_features
+        return self.vision_model.config.hidden_size
+
+    @property
+    def num_tokens(self) -> int:
+        if self.mode == "pooled":
+            return 1
+        cfg = self.vision_model.config
+        return (cfg.image_size // cfg.patch_size) ** 2 + 1
+
+    def preprocess(self, images) -> torch.Tensor:
+        """Images (any mode, path, bytes) -> pixel values `[B, 3, H, W]`."""
+        rgb = [load_image(image, self.max_pixels) for image in images]
+        return self.processor(images=rgb, return_tensors="pt")["pixel_values"]
+
+    @torch.no_grad()
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        param = next(self.vision_model.parameters())
+        out = self.vision_model(pixel_values=pixel_values.to(param.device, param.dtype))
+        if self.mode == "pooled":
+            return self.visual_projection(out.pooler_output).unsqueeze(1)  # [B, 1, D_proj]
+        return out.last_hidden_state  # [B, 1 + patches, D_v]
+
+    def encode(self, images, batch_size: int = 32) -> torch.Tensor:
+        """Images -> features `[B, N, D_v]`, in batches so a long list does not exhaust memory."""
+        chunks = [
+            self(self.preprocess(images[i : i + batch_size])) for i in range(0, len(images), batch_size)
+        ]
+        return torch.cat(chunks)

@@ -1,0 +1,87 @@
+"""LLaVA-Instruct reading (bad records skipped and counted) and dynamic padding."""
+
+import json
+
+import torch
+from PIL import Image
+
+from mmft.data import Collator, ConversationDataset, read_llava
+from mmft.prompt import IGNORE_INDEX
+
+
+def _write(tmp_path, records):
+    (tmp_path / "images").mkdir(exist_ok=True)
+    Image.new("RGB", (40, 40), "red").save(tmp_path / "images" / "ok.jpg")
+    (tmp_path / "images" / "broken.jpg").write_bytes(b"garbage")
+    path = tmp_path / "llava.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+def _conv(*pairs):
+    out = []
+    for q, a in pairs:
+        out += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+    return out
+
+
+def test_bad_records_are_skipped_and_counted(tmp_path):
+    good = {"id": "1", "image": "ok.jpg", "conversations": _conv(("<image>\nWhat colour?", "Red."))}
+    records = [
+        good,
+        {"id": "2", "image": "missing.jpg", "conversations": _conv(("<image>\nQ", "A"))},
+        {"id": "3", "image": "broken.jpg", "conversations": _conv(("<image>\nQ", "A"))},
+        {"id": "4", "image": "ok.jpg", "conversations": [{"from": "gpt", "value": "starts wrong"}]},
+        {"id": "5", "image": "ok.jpg", "conversations": _conv(("<image>\nQ", ""))},
+        {"id": "6", "image": "ok.jpg"},
+        "not a dict",
+        {"id": "7", "image": "ok.jpg", "conversations": _conv(("<image>\nColour?", "Red."), ("Shape?", "Circle."))},
+    ]
+    got, report = read_llava(_write(tmp_path, records), tmp_path / "images")
+    assert [r.id for r in got] == ["1", "7"]
+    assert report.kept == 2
+    assert dict(report.skipped) == {"missing image": 1, "unreadable image": 1, "malformed conversation": 3,
+                                    "malformed record": 1}
+    assert report.summary() == ("read 2 conversations, skipped 6 (3 malformed conversation, 1 malformed "
+                                "record, 1 missing image, 1 unreadable image)")
+    assert got[1].turns == [("user", "Colour?"), ("assistant", "Red."), ("user", "Shape?"), ("assistant", "Circle.")]
+    # offset/limit select a window of the file
+    window, _ = read_llava(tmp_path / "llava.json", tmp_path / "images", offset=7, limit=5)
+    assert [r.id for r in window] == ["7"]
+
+
+def test_image_failing_at_load_time_is_counted_and_replaced(tmp_path, tiny_config):
+    from transformers import AutoTokenizer
+
+    from mmft.vision import ImageError
+
+    records, report = read_llava(_write(tmp_path, [
+        {"id": "a", "image": "ok.jpg", "conversations": _conv(("<image>\nQ?", "Red."))},
+        {"id": "b", "image": "ok.jpg", "conversations": _conv(("<image>\nQ?", "Blue."))},
+    ]), tmp_path / "images")
+
+    def load(record):
+        if record.id == "a":
+            raise ImageError("decoder failed")
+        return {"image_features": torch.zeros(1, 4)}
+
+    ds = ConversationDataset(records, AutoTokenizer.from_pretrained(tiny_config.lm_model_id), tiny_config, 1, load, report)
+    item = ds[0]
+    assert report.skipped["unreadable image"] == 1
+    assert item["image_features"].shape == (1, 4) and sum(item["image_mask"]) == 1
+
+
+def test_collator_pads_to_the_longest_in_the_batch_not_a_global_maximum():
+    examples = [
+        {"input_ids": [5, 6, 7], "labels": [IGNORE_INDEX, 6, 7], "image_mask": [True, False, False],
+         "image_features": torch.ones(1, 4)},
+        {"input_ids": [5, 6, 7, 8, 9], "labels": [IGNORE_INDEX] * 4 + [9], "image_mask": [True] + [False] * 4,
+         "image_features": torch.ones(1, 4)},
+    ]
+    batch = Collator(pad_token_id=0)(examples)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 0, 0], [5, 6, 7, 8, 9]]
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 7, IGNORE_INDEX, IGNORE_INDEX], [IGNORE_INDEX] * 4 + [9]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1] * 5]
+    assert batch["image_mask"].sum().item() == 2
+    assert batch["image_features"].shape == (2, 1, 4)
+    assert Collator(pad_token_id=0, pad_to=8)(examples)["input_ids"].shape == (2, 8)

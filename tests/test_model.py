@@ -1,0 +1,151 @@
+"""The multimodal model: label alignment, equivalence with transformers' LLaVA, KV cache, adapter toggle."""
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from mmft.data import pad_batch
+from mmft.model import position_ids_from
+from mmft.prompt import IGNORE_INDEX, encode_chat
+
+
+def _examples(model, n_image_tokens):
+    conversations = [
+        [("user", "What colour is the shape?"), ("assistant", "The shape is a red circle.")],
+        [("user", "Which shape?"), ("assistant", "A blue square."), ("user", "Colour?"), ("assistant", "Blue")],
+    ]
+    return [vars(encode_chat(model.tokenizer, model.cfg, c, num_image_tokens=n_image_tokens)) for c in conversations]
+
+
+def _images(n):
+    return [Image.new("RGB", (60 + 7 * i, 50), (40 * i, 200, 90)) for i in range(n)]
+
+
+def test_labels_are_scored_once_against_the_next_token(tiny_model):
+    model = tiny_model
+    batch = pad_batch(_examples(model, model.vision.num_tokens), model.tokenizer.pad_token_id)
+    batch["pixel_values"] = model.vision.preprocess(_images(2))
+    labels = batch["labels"]
+    # The collator does not shift: a label is the input id at its own position.
+    answer = labels != IGNORE_INDEX
+    assert answer.any()
+    assert torch.equal(labels[answer], batch["input_ids"][answer])
+    assert not answer[batch["image_mask"]].any() and not answer[batch["attention_mask"] == 0].any()
+
+    out = model(**batch)
+    logits = out.logits.float()
+    right = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+    twice = F.cross_entropy(logits[:, :-2].reshape(-1, logits.shape[-1]), labels[:, 2:].reshape(-1))
+    assert torch.allclose(out.loss, right, atol=1e-5)
+    assert abs(out.loss.item() - twice.item()) > 1e-3  # a double shift would be caught
+
+
+def _llava_from(model):
+    """transformers' LlavaForConditionalGeneration holding the same CLIP, projector and Phi-3 weights
+    (LoRA merged into a deep copy: merging in place would change the base the refine stage uses)."""
+    import copy
+
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    lm = copy.deepcopy(model.lm).merge_and_unload()
+    image_token = model.tokenizer.convert_tokens_to_ids("<unk>")
+    config = LlavaConfig(
+        vision_config=model.vision.vision_model.config, text_config=lm.config,
+        image_token_index=image_token, image_seq_length=model.vision.num_tokens,
+        projector_hidden_act="gelu", vision_feature_layer=-1, vision_feature_select_strategy="full",
+        multimodal_projector_bias=True,
+    )
+    llava = LlavaForConditionalGeneration(config).eval()
+    llava.model.vision_tower.load_state_dict(model.vision.vision_model.state_dict())
+    llava.model.multi_modal_projector.load_state_dict(model.projector.state_dict())
+    llava.model.language_model.load_state_dict(lm.model.state_dict())
+    llava.lm_head.load_state_dict(lm.lm_head.state_dict())
+    return llava, image_token
+
+
+def test_patch_mode_matches_transformers_llava(tiny_model):
+    model = tiny_model.eval()
+    examples = _examples(model, model.vision.num_tokens)[:1]
+    batch = pad_batch(examples, model.tokenizer.pad_token_id)
+    pixel_values = model.vision.preprocess(_images(1))
+    llava, image_token = _llava_from(model)
+    llava_ids = batch["input_ids"].masked_fill(batch["image_mask"], image_token)
+    with torch.no_grad():
+        ours = model(batch["input_ids"], batch["attention_mask"], batch["image_mask"], pixel_values=pixel_values).logits
+        ref = llava(input_ids=llava_ids, attention_mask=batch["attention_mask"], pixel_values=pixel_values).logits
+    assert ours.shape == ref.shape
+    assert (ours - ref).abs().max().item() <= 1e-5
+
+
+def _prompt_batch(model, questions, side="left"):
+    prompts = [vars(encode_chat(model.tokenizer, model.cfg, [("user", q)], model.vision.num_tokens)) for q in questions]
+    batch = pad_batch(prompts, model.tokenizer.pad_token_id, padding_side=side)
+    batch.pop("labels")
+    batch["pixel_values"] = model.vision.preprocess(_images(len(questions)))
+    return batch
+
+
+def test_cached_generate_equals_uncached(tiny_model):
+    model = tiny_model.eval()
+    batch = _prompt_batch(model, ["What colour is it?"])
+    cached = model.generate(**batch, max_new_tokens=10, min_new_tokens=10)
+    uncached = model.generate(**batch, max_new_tokens=10, min_new_tokens=10, use_cache=False)
+    assert cached.shape == (1, 10)
+    assert torch.equal(cached, uncached)
+    # and the naive loop (full forward per token, argmax) agrees too
+    ids, mask, image_mask = batch["input_ids"], batch["attention_mask"], batch["image_mask"]
+    with torch.no_grad():
+        for _ in range(10):
+            logits = model(ids, mask, image_mask, pixel_values=batch["pixel_values"]).logits
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            ids, mask = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
+            image_mask = torch.cat([image_mask, torch.zeros_like(nxt, dtype=torch.bool)], 1)
+    assert torch.equal(ids[:, -10:], cached)
+
+
+def test_left_padded_batch_generates_like_single_prompts(tiny_model):
+    model = tiny_model.eval()
+    questions = ["What colour is it?", "Which shape is shown in this picture, please?"]
+    batch = _prompt_batch(model, questions)
+    together = model.generate(**batch, max_new_tokens=6, min_new_tokens=6)
+    for i, q in enumerate(questions):
+        single = _prompt_batch(model, [q])
+        single["pixel_values"] = batch["pixel_values"][i : i + 1]
+        assert torch.equal(model.generate(**single, max_new_tokens=6, min_new_tokens=6)[0], together[i])
+
+
+def test_disable_adapter_gives_base_logits_and_restores_adapter(tiny_model):
+    model = tiny_model.eval()
+    ids = torch.tensor([model.tokenizer("the red circle")["input_ids"]])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        with_adapter = model.lm(input_ids=ids, attention_mask=mask).logits
+        with model.adapter(False):
+            off = model.lm(input_ids=ids, attention_mask=mask).logits
+        after = model.lm(input_ids=ids, attention_mask=mask).logits
+        base = model.lm.get_base_model()
+        # The base's own forward without any LoRA: unload a deep copy to get the plain weights.
+        import copy
+
+        plain = copy.deepcopy(model.lm).unload()
+        reference = plain(input_ids=ids, attention_mask=mask).logits
+    assert not torch.allclose(with_adapter, off)
+    assert torch.equal(off, reference)
+    assert torch.equal(after, with_adapter)
+    assert base is model.lm.get_base_model()
+
+
+def test_position_ids_skip_padding():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 0]])
+    assert position_ids_from(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 3]]
+
+
+def test_slot_count_mismatch_is_an_error(tiny_model):
+    import pytest
+
+    model = tiny_model
+    batch = _prompt_batch(model, ["What colour?"])
+    with pytest.raises(ValueError, match="image slots"):
+        model.embed(batch["input_ids"], batch["image_mask"], torch.zeros(1, 3, model.cfg.mp_input_dim))
+    with pytest.raises(ValueError, match="no image features"):
+        model.embed(batch["input_ids"], batch["image_mask"], None)

@@ -1,0 +1,102 @@
+"""Staged inference: draft with the adapter and the image, refine with the base; both see the question."""
+
+import pytest
+import torch
+from PIL import Image
+
+from mmft.loading import load_round
+from mmft.pipeline import NO_DRAFT_NOTE, Pipeline
+
+QUESTION = "What colour is the shape?"
+
+
+@pytest.fixture
+def pipeline(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "round", {"round": 1})
+    model, info = load_round(tmp_path / "round", device="cpu", dtype=torch.float32)
+    assert info == {"round": 1}
+    return Pipeline(model)
+
+
+def _spy(pipeline, monkeypatch):
+    calls = []
+    real = pipeline._generate
+
+    def spy(batch, use_adapter, **gen):
+        calls.append((pipeline.tokenizer.decode(batch["input_ids"][0]), use_adapter, "pixel_values" in batch))
+        return real(batch, use_adapter, **gen)
+
+    monkeypatch.setattr(pipeline, "_generate", spy)
+    return calls
+
+
+def test_draft_then_refine_both_see_the_question(pipeline, monkeypatch):
+    calls = _spy(pipeline, monkeypatch)
+    answer = pipeline.answer_image(Image.new("RGB", (80, 60), "red"), QUESTION)
+    (draft_prompt, draft_adapter, draft_image), (refine_prompt, refine_adapter, refine_image) = calls
+    assert QUESTION in draft_prompt and draft_adapter and draft_image
+    assert QUESTION in refine_prompt and not refine_adapter and not refine_image
+    assert f"Draft answer: {answer.draft}" in refine_prompt
+    assert isinstance(answer.final, str) and answer.draft is not None
+
+
+def test_text_goes_to_the_base_model_only(pipeline, monkeypatch):
+    calls = _spy(pipeline, monkeypatch)
+    answer = pipeline.answer_text("Say hello.")
+    assert len(calls) == 1 and calls[0][1] is False and calls[0][2] is False
+    assert answer.draft is None
+
+
+def test_stages_can_be_switched_off(pipeline, monkeypatch):
+    image = Image.new("RGB", (50, 50), "blue")
+    pipeline.cfg.pipe_refine = False
+    calls = _spy(pipeline, monkeypatch)
+    answer = pipeline.answer_image(image, QUESTION)
+    assert len(calls) == 1 and answer.final == answer.draft
+    pipeline.cfg.pipe_refine, pipeline.cfg.pipe_draft = True, False
+    answer = pipeline.answer_image(image, QUESTION)
+    assert answer.draft is None and NO_DRAFT_NOTE in answer.notes and calls[-1][1] is False
+    pipeline.cfg.pipe_draft = False
+    pipeline.cfg.pipe_refine = False
+    with pytest.raises(ValueError, match="at least one"):
+        Pipeline(pipeline.model)
+
+
+def test_streaming_ends_with_the_same_answer(pipeline):
+    image = Image.new("RGB", (64, 64), "green")
+    full = pipeline.answer_image(image, QUESTION)
+    parts = list(pipeline.stream_image(image, QUESTION))
+    assert parts[-1].draft == full.draft and parts[-1].final == full.final
+    text = list(pipeline.stream_text("Hello there"))
+    assert text[-1].final == pipeline.answer_text("Hello there").final
+
+
+def test_batched_answers_equal_one_by_one(pipeline):
+    images = [Image.new("RGB", (64, 64), c) for c in ("red", "blue", "yellow")]
+    questions = [QUESTION, "Which shape is it?", "Describe it."]
+    batched = pipeline.answer_images(images, questions, batch_size=2)
+    for image, question, answer in zip(images, questions, batched):
+        single = pipeline.answer_image(image, question)
+        assert (single.draft, single.final) == (answer.draft, answer.final)
+
+
+def test_long_question_gets_a_note(pipeline):
+    answer = pipeline.answer_text("red " * 400)
+    assert any("shortened to its first 64 tokens" in note for note in answer.notes)
+
+
+def test_round_folder_reloads_to_the_same_model(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "r")
+    model, _ = load_round(tmp_path / "r", device="cpu", dtype=torch.float32)
+    for (k, a), (_, b) in zip(tiny_model.projector.state_dict().items(), model.projector.state_dict().items()):
+        assert torch.equal(a, b), k
+    lora = {k: v for k, v in tiny_model.lm.state_dict().items() if "lora_" in k}
+    loaded = model.lm.state_dict()
+    assert lora and all(torch.equal(v, loaded[k]) for k, v in lora.items())
+
+
+def test_incomplete_round_folder_is_refused(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "r")
+    (tmp_path / "r" / "projector.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="missing projector.safetensors"):
+        load_round(tmp_path / "r")

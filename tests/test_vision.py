@@ -1,0 +1,75 @@
+"""CLIP features: every PIL mode, the size guard, damaged files, pooled and patch shapes."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mmft.vision import ImageError, VisionEncoder, load_image, to_rgb
+
+
+def _image(mode):
+    if mode == "I;16":
+        return Image.fromarray(np.full((20, 30), 40000, dtype=np.uint16), mode="I;16")
+    if mode == "F":
+        return Image.fromarray(np.full((20, 30), 0.5, dtype=np.float32), mode="F")
+    base = Image.new("RGB", (30, 20), (200, 30, 30))
+    if mode == "P":
+        return base.convert("P", palette=Image.Palette.ADAPTIVE)
+    if mode == "RGBA":
+        return Image.new("RGBA", (30, 20), (200, 30, 30, 0))  # fully transparent red
+    return base.convert(mode)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "LA", "P", "L", "1", "I", "I;16", "F", "CMYK", "YCbCr"])
+def test_every_mode_becomes_rgb(mode):
+    rgb = to_rgb(_image(mode))
+    assert rgb.mode == "RGB" and rgb.size == (30, 20)
+
+
+def test_conversions_keep_what_the_image_shows():
+    assert to_rgb(_image("RGBA")).getpixel((0, 0)) == (255, 255, 255)  # transparent -> white
+    assert to_rgb(_image("I;16")).getpixel((0, 0))[0] == round(40000 / 65535 * 255)  # not clipped white
+    cmyk = Image.new("CMYK", (2, 2), (0, 255, 255, 0))
+    assert to_rgb(cmyk).getpixel((0, 0)) == (255, 0, 0)
+
+
+def test_oversize_image_is_refused_before_decoding():
+    buf = io.BytesIO()
+    Image.new("L", (5000, 5000)).save(buf, "PNG")
+    with pytest.raises(ImageError, match=r"5000x5000 = 25,000,000 pixels, over the limit of 1,000,000"):
+        load_image(buf.getvalue(), max_pixels=1_000_000)
+
+
+def test_damaged_and_missing_files(tmp_path):
+    buf = io.BytesIO()
+    noise = np.random.default_rng(0).integers(0, 255, (128, 128, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(buf, "JPEG")
+    (tmp_path / "cut.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    (tmp_path / "text.jpg").write_text("not an image")
+    with pytest.raises(ImageError, match="damaged or truncated"):
+        load_image(tmp_path / "cut.jpg", 10**7)
+    with pytest.raises(ImageError, match="could not read the image"):
+        load_image(tmp_path / "text.jpg", 10**7)
+    with pytest.raises(ImageError, match="not found"):
+        load_image(tmp_path / "none.png", 10**7)
+
+
+@pytest.mark.parametrize("mode, shape", [("pooled", (3, 1, 16)), ("patch", (3, 50, 32))])
+def test_feature_shapes(tiny_dir, mode, shape):
+    vision = VisionEncoder.from_pretrained(str(tiny_dir / "clip"), mode, 10**7)
+    images = [_image(m) for m in ("RGB", "P", "I;16")]
+    features = vision.encode(images, batch_size=2)
+    assert features.shape == shape and not features.requires_grad
+    assert vision.num_tokens == shape[1] and vision.feature_dim == shape[2]
+    # pooled is exactly get_image_features (transformers 5 returns an output object)
+    if mode == "pooled":
+        from transformers import CLIPModel
+
+        clip = CLIPModel.from_pretrained(tiny_dir / "clip")
+        with torch.no_grad():
+            ref = clip.get_image_features(pixel_values=vision.preprocess(images)).pooler_output
+        assert torch.allclose(features[:, 0], ref, atol=1e-6)
+    assert all(not p.requires_grad for p in vision.parameters())
