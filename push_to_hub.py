@@ -1,0 +1,47 @@
+"""Publish a trained round folder to the Hub as one commit on `main`, tagged `round-N`.
+
+    python push_to_hub.py runs/round-2 --repo-id OWNER/NAME [--round N] [--dry-run] [--force] [--private]
+
+The token comes from HF_TOKEN or `hf auth login`, as huggingface_hub finds it; it is never printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mmft.hub import plan_upload, publish
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("round_dir", help="round folder written by training (MultimodalModel.save_pretrained)")
+    parser.add_argument("--repo-id", required=True, help="model repo on the Hub, OWNER/NAME")
+    parser.add_argument("--round", type=int, help="round number (default: round.round in the folder's config.json)")
+    parser.add_argument("--dry-run", action="store_true", help="list what would be sent and print the card; send nothing")
+    parser.add_argument("--force", action="store_true", help="republish a round whose tag exists and move the tag")
+    parser.add_argument("--private", action="store_true", help="create the repo private (if it does not exist yet)")
+    args = parser.parse_args(argv)
+
+    try:
+        upload = plan_upload(args.round_dir, args.repo_id, args.round)
+        if args.dry_run:
+            print(f"Dry run, nothing sent. {upload.repo_id}: one commit on main, tagged {upload.tag}, adding:")
+            for path, size in upload.listing():
+                print(f"  {path:<40} {size:>12,} bytes")
+            print("and deleting whatever else main holds (except .gitattributes).\n")
+            print(upload.card)
+            return 0
+        print(f"Publishing {args.round_dir} to {upload.repo_id} as {upload.tag} ({len(upload.listing())} files)...")
+        done = publish(upload, force=args.force, private=args.private)
+    except Exception as err:  # one readable line, no traceback (and so no local variables) on the console
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"revision: {done.tag}")
+    print(f"commit:   {done.commit_id}")
+    print(f"url:      {done.url}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,288 @@
+"""Publishing rounds to the (local) Hub and pulling any revision back, with the real huggingface_hub client."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from fnmatch import fnmatch
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import HfApi, ModelCard, constants, hf_hub_download
+from PIL import Image
+
+from mmft.config import MMFTConfig
+from mmft.hub import (
+    ROUND_PATTERNS,
+    RoundExists,
+    RoundNotFound,
+    list_rounds,
+    load_pipeline,
+    plan_upload,
+    publish,
+    pull_round,
+    render_card,
+)
+from mmft.loading import build_model, load_round
+from mmft.pipeline import Pipeline
+from tests.hub_server import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+REPO = "user/mmft-demo"
+SECRET = "hf_secret_test_token"
+QUESTION = "What colour is the shape?"
+
+
+def round_info(n: int, **extra) -> dict:
+    rows = [{"round": i, "created": f"2026-11-2{i}T10:00:00Z", "steps": 400, "samples": 3200,
+             "train_loss": 2.0 / i, "eval_loss": 2.1 / i,
+             "metrics": {"color_accuracy": 0.5 + i / 10, "shape_accuracy": 0.4 + i / 10}} for i in range(1, n + 1)]
+    data = {"train_json": "data/shapes/train.json", "offset": 3200 * (n - 1), "limit": 3200, "seed": 1}
+    parent = {"round": n - 1, "source": f"runs/round-{n - 1}"} if n > 1 else None
+    return {**rows[-1], "data": data, "parent": parent, "history": rows, **extra}
+
+
+def _png(path: Path, colour: str) -> None:
+    Image.new("RGB", (8, 8), colour).save(path)
+
+
+@pytest.fixture(scope="module")
+def rounds(tiny_dir, tmp_path_factory):
+    """Two real round folders with different weights; round 1 has files round 2 lacks (metrics.json)."""
+    cfg = MMFTConfig(lm_model_id=str(tiny_dir / "lm"), vit_model_id=str(tiny_dir / "clip"),
+                     vit_feature_mode="patch", lora_r=8, lora_alpha=16, lora_dropout=0.0, gen_max_new_tokens=8)
+    torch.manual_seed(0)
+    model = build_model(cfg, device="cpu", dtype=torch.float32, trainable=True)
+    root = tmp_path_factory.mktemp("rounds")
+    folders = []
+    for n in (1, 2):
+        with torch.no_grad():  # new LoRA B (A alone would leave the adapter an identity) and projector
+            for name, param in [*model.lm.named_parameters(), *model.projector.named_parameters(prefix="mp")]:
+                if "lora_B" in name or name.startswith("mp."):
+                    param.normal_(0, 0.5)
+        folder = model.save_pretrained(root / f"round-{n}", round_info(n))
+        _png(folder / "loss.png", "red" if n == 1 else "blue")
+        if n == 1:
+            (folder / "metrics.json").write_text(json.dumps({"eval_loss": 2.1}))
+        folders.append(folder)
+    return folders
+
+
+def round_files(folder) -> dict[str, bytes]:
+    folder = Path(folder)
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*")
+            if p.is_file() and any(fnmatch(p.relative_to(folder).as_posix(), pat) for pat in ROUND_PATTERNS)}
+
+
+def push_cli(hub, *args, token=SECRET):
+    """push_to_hub.py in a subprocess pointed at the local hub, online, with a token in the environment."""
+    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": token, "HF_HUB_OFFLINE": "0"}
+    return subprocess.run([sys.executable, str(ROOT / "push_to_hub.py"), *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def commit_posts(hub) -> list:
+    return [r for r in hub.requests if r[0] == "POST" and "/commit/" in r[1]]
+
+
+def test_two_rounds_publish_as_tagged_single_commits_and_pull_back_bit_exact(hub_online, rounds):
+    r1, r2 = rounds
+    done = push_cli(hub_online, r1, "--repo-id", REPO, "--private")
+    assert done.returncode == 0, done.stderr
+    assert HfApi().model_info(REPO).private
+    assert SECRET not in done.stdout + done.stderr
+    last = done.stdout.strip().splitlines()[-3:]
+    sha1 = hub_online.refs(REPO)["tags"]["round-1"]
+    assert last == ["revision: round-1", f"commit:   {sha1}", f"url:      {hub_online.url}/{REPO}/tree/round-1"]
+    assert len(commit_posts(hub_online)) == 1
+
+    hub_online.requests.clear()
+    published = publish(plan_upload(r2, REPO))
+    assert len(commit_posts(hub_online)) == 1  # one commit: adds and deletions together
+    refs = hub_online.refs(REPO)
+    sha2 = published.commit_id
+    assert refs == {"branches": {"main": sha2}, "tags": {"round-1": sha1, "round-2": sha2}}
+    assert [c.title for c in HfApi().list_repo_commits(REPO)] == ["Round 2", "Round 1", "initial commit"]
+
+    # main is exactly round 2: round 1's metrics.json is gone.
+    on_main = hub_online.files(REPO)
+    assert set(on_main) == {".gitattributes", "README.md", *round_files(r2)} and "metrics.json" not in on_main
+    assert "metrics.json" in hub_online.files(REPO, "round-1")
+
+    for revision, folder in (("round-1", r1), (sha1, r1), ("round-2", r2), (sha2, r2), (None, r2)):
+        pulled = pull_round(REPO, revision)
+        assert round_files(pulled) == round_files(folder), revision
+        assert not (pulled / "README.md").exists()  # only the round's files are fetched
+    assert list_rounds(REPO) == [("round-1", sha1), ("round-2", sha2)]
+
+
+def test_card_lists_every_round_with_valid_metadata(hub_online, rounds):
+    for folder in rounds:
+        publish(plan_upload(folder, REPO))
+    card = ModelCard.load(REPO)  # main = round 2
+    assert card.data.library_name == "peft" and card.data.pipeline_tag == "image-text-to-text"
+    assert {"llava", "qlora", "clip", "phi3", "mmft", "feature-mode-patch"} <= set(card.data.tags)
+    assert card.data.base_model is None  # the tiny LM is a local path, which the Hub would reject here
+    assert card.data.datasets is None and "synthetic shapes demo data" in card.text
+    table = [line for line in card.text.splitlines() if line.startswith("| round-")]
+    assert [line.split(" | ")[0] for line in table] == ["| round-1", "| round-2"]
+    assert "| 2026-11-22 | 400 | 3200 | 1 | 1.05 | 0.7 | 0.6 |" in table[1]
+    assert "![Training and evaluation loss of round 2](loss.png)" in card.text
+    assert f'load_pipeline("{REPO}", revision="round-2")' in card.text
+    old = ModelCard.load(hf_hub_download(REPO, "README.md", revision="round-1"))
+    assert f'revision="round-1"' in old.text and "| round-2" not in old.text
+
+
+def test_card_metadata_for_the_real_models():
+    llava = {"round": 3, "data": {"train_json": "llava_instruct_150k.json"}}
+    card = ModelCard(str(render_card(MMFTConfig(vit_feature_mode="pooled"), llava, "me/phi3-llava", 3, False)))
+    assert card.data.base_model == "microsoft/Phi-3.5-mini-instruct" and card.data.license == "mit"
+    assert card.data.datasets == ["liuhaotian/LLaVA-Instruct-150K"] and "feature-mode-pooled" in card.data.tags
+    assert "openai/clip-vit-base-patch32" in card.text and "pooled" in card.text
+    rows = [line for line in card.text.splitlines() if line.startswith("| round-")]
+    assert rows == ["| round-3 | — | — | — | — | — |"]  # no history: this round alone
+    assert "No loss plot was recorded" in card.text
+
+
+@pytest.mark.parametrize("info, datasets, lm_id", [
+    ({"data": {"train_json": "work/data/train.json"}, "metrics": {"color_accuracy": 0.9}}, None, "./base/lm"),
+    ({"data": {"train_json": "x.json", "dataset": "me/my-vqa"}}, ["me/my-vqa"], "microsoft/Phi-3.5-mini-instruct"),
+])
+def test_card_says_which_data_and_base_honestly(info, datasets, lm_id):
+    card = ModelCard(str(render_card(MMFTConfig(lm_model_id=lm_id), {"round": 1, **info}, "me/x", 1, True)))
+    assert card.data.datasets == datasets and ("synthetic shapes" in card.text) == (datasets is None)
+    assert card.data.base_model == (None if lm_id.startswith(".") else lm_id)
+    assert "![Training and evaluation loss of round 1](loss.png)" in card.text
+
+
+def test_duplicate_round_is_refused_and_force_republishes(hub_online, rounds, tmp_path):
+    first = publish(plan_upload(rounds[0], REPO))
+    before_refs, before_files = hub_online.refs(REPO), hub_online.files(REPO)
+    hub_online.requests.clear()
+    done = push_cli(hub_online, rounds[0], "--repo-id", REPO)
+    assert done.returncode != 0 and "already has round-1" in done.stderr and "--force" in done.stderr
+    assert SECRET not in done.stdout + done.stderr
+    assert hub_online.refs(REPO) == before_refs and hub_online.files(REPO) == before_files
+    assert commit_posts(hub_online) == []
+    with pytest.raises(RoundExists):
+        publish(plan_upload(rounds[1], REPO, number=1))
+
+    # --force: republish round 1, retrained (new weights, taken from round 2's folder), and move the tag.
+    again = tmp_path / "round-1-again"
+    shutil.copytree(rounds[0], again)
+    for name in ("projector.safetensors", "adapter/adapter_model.safetensors"):
+        shutil.copy(rounds[1] / name, again / name)
+    done = push_cli(hub_online, again, "--repo-id", REPO, "--force")
+    assert done.returncode == 0, done.stderr
+    refs = hub_online.refs(REPO)
+    assert refs["tags"] == {"round-1": refs["branches"]["main"]} and refs["tags"]["round-1"] != first.commit_id
+    assert round_files(pull_round(REPO, "round-1")) == round_files(again)
+
+
+def test_pulled_round_reproduces_the_local_round(hub_online, rounds):
+    publish(plan_upload(rounds[0], REPO))
+    local = Pipeline.from_round(rounds[0], device="cpu", dtype=torch.float32)
+    pulled = load_pipeline(REPO, "round-1", device="cpu", dtype=torch.float32)
+    image = Image.new("RGB", (60, 60), "red")
+    logits = []
+    for pipe in (local, pulled):
+        batch = pipe._batch([pipe._encode(QUESTION, True)], pipe.model.vision.preprocess([image]))
+        with torch.no_grad():
+            logits.append(pipe.model(**batch).logits)
+    assert torch.equal(*logits)
+    assert vars(local.answer_image(image, QUESTION)) == vars(pulled.answer_image(image, QUESTION))
+
+
+def test_offline_pull_uses_the_cache(hub_online, rounds, monkeypatch):
+    for folder in rounds:
+        publish(plan_upload(folder, REPO))
+    sha1 = hub_online.refs(REPO)["tags"]["round-1"]
+    online = pull_round(REPO, "round-1")
+    assert pull_round(REPO, sha1) == online
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub_online.requests.clear()
+    assert pull_round(REPO, "round-1") == online and pull_round(REPO, sha1) == online
+    assert list_rounds(REPO) == [("round-1", sha1)]  # offline: the rounds this cache has seen
+    start = time.monotonic()
+    with pytest.raises(RoundNotFound) as err:
+        pull_round(REPO, "round-2")
+    assert time.monotonic() - start < 5
+    assert hub_online.requests == []
+    message = str(err.value)
+    assert REPO in message and "'round-2'" in message and "offline" in message and "Pull it once online" in message
+
+
+def test_network_down_fails_fast_with_one_clear_error(tmp_path):
+    """The Hub unreachable (a closed port) and nothing cached: one RoundNotFound, no retry storm."""
+    code = ("import time; from mmft.hub import pull_round, RoundNotFound\n"
+            "start = time.monotonic()\n"
+            "try:\n    pull_round('user/mmft-demo', 'round-1')\n"
+            "except RoundNotFound as err:\n    print(f'{time.monotonic() - start:.2f}'); print(err)\n")
+    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}", "HF_HOME": str(tmp_path / "home"),
+           "HF_HUB_CACHE": str(tmp_path / "home/hub"), "HF_HUB_OFFLINE": "0"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0 and done.stdout, done.stderr
+    seconds, message = done.stdout.split("\n", 1)
+    assert float(seconds) < 5, done.stderr
+    assert "user/mmft-demo" in message and "'round-1'" in message and "could not be reached" in message
+
+
+def test_unknown_revision_or_repo_is_a_clear_error(hub_online, rounds):
+    publish(plan_upload(rounds[0], REPO))
+    with pytest.raises(RoundNotFound, match=rf"{REPO} has no revision 'round-9'.*list_rounds"):
+        pull_round(REPO, "round-9")
+    with pytest.raises(RoundNotFound, match="user/nothing-here not found"):
+        pull_round("user/nothing-here", "round-1")
+    with pytest.raises(RoundNotFound, match="neither a round folder on disk nor a Hub repo id"):
+        pull_round("no-such-folder")
+    HfApi().create_repo("user/empty")
+    with pytest.raises(RoundNotFound, match="does not hold a complete round"):
+        pull_round("user/empty")
+
+
+def test_local_folder_is_returned_as_is(rounds):
+    assert pull_round(rounds[0]) == rounds[0]
+    with pytest.raises(ValueError, match="local folder"):
+        pull_round(rounds[0], "round-1")
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda f: (f / "checkpoint-400").mkdir() or (f / "checkpoint-400/optimizer.pt").write_bytes(b"x"),
+     "pickle files \\(checkpoint-400/optimizer.pt\\)"),
+    (lambda f: (f / "projector.safetensors").unlink(), "missing projector.safetensors"),
+    (lambda f: (f / "adapter/adapter_model.safetensors").write_bytes(b"\0" * 64), "not a readable safetensors"),
+    (lambda f: (f / "config.json").write_text("{}"), "not a valid mmft config"),
+    (lambda f: (f / "adapter/adapter_config.json").write_text("[1"), "not a PEFT adapter config"),
+    (lambda f: (f / "config.json").write_text(json.dumps({"mmft": {}, "round": {}})), "pass --round N"),
+])
+def test_bad_folders_are_refused_before_any_request(hub_online, rounds, tmp_path, damage, message):
+    folder = tmp_path / "round"
+    shutil.copytree(rounds[0], folder)
+    damage(folder)
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        plan_upload(folder, REPO)
+    assert hub_online.requests == []
+
+
+def test_cli_refuses_a_pickle_and_dry_run_sends_nothing(hub_online, rounds, tmp_path):
+    folder = tmp_path / "round"
+    shutil.copytree(rounds[1], folder)
+    (folder / "adapter/adapter_model.bin").write_bytes(b"pickle")
+    done = push_cli(hub_online, folder, "--repo-id", REPO)
+    assert done.returncode == 1 and "error:" in done.stderr and "adapter/adapter_model.bin" in done.stderr
+    (folder / "adapter/adapter_model.bin").unlink()
+
+    done = push_cli(hub_online, folder, "--repo-id", REPO, "--dry-run")
+    assert done.returncode == 0, done.stderr
+    assert hub_online.requests == []
+    sizes = {line.split()[0]: line.split()[1] for line in done.stdout.splitlines() if line.startswith("  ")}
+    assert {p for p in sizes if p != "README.md"} == set(round_files(folder))
+    assert sizes["projector.safetensors"] == f"{(folder / 'projector.safetensors').stat().st_size:,}"
+    assert "library_name: peft" in done.stdout and "| round-2 |" in done.stdout
+    assert SECRET not in done.stdout + done.stderr
