@@ -11,7 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from mmft.config import MMFTConfig, load_config
@@ -104,6 +104,8 @@ def build_model(cfg: MMFTConfig, device=None, dtype=None, quantize=None, with_vi
     if feature_dim is None:
         raise ValueError("feature_dim is needed when the model is built without its vision encoder")
     cfg, projector = _assemble(cfg, lm, feature_dim)
+    if trainable and getattr(lm, "is_quantized", False):
+        lm = prepare_model_for_kbit_training(lm, use_gradient_checkpointing=False)  # the Trainer enables it
     if adapter is not None:
         lm = PeftModel.from_pretrained(lm, str(adapter), is_trainable=trainable)
     elif trainable:
@@ -127,6 +129,10 @@ def load_round(folder: str | Path, device=None, dtype=None, quantize=None, train
     folder = check_round_folder(folder)
     cfg, round_info = load_config(folder)
     cfg = replace(cfg, **config_overrides)
+    # "./x" or "../x" model ids are relative to the round folder (the bundled demo round uses them)
+    for key in ("lm_model_id", "vit_model_id"):
+        if getattr(cfg, key).startswith("."):
+            setattr(cfg, key, str((folder / getattr(cfg, key)).resolve()))
     model = build_model(cfg, device, dtype, quantize, with_vision=with_vision, feature_dim=cfg.mp_input_dim,
                         adapter=folder / ADAPTER_DIR, trainable=trainable)
     load_projector(model.projector, folder / PROJECTOR_NAME)

@@ -94,7 +94,7 @@ class Pipeline:
         """LoRA model on (image + question): short, keyword-like answers."""
         pixel_values = self.model.vision.preprocess(images)  # [B, 3, H, W]
         batch = self._batch([self._encode(q, True) for q in questions], pixel_values)
-        return [tidy(t, q) for t, q in zip(self._generate(batch, True, **gen), questions)]
+        return [tidy(t, q, capitalize=False) for t, q in zip(self._generate(batch, True, **gen), questions)]
 
     def refine(self, questions: list[str], drafts: list[str], **gen) -> list[str]:
         """Base model (adapter off) rewrites each draft into a clean sentence answering the question."""
@@ -142,7 +142,7 @@ class Pipeline:
         for text in self._stream(self._batch([self._encode(question, True)], pixel_values), True, **gen):
             answer.draft = text
             yield answer
-        answer.draft = tidy(answer.draft or "", question)
+        answer.draft = tidy(answer.draft or "", question, capitalize=False)
         if not self.cfg.pipe_refine:
             answer.final = answer.draft
             yield answer

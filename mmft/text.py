@@ -77,12 +77,13 @@ def _strip_echo(text: str, question: str) -> str:
     return text
 
 
-def tidy(text: str, question: str = "") -> str:
-    """Post-process a generated answer: echo of the question, repeated phrases, stray punctuation."""
+def tidy(text: str, question: str = "", capitalize: bool = True) -> str:
+    """Post-process a generated answer: echo of the question, repeated phrases, stray punctuation.
+    Drafts keep their case (`capitalize=False`): the refine stage reads them as the LoRA model wrote them."""
     text = _strip_echo(text.strip(), question)
     text = " ".join(_drop_repeats(text.split()))
     text = _REPEATED_PUNCT.sub(r"\1", text)
     text = _SPACE_BEFORE_PUNCT.sub(r"\1", text)
     text = _LEADING_PUNCT.sub("", text)
     text = _SPACE.sub(" ", text).strip()
-    return text[:1].upper() + text[1:]
+    return text[:1].upper() + text[1:] if capitalize else text

@@ -1,0 +1,92 @@
+"""CLIP feature cache: run the frozen CLIP once per image, train many times from safetensors shards.
+
+CLIP is frozen, so its features for an image never change; computing them every epoch (and every
+round) is wasted work. The cache records the CLIP id and feature mode it was built with, and
+training refuses a cache that does not match the run instead of silently using wrong features.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from mmft.config import MMFTConfig
+from mmft.vision import ImageError, VisionEncoder
+
+logger = logging.getLogger(__name__)
+INDEX_NAME = "cache.json"
+
+
+def build_cache(vision: VisionEncoder, vit_model_id: str, image_dir: str | Path, names: list[str],
+                out_dir: str | Path, shard_size: int = 1024, batch_size: int = 32) -> dict:
+    """Encode every image in `names` (relative to `image_dir`) into `out_dir/features-NNNNN.safetensors`."""
+    image_dir, out_dir = Path(image_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = sorted(set(names))
+    index = {"vit_model_id": vit_model_id, "vit_feature_mode": vision.mode, "num_tokens": vision.num_tokens,
+             "feature_dim": vision.feature_dim, "files": {}, "unreadable": {}}
+    for shard_no, start in enumerate(range(0, len(names), shard_size)):
+        shard_name = f"features-{shard_no:05d}.safetensors"
+        tensors = {}
+        chunk = names[start : start + shard_size]
+        for i in range(0, len(chunk), batch_size):
+            batch = chunk[i : i + batch_size]
+            pixels, good = [], []
+            for name in batch:
+                try:
+                    pixels.append(vision.preprocess([image_dir / name]))
+                    good.append(name)
+                except ImageError as err:
+                    index["unreadable"][name] = str(err)
+            if good:
+                features = vision(torch.cat(pixels)).float().cpu()  # [b, N_tok, D_v]
+                tensors.update({name: features[j].contiguous() for j, name in enumerate(good)})
+        if tensors:
+            save_file(tensors, str(out_dir / shard_name))
+            index["files"].update({name: shard_name for name in tensors})
+    (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=1) + "\n")
+    logger.info("cached %d images, %d unreadable", len(index["files"]), len(index["unreadable"]))
+    return index
+
+
+class FeatureCache:
+    """Read side of the cache: `cache[image_name] -> [N_tok, D_v]`, shards opened lazily."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        path = self.folder / INDEX_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: build the cache with train/cache_features.py")
+        self.index = json.loads(path.read_text())
+        self._handles = {}
+
+    def check(self, cfg: MMFTConfig) -> None:
+        built = (self.index["vit_model_id"], self.index["vit_feature_mode"])
+        wanted = (cfg.vit_model_id, cfg.vit_feature_mode)
+        if built != wanted:
+            raise ValueError(
+                f"feature cache {self.folder} was built with CLIP {built[0]!r} in {built[1]!r} mode, but this "
+                f"run uses {wanted[0]!r} in {wanted[1]!r} mode; rebuild it with train/cache_features.py"
+            )
+
+    @property
+    def num_tokens(self) -> int:
+        return self.index["num_tokens"]
+
+    @property
+    def feature_dim(self) -> int:
+        return self.index["feature_dim"]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        shard = self.index["files"].get(name)
+        if shard is None:
+            reason = self.index["unreadable"].get(name, "not in the cache")
+            raise ImageError(f"no cached features for {name}: {reason}")
+        if shard not in self._handles:
+            self._handles[shard] = safe_open(str(self.folder / shard), framework="pt")
+        return self._handles[shard].get_tensor(name)

@@ -1,0 +1,170 @@
+"""Training through the real path (HF Trainer): rounds, projector stage, feature cache, crash resume, DDP."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainingArguments
+
+from mmft import shapes
+from mmft.features import FeatureCache, build_cache
+from mmft.training import DataArguments, ModelArguments, default_training_args, finetune
+from mmft.vision import VisionEncoder
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def shapes_data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("shapes")
+    return shapes.write_dataset(folder, 160, seed=3), folder / "images"
+
+
+def _args(tiny_dir, data, out, steps=12, mode="patch", **extra):
+    train_json, images = data
+    margs = ModelArguments(lm_model_id=str(tiny_dir / "lm"), vit_model_id=str(tiny_dir / "clip"),
+                           vit_feature_mode=mode, lora_r=8, lora_alpha=16, lora_dropout=0.0, projector_lr=3e-3,
+                           **{k: v for k, v in extra.items() if k in ModelArguments.__dataclass_fields__})
+    dargs = DataArguments(train_json=str(train_json), image_dir=str(images), eval_fraction=0.1, max_eval_samples=16,
+                          **{k: v for k, v in extra.items() if k in DataArguments.__dataclass_fields__})
+    training = dict(output_dir=str(out), max_steps=steps, learning_rate=3e-3, per_device_train_batch_size=8,
+                    eval_steps=steps // 2, save_steps=steps // 2, logging_steps=2, disable_tqdm=True,
+                    activation_checkpointing=True, seed=7)
+    training.update({k: v for k, v in extra.items() if k in TrainingArguments.__dataclass_fields__})
+    targs = TrainingArguments(**default_training_args(**training))
+    return margs, dargs, targs
+
+
+def _trained(folder):
+    weights = {f"projector.{k}": v for k, v in load_file(str(folder / "projector.safetensors")).items()}
+    adapter = folder / "adapter" / "adapter_model.safetensors"
+    if adapter.exists():
+        weights.update({f"lora.{k}": v for k, v in load_file(str(adapter)).items()})
+    return weights
+
+
+def test_round_folder_and_eval_loss_goes_down(tiny_dir, shapes_data, tmp_path):
+    folder, info = finetune(*_args(tiny_dir, shapes_data, tmp_path, steps=20, eval_on_start=True))
+    assert folder == tmp_path / "round-1"
+    names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    assert {"adapter/adapter_config.json", "adapter/adapter_model.safetensors", "config.json", "loss.png",
+            "metrics.json", "projector.safetensors"} <= set(names)
+    assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl"))]
+    assert (folder / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    metrics = json.loads((folder / "metrics.json").read_text())
+    evals = [h["eval_loss"] for h in metrics["log_history"] if "eval_loss" in h]
+    assert evals[-1] < evals[0]  # step-0 eval vs the end
+    config = json.loads((folder / "config.json").read_text())
+    assert config["round"]["round"] == 1 and config["round"]["steps"] == 20 and config["round"]["parent"] is None
+    assert config["round"]["samples"] == 144 and len(config["round"]["history"]) == 1
+    assert config["mmft"]["vit_feature_mode"] == "patch"
+
+
+def test_next_round_continues_the_last_and_records_lineage(tiny_dir, shapes_data, tmp_path):
+    first, _ = finetune(*_args(tiny_dir, shapes_data, tmp_path / "r1", steps=6))
+    second, info = finetune(*_args(tiny_dir, shapes_data, tmp_path / "r2", steps=6, resume_round=str(first),
+                                   data_offset=80))
+    assert second.name == "round-2" and info["round"] == 2
+    assert info["parent"] == {"round": 1, "source": str(first)}
+    assert [h["round"] for h in info["history"]] == [1, 2]
+    assert info["data"]["offset"] == 80
+    a, b = _trained(first), _trained(second)
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
+    assert not (second / "model.safetensors").exists()  # never the merged base
+
+
+def test_projector_stage_then_seeding_a_finetune(tiny_dir, shapes_data, tmp_path):
+    stage1, info = finetune(*_args(tiny_dir, shapes_data, tmp_path / "s1", steps=6, projector_only=True))
+    assert info["stage"] == "projector" and not (stage1 / "adapter").exists()
+    margs, dargs, targs = _args(tiny_dir, shapes_data, tmp_path / "s2", steps=2, init_projector=str(stage1))
+    from mmft.training import prepare_model
+
+    model, _ = prepare_model(margs, "cpu", None)
+    seeded = model.projector.state_dict()
+    for key, value in load_file(str(stage1 / "projector.safetensors")).items():
+        assert torch.equal(seeded[key], value)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any(n.startswith("projector.") for n in trainable) and any("lora_" in n for n in trainable)
+
+
+def test_feature_cache_trains_exactly_like_on_the_fly_clip(tiny_dir, shapes_data, tmp_path):
+    train_json, images = shapes_data
+    vision = VisionEncoder.from_pretrained(str(tiny_dir / "clip"), "patch", 10**8)
+    names = [r["image"] for r in json.loads(train_json.read_text())]
+    (images / "broken.png").write_bytes(b"nope")
+    index = build_cache(vision, str(tiny_dir / "clip"), images, names + ["broken.png"], tmp_path / "cache",
+                        shard_size=64)
+    assert len(index["files"]) == 160 and list(index["unreadable"]) == ["broken.png"]
+    assert len(list((tmp_path / "cache").glob("features-*.safetensors"))) == 3
+    cache = FeatureCache(tmp_path / "cache")
+    assert cache[names[0]].shape == (50, 32)
+    _, cached = finetune(*_args(tiny_dir, shapes_data, tmp_path / "c", steps=4, feature_cache=str(tmp_path / "cache")))
+    _, live = finetune(*_args(tiny_dir, shapes_data, tmp_path / "l", steps=4))
+    assert cached["train_loss"] == pytest.approx(live["train_loss"], abs=1e-4)
+    assert cached["eval_loss"] == pytest.approx(live["eval_loss"], abs=1e-4)
+
+
+def test_mismatched_feature_cache_is_refused(tiny_dir, shapes_data, tmp_path):
+    vision = VisionEncoder.from_pretrained(str(tiny_dir / "clip"), "pooled", 10**8)
+    build_cache(vision, str(tiny_dir / "clip"), shapes_data[1], ["train-00000.png"], tmp_path / "cache")
+    with pytest.raises(ValueError, match=r"built with CLIP .* in 'pooled' mode, but this run uses .* in 'patch' mode"):
+        finetune(*_args(tiny_dir, shapes_data, tmp_path / "x", steps=2, feature_cache=str(tmp_path / "cache")))
+
+
+CRASHING_RUN = """
+import os, sys, signal
+from transformers import TrainerCallback, TrainingArguments
+sys.path.insert(0, {tests!r})
+from test_training import _args
+from mmft.training import finetune
+
+class Kill(TrainerCallback):
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == 6:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+from pathlib import Path
+finetune(*_args(Path({tiny!r}), ({json!r}, Path({images!r})), {out!r}, steps=8, save_steps=4), callbacks=[Kill()])
+"""
+
+
+def test_killed_run_resumes_without_lost_or_repeated_steps(tiny_dir, shapes_data, tmp_path):
+    train_json, images = shapes_data
+    whole, info = finetune(*_args(tiny_dir, shapes_data, tmp_path / "whole", steps=8, save_steps=4))
+    script = CRASHING_RUN.format(tests=str(ROOT / "tests"), tiny=str(tiny_dir), json=str(train_json),
+                                 images=str(images), out=str(tmp_path / "crash"))
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]  # SIGKILL, mid-run
+    assert sorted(p.name for p in (tmp_path / "crash").glob("checkpoint-*")) == ["checkpoint-4"]
+    resumed, rinfo = finetune(*_args(tiny_dir, shapes_data, tmp_path / "crash", steps=8, save_steps=4,
+                                     resume_from_checkpoint="last"))
+    assert rinfo["steps"] == info["steps"] == 8
+    state = json.loads((tmp_path / "crash" / "checkpoint-8" / "trainer_state.json").read_text())
+    assert [h["step"] for h in state["log_history"] if "loss" in h] == [2, 4, 6, 8]
+    a, b = _trained(whole), _trained(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6), key
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu_writes_one_round(tiny_dir, shapes_data, tmp_path):
+    train_json, images = shapes_data
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "train.finetune", "--lm_model_id", str(tiny_dir / "lm"), "--vit_model_id", str(tiny_dir / "clip"),
+           "--vit_feature_mode", "patch", "--train_json", str(train_json), "--image_dir", str(images),
+           "--output_dir", str(tmp_path / "ddp"), "--max_steps", "4", "--save_steps", "4", "--eval_steps", "4",
+           "--per_device_train_batch_size", "4", "--ddp_backend", "gloo", "--lora_dropout", "0",
+           "--disable_tqdm", "true"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[rank 0/2] finished at step 4" in proc.stdout and "[rank 1/2] finished at step 4" in proc.stdout
+    assert sorted(p.name for p in (tmp_path / "ddp").glob("round-*")) == ["round-1"]
+    config = json.loads((tmp_path / "ddp" / "round-1" / "config.json").read_text())
+    assert config["round"]["samples_seen"] == 4 * 4 * 2
