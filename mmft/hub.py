@@ -38,9 +38,8 @@ from huggingface_hub.file_download import repo_folder_name
 from safetensors import SafetensorError, safe_open
 
 from mmft.config import CONFIG_NAME, MMFTConfig, load_config
+from mmft.round import ROUND_FILES, check_round_folder
 
-REQUIRED_FILES = [CONFIG_NAME, "projector.safetensors", "adapter/adapter_config.json",
-                  "adapter/adapter_model.safetensors"]
 ROUND_PATTERNS = [CONFIG_NAME, "projector.safetensors", "adapter/*", "metrics.json", "loss.png"]
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl")
 TAG_PREFIX = "round-"
@@ -71,12 +70,7 @@ def round_tag(number: int) -> str:
 # -- checking a folder (cheap: headers and JSON only, the LM is never loaded) --------------------
 def check_round(folder: str | Path) -> tuple[MMFTConfig, dict]:
     """Raise a clear error unless `folder` holds a complete, readable round; return its config."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} is not a folder: expected a round folder ({', '.join(REQUIRED_FILES)})")
-    missing = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{folder} is not a complete round folder: missing {', '.join(missing)}")
+    folder = check_round_folder(folder)
     cfg, round_info = load_config(folder)  # ValueError naming the file if it is not an mmft config
     adapter_config = folder / "adapter/adapter_config.json"
     try:
@@ -84,7 +78,7 @@ def check_round(folder: str | Path) -> tuple[MMFTConfig, dict]:
             raise ValueError("no 'peft_type' key")
     except (ValueError, TypeError) as err:  # JSONDecodeError is a ValueError
         raise ValueError(f"{adapter_config} is not a PEFT adapter config: {err}") from err
-    for name in REQUIRED_FILES:
+    for name in ROUND_FILES:
         if name.endswith(".safetensors"):
             try:
                 with safe_open(str(folder / name), framework="numpy") as weights:

@@ -15,8 +15,9 @@ from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_t
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from mmft.config import MMFTConfig, load_config
-from mmft.model import ADAPTER_DIR, MultimodalModel
-from mmft.projector import PROJECTOR_NAME, Projector, load_projector
+from mmft.model import MultimodalModel
+from mmft.projector import Projector, load_projector
+from mmft.round import ADAPTER_DIR, PROJECTOR_NAME, check_round_folder
 from mmft.vision import VisionEncoder
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -111,16 +112,6 @@ def build_model(cfg: MMFTConfig, device=None, dtype=None, quantize=None, with_vi
     elif trainable:
         lm = get_peft_model(lm, lora_config(cfg))
     return MultimodalModel(cfg, lm, tokenizer, projector, vision)
-
-
-def check_round_folder(folder: str | Path) -> Path:
-    folder = Path(folder)
-    needed = ["config.json", PROJECTOR_NAME, f"{ADAPTER_DIR}/adapter_config.json",
-              f"{ADAPTER_DIR}/adapter_model.safetensors"]
-    missing = [name for name in needed if not (folder / name).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{folder} is not a complete round folder: missing {', '.join(missing)}")
-    return folder
 
 
 def load_round(folder: str | Path, device=None, dtype=None, quantize=None, trainable: bool = False,

@@ -17,10 +17,9 @@ from peft import PeftModel
 from torch import nn
 
 from mmft.config import MMFTConfig, save_config
-from mmft.projector import PROJECTOR_NAME, Projector, save_projector
+from mmft.projector import Projector, save_projector
+from mmft.round import ADAPTER_DIR, PROJECTOR_NAME
 from mmft.vision import VisionEncoder
-
-ADAPTER_DIR = "adapter"
 
 
 def position_ids_from(attention_mask: torch.Tensor) -> torch.Tensor:

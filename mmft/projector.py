@@ -14,8 +14,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-PROJECTOR_NAME = "projector.safetensors"
-
 
 class Projector(nn.Module):
     """Linear -> GELU -> Linear (-> GELU -> Linear ... for depth > 2)."""

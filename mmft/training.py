@@ -24,10 +24,11 @@ from transformers.trainer_utils import get_last_checkpoint
 from mmft.config import MMFTConfig, load_config
 from mmft.data import Collator, ConversationDataset, pad_batch, read_llava
 from mmft.features import FeatureCache
-from mmft.loading import build_model, check_round_folder, load_vision
-from mmft.model import ADAPTER_DIR, MultimodalModel
-from mmft.projector import PROJECTOR_NAME, load_projector
+from mmft.loading import build_model, load_vision
+from mmft.model import MultimodalModel
+from mmft.projector import load_projector
 from mmft.prompt import encode_chat
+from mmft.round import ADAPTER_DIR, PROJECTOR_NAME, check_round_folder
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,8 @@ class DataArguments:
     data_offset: int = field(default=0, metadata={"help": "first record of train_json this round uses"})
     max_samples: int | None = field(default=None, metadata={"help": "records this round uses"})
     feature_cache: str | None = field(default=None, metadata={"help": "CLIP feature cache folder"})
+    pad_to_length: int | None = field(default=None, metadata={"help": "pad every batch to this length "
+                                                                      "(only to measure what dynamic padding saves)"})
     dataset_name: str = field(default="liuhaotian/LLaVA-Instruct-150K", metadata={"help": "for the model card"})
     eval_shapes_accuracy: int = field(default=0, metadata={"help": "shapes world: N fresh images for accuracy"})
 
@@ -203,9 +206,9 @@ def finetune(margs: ModelArguments, dargs: DataArguments, targs: TrainingArgumen
     train_set, eval_set, report = make_datasets(dargs, model, cache, targs.seed)
     print(report.summary())
 
+    collator = Collator(model.tokenizer.pad_token_id, dargs.pad_to_length)
     trainer = MMFTTrainer(model=model, args=targs, train_dataset=train_set, eval_dataset=eval_set,
-                          data_collator=Collator(model.tokenizer.pad_token_id), projector_lr=margs.projector_lr,
-                          callbacks=callbacks)
+                          data_collator=collator, projector_lr=margs.projector_lr, callbacks=callbacks)
     resume = targs.resume_from_checkpoint
     if resume in ("last", "True", "true"):
         resume = get_last_checkpoint(targs.output_dir)
@@ -222,6 +225,7 @@ def finetune(margs: ModelArguments, dargs: DataArguments, targs: TrainingArgumen
         "samples_seen": trainer.state.global_step * targs.train_batch_size * targs.gradient_accumulation_steps
         * targs.world_size,
         "train_loss": round(result.training_loss, 4),
+        "train_samples_per_second": result.metrics.get("train_samples_per_second"),
         "eval_loss": round(eval_metrics["eval_loss"], 4),
         "metrics": {},
         "data": {"dataset": dargs.dataset_name, "train_json": str(dargs.train_json), "offset": dargs.data_offset, "limit": dargs.max_samples,

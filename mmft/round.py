@@ -1,0 +1,29 @@
+"""What a round folder holds — one definition for training, loading and the Hub (no torch import here).
+
+    round-N/adapter/adapter_config.json, adapter/adapter_model.safetensors   PEFT LoRA
+    round-N/projector.safetensors                                          the projector
+    round-N/config.json                                                    {"mmft": MMFTConfig, "round": {...}}
+    round-N/metrics.json, loss.png                                         from training (optional)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mmft.config import CONFIG_NAME
+
+ADAPTER_DIR = "adapter"
+PROJECTOR_NAME = "projector.safetensors"
+ROUND_FILES = [CONFIG_NAME, PROJECTOR_NAME, f"{ADAPTER_DIR}/adapter_config.json",
+               f"{ADAPTER_DIR}/adapter_model.safetensors"]
+
+
+def check_round_folder(folder: str | Path) -> Path:
+    """The folder, or a clear error naming what is missing."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder: expected a round folder ({', '.join(ROUND_FILES)})")
+    missing = [name for name in ROUND_FILES if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{folder} is not a complete round folder: missing {', '.join(missing)}")
+    return folder
