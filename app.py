@@ -1,0 +1,72 @@
+"""The Gradio Space: `python app.py` serves the bundled shapes demo offline; `--repo` serves a Hub round.
+
+Thin on purpose: flags and environment in, `mmft.app_ui` does the rest. No outbound call is needed
+to start: telemetry is off, and with no repo configured the Hub client is offline too. Environment
+variables already set (e.g. in the Space's settings) win over these defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+# Before gradio or huggingface_hub are imported: both read these once, at import time.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+DEMO_ROUND = Path(__file__).resolve().parent / "demo" / "round"
+
+
+def parse_args(argv=None, environ=os.environ) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repo", default=environ.get("MMFT_REPO") or None,
+                        help="Hub repo OWNER/NAME (or a local round folder) to serve [env MMFT_REPO]; "
+                             "unset: the bundled shapes demo round")
+    parser.add_argument("--revision", default=environ.get("MMFT_REVISION") or None,
+                        help="round-N tag, branch or commit id [env MMFT_REVISION]; default: main")
+    parser.add_argument("--demo", action="store_true", help="serve the bundled shapes demo round even if a repo is set")
+    parser.add_argument("--host", default=environ.get("GRADIO_SERVER_NAME") or "127.0.0.1",
+                        help="address to listen on [env GRADIO_SERVER_NAME; Spaces set 0.0.0.0]")
+    parser.add_argument("--port", type=int, default=int(environ.get("GRADIO_SERVER_PORT") or 7860))
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when present)")
+    parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on CUDA and on "
+                                                       "CPUs with native bf16, else float32; the demo: float32)")
+    parser.add_argument("--quantize", action=argparse.BooleanOptionalAction, default=None,
+                        help="4-bit NF4 weights (default: on CUDA only)")
+    parser.add_argument("--asr-model", default=environ.get("MMFT_ASR_MODEL") or None,
+                        help="speechbrain ASR model id [env MMFT_ASR_MODEL] (default: mmft.speech.DEFAULT_MODEL_ID)")
+    parser.add_argument("--cache-size", type=int, default=2, help="rounds kept loaded for the round picker")
+    return parser.parse_args(argv)
+
+
+def set_env_defaults(args: argparse.Namespace, environ=os.environ) -> None:
+    """With no repo to pull from, nothing needs the Hub: keep its client offline unless told otherwise."""
+    if args.demo or not args.repo:
+        environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    set_env_defaults(args)
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("mmft").setLevel(logging.INFO)
+    from mmft.app_ui import Settings, create_app, launch  # imports gradio and huggingface_hub: after the env
+    from mmft.loading import DTYPES
+
+    if args.dtype is not None and args.dtype not in DTYPES:
+        sys.exit(f"app.py: --dtype {args.dtype!r} is not one of {', '.join(sorted(DTYPES))}")
+    settings = Settings(demo_round=DEMO_ROUND, repo=args.repo, revision=args.revision, demo=args.demo,
+                        device=args.device, dtype=args.dtype, quantize=args.quantize, asr_model=args.asr_model,
+                        cache_size=args.cache_size)
+    try:
+        app = create_app(settings)
+    except (FileNotFoundError, ValueError) as err:  # a missing demo round, a broken local round folder
+        sys.exit(f"app.py: cannot start: {err}")
+    launch(app, args.host, args.port)
+
+
+if __name__ == "__main__":
+    main()

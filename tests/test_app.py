@@ -1,0 +1,400 @@
+"""The Spaces app end to end: launched in-process and driven through gradio_client, as any API caller would.
+
+Offline throughout: the round is a local folder (a tiny stand-in for demo/round unless a test needs the
+trained demo), speech is an injected transcriber, and Hub rounds come from the local Hub test server.
+"""
+
+import math
+import os
+import random
+import struct
+import subprocess
+import sys
+import time
+import wave
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from PIL import Image
+
+import app as app_py
+from mmft import shapes
+from mmft.app_ui import DEMO_KEY, MAIN_KEY, Handlers, Rounds, Settings, create_app, launch
+from mmft.config import MMFTConfig, load_config, save_config
+from mmft.hub import RoundNotFound, plan_upload, publish
+from mmft.loading import build_model
+from mmft.speech import SpeechUnavailable, Transcriber
+from tests.hub_server import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+QUESTION = "What colour is the shape?"
+SPOKEN = "What colours can a shape have?"
+REPO = "user/mmft-app"
+SPEECH = {"available": True}  # what the injected transcriber does
+
+
+def fake_asr(waveform: torch.Tensor) -> str:
+    if not SPEECH["available"]:
+        raise SpeechUnavailable("Speech recognition is unavailable: could not load speechbrain/asr "
+                                "(offline and not cached?)")
+    return SPOKEN
+
+
+def tiny_round(tiny_dir, folder: Path, number: int, base: Path | None = None) -> Path:
+    """A round folder over the session's tiny models; LoRA B made non-zero so rounds differ."""
+    base = base or tiny_dir
+    cfg = MMFTConfig(lm_model_id=str(base / "lm"), vit_model_id=str(base / "clip"), vit_feature_mode="patch",
+                     lora_r=8, lora_alpha=16, lora_dropout=0.0, gen_max_new_tokens=8,
+                     prompt_max_question_tokens=64, prompt_max_answer_tokens=64)
+    torch.manual_seed(number)
+    model = build_model(cfg, device="cpu", dtype=torch.float32, trainable=True)
+    with torch.no_grad():
+        for name, param in model.lm.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    return model.save_pretrained(folder, {"round": number})
+
+
+@pytest.fixture(scope="module")
+def standin_round(tiny_dir, tmp_path_factory):
+    """Stands in for demo/round: a round naming its base models `../base/lm`, `../base/clip`."""
+    root = tmp_path_factory.mktemp("demo")
+    (root / "base").symlink_to(tiny_dir, target_is_directory=True)
+    folder = tiny_round(tiny_dir, root / "round", 1, base=root / "base")
+    cfg, info = load_config(folder)
+    cfg.lm_model_id, cfg.vit_model_id = "../base/lm", "../base/clip"
+    save_config(folder, cfg, info)
+    return folder
+
+
+def serve(app) -> Client:
+    """Launch in this process on a free local port; a client that never calls the Hub (URL, no telemetry)."""
+    _, url, _ = launch(app, port=free_port(), prevent_thread_lock=True, quiet=True)
+    return Client(url, verbose=False, analytics_enabled=False, download_files=False)
+
+
+@pytest.fixture(scope="module")
+def served(standin_round, tmp_path_factory):
+    app = create_app(Settings(demo_round=standin_round), transcriber=Transcriber(fn=fake_asr),
+                     examples_dir=tmp_path_factory.mktemp("examples"))
+    try:
+        yield app, serve(app)
+    finally:
+        app.close()
+
+
+def last(stream):
+    """The finished Answer of a Pipeline stream (it yields one Answer, updated in place)."""
+    for answer in stream:
+        pass
+    return answer
+
+
+def component(client: Client, **match) -> dict:
+    """A component's props as the page's config serves them (what the browser renders)."""
+    return next(c["props"] for c in client.config["components"]
+                if all(c["props"].get(k) == v for k, v in match.items()))
+
+
+def picture(path: Path, color="red", shape="circle", seed=0) -> Path:
+    shapes.draw(color, shape, random.Random(seed)).save(path)
+    return path
+
+
+def wav(path: Path, seconds=1.0, rate=16_000, amplitude=8000) -> Path:
+    """A tone (or silence, amplitude 0) as 16-bit mono WAV, written with the stdlib."""
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        n = int(seconds * rate)
+        out.writeframes(struct.pack(f"<{n}h", *(int(amplitude * math.sin(i * 0.1)) for i in range(n))))
+    return path
+
+
+# -- the three endpoints -----------------------------------------------------------------------
+def test_endpoints_are_named_with_the_final_answer_first(served):
+    _, client = served
+    api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    params = {name: [p["parameter_name"] for p in api[name]["parameters"]] for name in ("/image", "/audio", "/text")}
+    assert params == {"/image": ["image", "question"], "/audio": ["audio"], "/text": ["question"]}
+    for name in ("/image", "/audio", "/text"):
+        assert api[name]["returns"][0]["label"].startswith("Answer"), name
+
+
+def test_image_audio_and_text_answer_like_the_pipeline(served, tmp_path):
+    app, client = served
+    pipe = app.mmft_rounds.get(DEMO_KEY)
+    image = picture(tmp_path / "red.png")
+    final, draft, notes = client.predict(handle_file(image), QUESTION, api_name="/image")
+    want = last(pipe.stream_image(str(image), QUESTION))
+    assert (final, draft, notes) == (want.final, want.draft, "") and final and draft
+
+    answer, notes = client.predict("Hello", api_name="/text")
+    assert (answer, notes) == (last(pipe.stream_text("Hello")).final, "") and answer
+
+    answer, transcript, notes = client.predict(handle_file(wav(tmp_path / "q.wav")), api_name="/audio")
+    assert (answer, transcript, notes) == (last(pipe.stream_text(SPOKEN)).final, SPOKEN, "")
+
+
+def test_image_answers_stream_draft_then_refined_answer(served, tmp_path):
+    _, client = served
+    job = client.submit(handle_file(picture(tmp_path / "p.png")), QUESTION, api_name="/image")
+    final, draft, _ = job.result()
+    outputs = job.outputs()
+    assert len(outputs) > 2 and outputs[-1] == (final, draft, "")
+    assert outputs[0][0] == "" and outputs[0][1]  # the draft arrives first, token by token ...
+    assert any(out[0] and out[0] != final for out in outputs)  # ... then the refined answer
+
+
+def test_an_abandoned_answer_finishes_before_the_next_one_starts(served, tmp_path, monkeypatch):
+    app, _ = served
+    model = app.mmft_rounds.get(DEMO_KEY).model
+    running, overlaps, generate = [], [], model.generate
+
+    def watched(*args, **kwargs):
+        overlaps.append(len(running))
+        running.append(1)
+        try:
+            time.sleep(0.2)  # slow enough that an unguarded second request would overlap
+            return generate(*args, **kwargs)
+        finally:
+            running.pop()
+
+    monkeypatch.setattr(model, "generate", watched)
+    image = str(picture(tmp_path / "p.png"))
+    left = app.mmft_handlers.image(image, QUESTION, DEMO_KEY)
+    next(left)  # the first tokens of the draft arrived ...
+    left.close()  # ... and the visitor went away
+    assert list(app.mmft_handlers.text("Hello", DEMO_KEY))[-1][0]
+    assert overlaps == [0, 0, 0]  # draft, refine, text: one after another
+
+
+def test_page_says_the_demo_round_is_served_and_how_to_change_it(served):
+    _, client = served
+    banner = component(client, elem_id="banner")["value"]
+    assert "bundled shapes demo round" in banner and "on cpu, float32" in banner
+    assert "--repo OWNER/NAME --revision round-N" in banner and "MMFT_REPO" in banner
+    picker = component(client, label="Round")
+    assert picker["choices"] == [["shapes demo (bundled)", DEMO_KEY]] and not picker["interactive"]
+
+
+def test_example_images_are_shapes_with_questions(served):
+    app, _ = served
+    files = sorted(app.mmft_examples.glob("*.png"))
+    assert [f.name for f in files] == ["blue-square.png", "green-triangle.png", "red-circle.png"]
+    assert all(Image.open(f).size == (64, 64) for f in files)
+
+
+# -- bad input: a clear message, and the next request is answered --------------------------------
+def _not_an_image(tmp):
+    (tmp / "notes.png").write_bytes(b"these are notes, not a picture")
+    return handle_file(tmp / "notes.png"), QUESTION
+
+
+def _truncated_png(tmp):
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp / "whole.png")
+    (tmp / "cut.png").write_bytes((tmp / "whole.png").read_bytes()[:3000])
+    return handle_file(tmp / "cut.png"), QUESTION
+
+
+def _huge_image(tmp):
+    Image.new("1", (8000, 7000)).save(tmp / "huge.png")  # 56 million pixels in a few kB
+    return handle_file(tmp / "huge.png"), QUESTION
+
+
+def _broken_audio(tmp):
+    (tmp / "broken.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk" * 50)
+    return (handle_file(tmp / "broken.wav"),)
+
+
+BAD_INPUTS = {
+    "no image": ("/image", lambda tmp: (None, QUESTION), "No image"),
+    "not an image": ("/image", _not_an_image, "notes.png cannot be read as an image"),
+    "truncated image": ("/image", _truncated_png, "damaged or truncated"),
+    "huge image": ("/image", _huge_image, "56,000,000 pixels, over the limit"),
+    "empty question": ("/image", lambda tmp: (handle_file(picture(tmp / "ok.png")), "   "), "question is empty"),
+    "empty text": ("/text", lambda tmp: ("",), "question is empty"),
+    "no audio": ("/audio", lambda tmp: (None,), "No audio was received"),
+    "broken audio": ("/audio", _broken_audio, "Could not read the audio file broken.wav"),
+    "image as audio": ("/audio", lambda tmp: (handle_file(picture(tmp / "a.png")),), "unsupported format"),
+    "silent audio": ("/audio", lambda tmp: (handle_file(wav(tmp / "s.wav", amplitude=0)),), "silent"),
+    "too short audio": ("/audio", lambda tmp: (handle_file(wav(tmp / "t.wav", seconds=0.05)),), "too short"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_gets_a_clear_message_and_the_next_request_is_answered(served, tmp_path, case):
+    _, client = served
+    endpoint, make_args, message = BAD_INPUTS[case]
+    with pytest.raises(AppError, match=message) as bad:
+        client.predict(*make_args(tmp_path), api_name=endpoint)
+    assert "Traceback" not in str(bad.value) and "/tmp/" not in str(bad.value)
+    good = {"/image": (handle_file(picture(tmp_path / "good.png")), QUESTION),
+            "/audio": (handle_file(wav(tmp_path / "good.wav")),), "/text": ("Hello",)}[endpoint]
+    assert client.predict(*good, api_name=endpoint)[0]
+
+
+def test_long_questions_are_cut_with_a_note(served, tmp_path):
+    _, client = served
+    image = handle_file(picture(tmp_path / "p.png"))
+    answer, _, notes = client.predict(image, "What colour is it? " * 527, api_name="/image")  # 10,013 chars
+    assert answer and "shortened to its first 64 tokens" in notes
+    answer, notes = client.predict("x" * 25_000, api_name="/text")
+    assert answer and "cut to its first 20,000 characters" in notes and "64 tokens" in notes
+
+
+def test_long_audio_is_trimmed_with_a_note(served, tmp_path):
+    _, client = served
+    answer, transcript, notes = client.predict(handle_file(wav(tmp_path / "long.wav", 35, rate=8000)),
+                                               api_name="/audio")
+    assert answer and transcript == SPOKEN and "35 s long: only its first 30 s" in notes
+
+
+def test_oversized_upload_is_refused_and_the_server_keeps_serving(served, tmp_path):
+    _, client = served
+    big = tmp_path / "big.wav"
+    big.write_bytes(os.urandom(21 * 1024 * 1024))
+    with pytest.raises(ValueError, match="exceeds the maximum file size of 20971520 bytes"):
+        client.predict(handle_file(big), api_name="/audio")  # the client reads the limit from the page
+    refused = httpx.post(client.src_prefixed + "upload", files={"files": ("big.wav", big.read_bytes())})
+    assert refused.status_code == 413  # and the server enforces it for any caller
+    assert client.predict("Hello", api_name="/text")[0]
+
+
+def test_audio_tab_says_when_speech_is_unavailable_and_the_rest_works(served, tmp_path):
+    _, client = served
+    SPEECH["available"] = False
+    try:
+        answer, transcript, notes = client.predict(handle_file(wav(tmp_path / "q.wav")), api_name="/audio")
+        assert (answer, transcript) == ("", "")
+        assert "Speech recognition is unavailable" in notes and "Image and Text tabs still work" in notes
+        assert client.predict("Hello", api_name="/text")[0]
+        assert client.predict(handle_file(picture(tmp_path / "p.png")), QUESTION, api_name="/image")[0]
+    finally:
+        SPEECH["available"] = True
+    assert client.predict(handle_file(wav(tmp_path / "q.wav")), api_name="/audio")[1] == SPOKEN
+
+
+# -- the trained demo ----------------------------------------------------------------------------
+@pytest.mark.skipif(not app_py.DEMO_ROUND.is_dir(), reason=f"the trained demo round {app_py.DEMO_ROUND} is not "
+                    "built yet (python -m train.build_demo)")
+def test_trained_demo_names_the_colour_of_a_fresh_shape(tmp_path):
+    app = create_app(Settings(demo_round=app_py.DEMO_ROUND), transcriber=Transcriber(fn=fake_asr),
+                     examples_dir=tmp_path / "examples")
+    try:
+        client = serve(app)
+        for color, shape, seed in (("red", "square", 101), ("blue", "circle", 102), ("yellow", "triangle", 103)):
+            final, draft, _ = client.predict(handle_file(picture(tmp_path / f"{color}.png", color, shape, seed)),
+                                             QUESTION, api_name="/image")
+            assert color in final.lower(), (color, draft, final)
+    finally:
+        app.close()
+
+
+# -- where the model comes from ------------------------------------------------------------------
+def test_serves_a_hub_round_by_revision_and_the_picker_switches_rounds(hub_online, tiny_dir, standin_round,
+                                                                       tmp_path):
+    shas = [publish(plan_upload(tiny_round(tiny_dir, tmp_path / f"round-{n}", n), REPO)).commit_id for n in (1, 2)]
+    app = create_app(Settings(demo_round=standin_round, repo=REPO, revision="round-1"),
+                     transcriber=Transcriber(fn=fake_asr), examples_dir=tmp_path / "examples")
+    try:
+        client = serve(app)
+        hub_online.requests.clear()
+        assert f"Serving `{REPO}` at `round-1`" in component(client, elem_id="banner")["value"]
+        picker = component(client, label="Round")
+        assert picker["choices"] == [["main (latest)", MAIN_KEY], [f"round-2 ({shas[1][:7]})", "round-2"],
+                                     [f"round-1 ({shas[0][:7]})", "round-1"]]
+        rounds = app.mmft_rounds
+        assert client.predict("Hello", api_name="/text")[0] == last(rounds.get("round-1").stream_text("Hello")).final
+
+        banner, value = client.predict("round-2", api_name="/select_round")  # this session now asks round-2
+        assert f"at `round-2`" in banner and value == "round-2"
+        image = picture(tmp_path / "p.png")
+        final = client.predict(handle_file(image), QUESTION, api_name="/image")[0]
+        assert final == last(rounds.get("round-2").stream_image(str(image), QUESTION)).final
+        client.predict(MAIN_KEY, api_name="/select_round")
+        assert rounds.loaded() == ["round-2", MAIN_KEY]  # at most two pipelines, least recently used dropped
+        assert not [r for r in hub_online.requests if "telemetry" in r[1]]
+
+        publish(plan_upload(tiny_round(tiny_dir, tmp_path / "round-3", 3), REPO))
+        assert "round-3" in [key for _, key in rounds.choices("round-1")]  # what "Refresh" shows
+    finally:
+        app.close()
+
+
+def test_offline_with_nothing_cached_serves_the_demo_and_says_why(standin_round):
+    rounds = Rounds(Settings(demo_round=standin_round, repo="user/never-pulled", revision="round-3"))
+    key, problem = rounds.start()
+    assert key == DEMO_KEY and "offline" in problem and rounds.loaded() == [DEMO_KEY]
+    banner = rounds.banner(key, problem)
+    assert banner.startswith("**Could not load the configured round:**") and "user/never-pulled" in banner
+    assert "Serving the bundled shapes demo round" in banner and "--revision round-N" in banner
+
+
+def test_round_cache_loads_on_demand_and_keeps_two(tmp_path):
+    rounds = Rounds(Settings(demo_round=tmp_path, repo="user/x"))
+    loads = []
+
+    def locate(key):
+        if key == "round-9":
+            raise RoundNotFound("user/x has no revision 'round-9'")
+        return tmp_path / key
+
+    rounds._locate = locate
+    rounds._load = lambda folder, key: loads.append(key) or object()
+    first = rounds.get("round-1")
+    rounds.get("round-2")
+    assert rounds.get("round-1") is first  # cached: not loaded again
+    rounds.get("round-3")  # drops round-2, the least recently used
+    assert loads == ["round-1", "round-2", "round-3"] and rounds.loaded() == ["round-1", "round-3"]
+    rounds.banner = lambda key, problem=None: f"serving {key}"
+    with pytest.warns(UserWarning, match="'round-9' cannot be loaded: user/x has no revision"):  # the visitor is told
+        kept = Handlers(rounds, Transcriber(fn=fake_asr)).select("round-9", "round-3")
+    assert kept == ("round-3", "serving round-3", "round-3")  # and the current round stays
+    assert rounds.loaded() == ["round-1", "round-3"]  # nothing was dropped for a round that is not there
+
+
+# -- app.py --------------------------------------------------------------------------------------
+def test_flags_and_environment():
+    env = {"MMFT_REPO": "o/n", "MMFT_REVISION": "round-2", "GRADIO_SERVER_NAME": "0.0.0.0", "MMFT_ASR_MODEL": "a/b"}
+    args = app_py.parse_args([], environ=env)
+    got = (args.repo, args.revision, args.host, args.port, args.asr_model)
+    assert got == ("o/n", "round-2", "0.0.0.0", 7860, "a/b")
+    assert app_py.parse_args(["--revision", "round-1", "--quantize"], environ=env).revision == "round-1"
+    assert app_py.parse_args([], environ={}).host == "127.0.0.1" and app_py.parse_args([], environ={}).quantize is None
+
+    for argv, before, offline in (([], {}, "1"), (["--repo", "o/n"], {}, None), (["--repo", "o/n", "--demo"], {}, "1"),
+                                  ([], {"HF_HUB_OFFLINE": "0"}, "0")):
+        environ = dict(before)
+        app_py.set_env_defaults(app_py.parse_args(argv, environ={}), environ)
+        assert environ.get("HF_HUB_OFFLINE") == offline, argv
+
+
+@pytest.mark.slow
+def test_app_py_serves_a_round_folder(standin_round):
+    port = free_port()
+    env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1"}  # HF_HUB_OFFLINE=1 from conftest: no Hub
+    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--repo", str(standin_round), "--port", str(port),
+                             "--asr-model", "nobody/none"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                client = Client(f"http://127.0.0.1:{port}/", verbose=False, analytics_enabled=False)
+                break
+            except Exception:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else ""
+                time.sleep(1)
+        assert client.predict("Hello", api_name="/text")[0]
+        assert "round folder" in component(client, elem_id="banner")["value"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
