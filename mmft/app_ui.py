@@ -34,8 +34,10 @@ CACHE_SIZE = 2  # loaded pipelines; Phi-3.5 in bf16 is ~7.6 GB, a free CPU Space
 MAX_QUESTION_CHARS = 20_000  # cut before tokenizing; the Pipeline then cuts to its token budget
 MAX_FILE_SIZE = "20mb"
 MODEL_SLOT = "model"  # the one concurrency group every model call shares
-EXAMPLES = [("red", "circle", "What colour is the shape?"), ("blue", "square", "What shape is this?"),
-            ("green", "triangle", "Describe the image.")]
+# The demo round names colours far more reliably than shapes: mostly colour questions.
+EXAMPLES = [("red", "circle", "What colour is the shape?"),
+            ("blue", "square", "What color is the object in the picture?"),
+            ("green", "triangle", "What shape is this?")]
 HOW_TO_POINT = ("To serve a trained round instead, run `python app.py --repo OWNER/NAME --revision round-N` "
                 "(or set `MMFT_REPO` and `MMFT_REVISION`, e.g. in the Space's settings).")
 

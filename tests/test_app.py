@@ -4,6 +4,7 @@ Offline throughout: the round is a local folder (a tiny stand-in for demo/round 
 trained demo), speech is an injected transcriber, and Hub rounds come from the local Hub test server.
 """
 
+import contextlib
 import math
 import os
 import random
@@ -24,7 +25,7 @@ from PIL import Image
 
 import app as app_py
 from mmft import shapes
-from mmft.app_ui import DEMO_KEY, MAIN_KEY, Handlers, Rounds, Settings, create_app, launch
+from mmft.app_ui import DEMO_KEY, EXAMPLES, MAIN_KEY, Handlers, Rounds, Settings, create_app, draw_examples, launch
 from mmft.config import MMFTConfig, load_config, save_config
 from mmft.hub import RoundNotFound, plan_upload, publish
 from mmft.loading import build_model
@@ -185,23 +186,21 @@ def test_page_says_the_demo_round_is_served_and_how_to_change_it(served):
 
 
 def test_example_images_are_shapes_with_questions(served):
-    app, _ = served
-    files = sorted(app.mmft_examples.glob("*.png"))
+    files = sorted(served[0].mmft_examples.glob("*.png"))
     assert [f.name for f in files] == ["blue-square.png", "green-triangle.png", "red-circle.png"]
     assert all(Image.open(f).size == (64, 64) for f in files)
 
 
 # -- bad input: a clear message, and the next request is answered --------------------------------
-def _not_an_image(tmp):
-    (tmp / "notes.png").write_bytes(b"these are notes, not a picture")
-    return handle_file(tmp / "notes.png"), QUESTION
+def upload(tmp: Path, name: str, data: bytes) -> dict:
+    (tmp / name).write_bytes(data)
+    return handle_file(tmp / name)
 
 
 def _truncated_png(tmp):
     noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
     Image.fromarray(noise).save(tmp / "whole.png")
-    (tmp / "cut.png").write_bytes((tmp / "whole.png").read_bytes()[:3000])
-    return handle_file(tmp / "cut.png"), QUESTION
+    return upload(tmp, "cut.png", (tmp / "whole.png").read_bytes()[:3000]), QUESTION
 
 
 def _huge_image(tmp):
@@ -209,20 +208,17 @@ def _huge_image(tmp):
     return handle_file(tmp / "huge.png"), QUESTION
 
 
-def _broken_audio(tmp):
-    (tmp / "broken.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk" * 50)
-    return (handle_file(tmp / "broken.wav"),)
-
-
 BAD_INPUTS = {
     "no image": ("/image", lambda tmp: (None, QUESTION), "No image"),
-    "not an image": ("/image", _not_an_image, "notes.png cannot be read as an image"),
+    "not an image": ("/image", lambda tmp: (upload(tmp, "notes.png", b"notes, not a picture"), QUESTION),
+                     "notes.png cannot be read as an image"),
     "truncated image": ("/image", _truncated_png, "damaged or truncated"),
     "huge image": ("/image", _huge_image, "56,000,000 pixels, over the limit"),
     "empty question": ("/image", lambda tmp: (handle_file(picture(tmp / "ok.png")), "   "), "question is empty"),
     "empty text": ("/text", lambda tmp: ("",), "question is empty"),
     "no audio": ("/audio", lambda tmp: (None,), "No audio was received"),
-    "broken audio": ("/audio", _broken_audio, "Could not read the audio file broken.wav"),
+    "broken audio": ("/audio", lambda tmp: (upload(tmp, "broken.wav", b"RIFF\0\0\0\0WAVEjunk" * 50),),
+                     "Could not read the audio file broken.wav"),
     "image as audio": ("/audio", lambda tmp: (handle_file(picture(tmp / "a.png")),), "unsupported format"),
     "silent audio": ("/audio", lambda tmp: (handle_file(wav(tmp / "s.wav", amplitude=0)),), "silent"),
     "too short audio": ("/audio", lambda tmp: (handle_file(wav(tmp / "t.wav", seconds=0.05)),), "too short"),
@@ -285,15 +281,18 @@ def test_audio_tab_says_when_speech_is_unavailable_and_the_rest_works(served, tm
 # -- the trained demo ----------------------------------------------------------------------------
 @pytest.mark.skipif(not app_py.DEMO_ROUND.is_dir(), reason=f"the trained demo round {app_py.DEMO_ROUND} is not "
                     "built yet (python -m train.build_demo)")
-def test_trained_demo_names_the_colour_of_a_fresh_shape(tmp_path):
+def test_trained_demo_names_the_colour_of_a_fresh_shape_and_answers_its_examples(tmp_path):
     app = create_app(Settings(demo_round=app_py.DEMO_ROUND), transcriber=Transcriber(fn=fake_asr),
                      examples_dir=tmp_path / "examples")
+    cases = [(picture(tmp_path / f"{c}.png", c, s, seed), QUESTION, c)
+             for c, s, seed in (("red", "square", 101), ("blue", "circle", 102), ("yellow", "triangle", 103))]
+    examples = zip(draw_examples(app.mmft_examples), EXAMPLES)
+    cases += [(path, q, c if "col" in q else s) for (path, q), (c, s, _) in examples]
     try:
         client = serve(app)
-        for color, shape, seed in (("red", "square", 101), ("blue", "circle", 102), ("yellow", "triangle", 103)):
-            final, draft, _ = client.predict(handle_file(picture(tmp_path / f"{color}.png", color, shape, seed)),
-                                             QUESTION, api_name="/image")
-            assert color in final.lower(), (color, draft, final)
+        for image, question, expected in cases:
+            final, draft, _ = client.predict(handle_file(image), question, api_name="/image")
+            assert expected in final.lower(), (question, expected, draft, final)
     finally:
         app.close()
 
@@ -364,12 +363,10 @@ def test_round_cache_loads_on_demand_and_keeps_two(tmp_path):
 # -- app.py --------------------------------------------------------------------------------------
 def test_flags_and_environment():
     env = {"MMFT_REPO": "o/n", "MMFT_REVISION": "round-2", "GRADIO_SERVER_NAME": "0.0.0.0", "MMFT_ASR_MODEL": "a/b"}
-    args = app_py.parse_args([], environ=env)
-    got = (args.repo, args.revision, args.host, args.port, args.asr_model)
-    assert got == ("o/n", "round-2", "0.0.0.0", 7860, "a/b")
+    a = app_py.parse_args([], environ=env)
+    assert (a.repo, a.revision, a.host, a.port, a.asr_model) == ("o/n", "round-2", "0.0.0.0", 7860, "a/b")
     assert app_py.parse_args(["--revision", "round-1", "--quantize"], environ=env).revision == "round-1"
     assert app_py.parse_args([], environ={}).host == "127.0.0.1" and app_py.parse_args([], environ={}).quantize is None
-
     for argv, before, offline in (([], {}, "1"), (["--repo", "o/n"], {}, None), (["--repo", "o/n", "--demo"], {}, "1"),
                                   ([], {"HF_HUB_OFFLINE": "0"}, "0")):
         environ = dict(before)
@@ -378,23 +375,23 @@ def test_flags_and_environment():
 
 
 @pytest.mark.slow
-def test_app_py_serves_a_round_folder(standin_round):
-    port = free_port()
-    env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1"}  # HF_HUB_OFFLINE=1 from conftest: no Hub
-    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--repo", str(standin_round), "--port", str(port),
-                             "--asr-model", "nobody/none"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+def test_app_py_serves_a_round_folder(standin_round, tmp_path):
+    port, log = free_port(), tmp_path / "app.log"
+    url = f"http://127.0.0.1:{port}/"
+    with open(log, "w") as out:  # HF_HUB_OFFLINE=1 comes from conftest: no Hub
+        proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--repo", str(standin_round), "--port",
+                                 str(port)], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                client = Client(f"http://127.0.0.1:{port}/", verbose=False, analytics_enabled=False)
-                break
-            except Exception:
-                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else ""
-                time.sleep(1)
+        for _ in range(180):
+            assert proc.poll() is None, log.read_text()
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "config").status_code == 200:
+                    break
+            time.sleep(1)
+        client = Client(url, verbose=False, analytics_enabled=False)
         assert client.predict("Hello", api_name="/text")[0]
         assert "round folder" in component(client, elem_id="banner")["value"]
+        assert f"serving {standin_round} at main" in log.read_text()
     finally:
         proc.terminate()
         proc.wait(timeout=30)
