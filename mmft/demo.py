@@ -32,7 +32,7 @@ from mmft.vision import VisionEncoder
 DEMO_DIR = Path(__file__).resolve().parents[1] / "demo"
 
 
-def pretrain_clip(clip_dir: Path, steps: int, batch_size: int = 48, lr: float = 2e-3, seed: int = 0) -> list[float]:
+def pretrain_clip(clip_dir: Path, steps: int, batch_size: int = 48, lr: float = 3e-3, seed: int = 0) -> list[float]:
     """Brief contrastive pre-training of the tiny CLIP on shapes captions ("red circle").
 
     A random CLIP keeps colour in its pooled token but loses shape; CLIP ViT-B/32 learnt both from
@@ -107,7 +107,7 @@ def relocate(round_dir: Path, dest: Path, base_rel: str) -> Path:
 
 
 def build_demo(out: Path = DEMO_DIR, modes=("patch", "pooled"), samples: int = 3000, steps: int = 600,
-               lm_steps: int = 500, clip_steps: int = 150, eval_n: int = 200, seed: int = 0) -> dict:
+               lm_steps: int = 500, clip_steps: int = 400, eval_n: int = 200, seed: int = 0) -> dict:
     """The whole rebuild; returns held-out metrics per mode and stage times. `out/round` is the first mode's."""
     start = time.time()
     out.mkdir(parents=True, exist_ok=True)

@@ -121,7 +121,9 @@ def corpus_sentences(cfg: MMFTConfig) -> list[str]:
     texts = [q for qs in QUESTIONS.values() for q in qs] + [t for qa in TEXT_QA for t in qa]
     for color in COLORS:
         for shape in SHAPES:
-            texts += [a.format(color=color, shape=shape) for a in list(ANSWERS.values()) + list(REFINED.values())]
+            answers = [a.format(color=color, shape=shape) for a in ANSWERS.values()]
+            texts += answers + [a.format(color=color, shape=shape) for a in REFINED.values()]
+            texts += [clean_answer(a) for a in answers]  # drafts start a line: "square", not " square"
             texts.append(refine_prompt(cfg, "What colour is the shape?", f"{color} {shape}"))
     return texts * 3
 

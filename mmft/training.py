@@ -159,6 +159,30 @@ def make_datasets(dargs: DataArguments, model: MultimodalModel, cache: FeatureCa
     return make(records), make(eval_records), report
 
 
+@torch.no_grad()
+def match_projector_scale(model: MultimodalModel, dataset: ConversationDataset, n: int = 32) -> float:
+    """Scale a fresh projector's last layer so image tokens start at the RMS of the LM's token embeddings.
+
+    A default-initialised projector emits image tokens many times larger than text embeddings; they
+    then dominate attention and flatten the LM's predictions, which LoRA struggles to undo. Only
+    the initial scale changes, not the architecture. Returns the factor applied.
+    """
+    items = [dataset[i] for i in range(min(n, len(dataset)))]
+    items = [item for item in items if "pixel_values" in item or "image_features" in item]
+    if not items:
+        return 1.0
+    key = "image_features" if "image_features" in items[0] else "pixel_values"
+    features = model.image_features(**{key: torch.stack([item[key] for item in items]).to(model.device)})
+    param = next(model.projector.parameters())
+    image_rms = model.projector(features.to(param.device, param.dtype)).pow(2).mean().sqrt()
+    text_rms = model.lm.get_input_embeddings().weight.float().pow(2).mean().sqrt()
+    factor = float(text_rms / image_rms)
+    last = getattr(model.projector, f"linear_{model.projector.depth}")
+    last.weight.mul_(factor)
+    last.bias.mul_(factor)
+    return factor
+
+
 def evaluate_shapes(model: MultimodalModel, n: int) -> dict:
     """Shapes-world accuracy through the full staged pipeline on `n` fresh images."""
     from mmft.pipeline import Pipeline
@@ -205,6 +229,8 @@ def finetune(margs: ModelArguments, dargs: DataArguments, targs: TrainingArgumen
     model, parent = prepare_model(margs, targs.device, cache.feature_dim if cache else None)
     train_set, eval_set, report = make_datasets(dargs, model, cache, targs.seed)
     print(report.summary())
+    if not (margs.resume_round or margs.init_projector):
+        match_projector_scale(model, train_set)
 
     collator = Collator(model.tokenizer.pad_token_id, dargs.pad_to_length)
     trainer = MMFTTrainer(model=model, args=targs, train_dataset=train_set, eval_dataset=eval_set,

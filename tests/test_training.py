@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -162,9 +163,26 @@ def test_two_process_ddp_on_cpu_writes_one_round(tiny_dir, shapes_data, tmp_path
            "--per_device_train_batch_size", "4", "--ddp_backend", "gloo", "--lora_dropout", "0",
            "--disable_tqdm", "true"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "[rank 0/2] finished at step 4" in proc.stdout and "[rank 1/2] finished at step 4" in proc.stdout
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers, not just the launcher
+        raise
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "[rank 0/2] finished at step 4" in stdout and "[rank 1/2] finished at step 4" in stdout
     assert sorted(p.name for p in (tmp_path / "ddp").glob("round-*")) == ["round-1"]
     config = json.loads((tmp_path / "ddp" / "round-1" / "config.json").read_text())
     assert config["round"]["samples_seen"] == 4 * 4 * 2
+
+
+def test_fresh_projector_starts_at_the_text_embedding_scale(tiny_model):
+    from mmft.training import match_projector_scale
+
+    features = torch.randn(4, 50, tiny_model.cfg.mp_input_dim) * 30
+    dataset = [{"image_features": f} for f in features]
+    factor = match_projector_scale(tiny_model, dataset)
+    image_rms = tiny_model.projector(features).pow(2).mean().sqrt()
+    text_rms = tiny_model.lm.get_input_embeddings().weight.pow(2).mean().sqrt()
+    assert factor < 1 and image_rms.item() == pytest.approx(text_rms.item(), rel=1e-4)

@@ -19,18 +19,25 @@ def main(argv=None):
     parser.add_argument("--samples", type=int, default=3000)
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--lm_steps", type=int, default=500)
+    parser.add_argument("--clip_steps", type=int, default=400)
     parser.add_argument("--eval_n", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     hf_logging.set_verbosity_warning()
-    results = build_demo(args.out, tuple(args.modes.split(",")), args.samples, args.steps, args.lm_steps,
+    hf_logging.disable_progress_bar()
+    modes = args.modes.split(",")
+    results = build_demo(args.out, tuple(modes), args.samples, args.steps, args.lm_steps, args.clip_steps,
                          args.eval_n, args.seed)
-    for mode, r in results.items():
-        if isinstance(r, dict):
-            print(f"{mode:7s} colour {r['color_accuracy']:.3f}  shape {r['shape_accuracy']:.3f}  "
-                  f"eval loss {r['eval_loss']}  ({r['steps']} steps)")
-    print(json.dumps({mode: {k: v for k, v in r.items() if k != "examples"} if isinstance(r, dict) else r
-                      for mode, r in results.items()}))
+    for mode in modes:
+        r = results[mode]
+        print(f"{mode:7s} colour {r['color_accuracy']:.3f}  shape {r['shape_accuracy']:.3f}  "
+              f"eval loss {r['eval_loss']}  ({r['steps']} steps, {results['seconds'][mode]} s)")
+        for example in r.pop("examples"):
+            print(f"        {example['question']!r}: draft {example['draft']!r} -> {example['answer']!r}")
+    served = results[modes[0]]
+    print(json.dumps({"mode": modes[0], "color_accuracy": served["color_accuracy"],
+                      "shape_accuracy": served["shape_accuracy"], "modes": {m: results[m] for m in modes},
+                      "seconds": results["seconds"], "eval_images": args.eval_n}))
 
 
 if __name__ == "__main__":
