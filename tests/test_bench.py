@@ -1,0 +1,133 @@
+"""The benchmarks run in their smallest mode and print one JSON line last with sane values.
+
+Nothing here is timed: speeds are only checked to be positive. The real-size figures are in
+docs/benchmarks.md.
+"""
+
+import json
+
+import pytest
+import torch
+
+
+def _last_json(capsys) -> dict:
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out, "the benchmark printed nothing"
+    return json.loads(out[-1])
+
+
+def test_decode_tiny_cached_equals_naive(capsys):
+    from bench import decode
+
+    decode.main(["--tiny", "--new-tokens", "8"])
+    result = _last_json(capsys)
+    assert result["bench"] == "decode" and result["machine"]["cores"] >= 1
+    for name in ("cached", "naive", "generate"):
+        assert result[name]["tokens"] == 8
+        assert result[name]["tokens_per_s"] > 0 and result[name]["ttft_s"] > 0
+        assert len(result[name]["load_before"]) == 3
+    # Greedy decoding: the KV cache, the uncached loop and plain generate agree token for token.
+    assert result["cached_matches_naive"] is True and result["first_mismatch_naive"] is None
+    assert result["cached_matches_generate"] is True
+    assert result["image_tokens"] == 50 and result["prompt_tokens"] > 50
+    t = result["prompt_tokens"]
+    assert result["three_pass"]["sequence_lengths"] == [t, 2 * t, 3 * t]
+    assert result["speedup_cached_vs_naive"] > 0
+
+
+def test_precision_tiny_all_four(capsys):
+    from bench import precision
+
+    precision.main(["--tiny", "--new-tokens", "4"])
+    result = _last_json(capsys)
+    assert result["bandwidth"]["read_gb_s"] > 0
+    rows = {r["precision"]: r for r in result["precisions"]}
+    assert set(rows) == {"fp32", "bf16", "int8", "nf4"}
+    for row in rows.values():
+        assert "error" not in row, row
+        assert row["decode_tokens_per_s"] > 0 and row["new_tokens"] == 4
+        assert row["finite_logits"] is True
+        assert 0 < row["fraction_of_limit"]
+    # Bytes read per token follow the storage width.
+    assert rows["fp32"]["bytes_per_token"] > rows["bf16"]["bytes_per_token"] > rows["int8"]["bytes_per_token"]
+
+
+def test_memory_tiny_runs_every_variant(capsys):
+    from bench import memory
+
+    memory.main(["--tiny", "--new-tokens", "4"])
+    result = _last_json(capsys)
+    runs = {r["variant"]: r for r in result["runs"]}
+    assert set(runs) == {"single", "one_copy", "two_copies"}
+    for row in runs.values():
+        assert "error" not in row, row
+        assert row["peak_rss_gb"] > 0 and row["draft_chars"] >= 0 and row["final_chars"] >= 0
+
+
+def test_gpu_check_tiny_on_cpu(capsys):
+    from bench import gpu_check
+
+    gpu_check.main(["--tiny", "--steps", "1", "--batch", "2", "--gen-tokens", "4"])
+    result = _last_json(capsys)
+    assert result["quantized_linears"] > 0  # the 4-bit path really ran
+    assert result["trainable_params"] > 0
+    assert result["train"]["steps"] == 1 and result["train"]["finite_loss"] is True
+    assert result["train"]["samples_per_s"] > 0 and result["train"]["model_flops_per_step"] > 0
+    assert result["generate"]["tokens"] == 4
+    if not torch.cuda.is_available():
+        assert result["train"]["mfu"] is None  # no bf16 peak for a CPU
+
+
+def test_card_peaks_by_name():
+    from bench.gpu_check import card_peak_tflops
+
+    assert card_peak_tflops("NVIDIA H100 80GB HBM3") == pytest.approx(989.4)
+    assert card_peak_tflops("NVIDIA H100 PCIe") == pytest.approx(756.0)
+    assert card_peak_tflops("NVIDIA H200") == pytest.approx(989.4)
+    assert card_peak_tflops("NVIDIA A100-SXM4-80GB") == pytest.approx(312.0)
+    assert card_peak_tflops("Some Future Card") is None
+
+
+def test_memory_fit_extrapolates_linearly():
+    from bench.memory import fit
+
+    rows = [dict(variant="single", layers=4, peak_rss_gb=3.0), dict(variant="single", layers=8, peak_rss_gb=5.0)]
+    line = fit(rows, "single", 32)
+    assert line["gb_per_layer"] == pytest.approx(0.5) and line["peak_rss_gb"] == pytest.approx(17.0)
+    assert fit(rows[:1], "single", 32) is None
+
+
+def test_need_memory_refuses_clearly():
+    from bench.common import need_memory
+
+    with pytest.raises(SystemExit, match="not enough free memory for a test: needs about"):
+        need_memory(10**6, "a test")
+
+
+def test_real_size_builder_shapes_and_bytes():
+    """The real-size builder at toy shapes: LoRA before int8, finite logits, bytes per token counted."""
+    from bench import common
+    from mmft.config import MMFTConfig
+    from mmft.loading import lora_config
+
+    config = common.small_phi3_config()
+    lm = common.build_real_lm(precision="int8", config=config, lora=lora_config(MMFTConfig(lora_r=4)))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        logits = lm(input_ids=ids).logits
+        with lm.disable_adapter():
+            base = lm(input_ids=ids).logits
+    assert torch.isfinite(logits).all() and not torch.equal(logits, base)  # the adapter does something
+    per_layer = common.lm_param_count(config)
+    weights = per_layer["layer_linear"] + per_layer["lm_head"]
+    assert common.bytes_per_token(lm, config, kv_tokens=0) >= weights  # int8: about a byte a weight
+
+
+def test_precision_paired_tiny(capsys):
+    from bench import precision
+
+    precision.main(["--tiny", "--paired", "--precisions", "fp32,int8", "--rounds", "1", "--new-tokens", "2"])
+    paired = _last_json(capsys)["paired"]
+    assert set(paired["decode_tokens_per_s"]) == {"fp32", "int8"}
+    assert all(v > 0 for runs in paired["decode_tokens_per_s"].values() for v in runs)
+    assert len(paired["ratio_vs_first"]["int8"]) == 1
