@@ -46,7 +46,8 @@ class ModelArguments:
     clean_answers: bool = field(default=True, metadata={"help": "drop stopwords/punctuation from answers"})
     quantize: str = field(default="auto", metadata={"help": "4-bit NF4: auto (CUDA only), yes, no"})
     projector_lr: float = field(default=1e-4, metadata={"help": "learning rate of the projector"})
-    resume_round: str | None = field(default=None, metadata={"help": "previous round folder to continue"})
+    resume_round: str | None = field(default=None, metadata={
+        "help": "previous round folder to continue; its config.json then sets the model (the flags above are ignored)"})
     init_projector: str | None = field(default=None, metadata={"help": "folder with a pre-trained projector"})
     projector_only: bool = field(default=False, metadata={"help": "stage 1: LM frozen, train the projector"})
 
