@@ -1,6 +1,6 @@
 """Rebuild the bundled shapes demo (demo/base + demo/round) from nothing; prints metrics as JSON last.
 
-    python -m train.build_demo            # ~5-10 min on 2 CPU cores
+    python -m train.build_demo            # ~2 min on 2 quiet CPU cores (OMP_NUM_THREADS=1 on a shared one)
 """
 
 import argparse
