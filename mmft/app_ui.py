@@ -52,7 +52,7 @@ class Settings:
     demo: bool = False  # serve the demo even if a repo is set
     device: str | None = None  # None: CUDA when present
     dtype: str | None = None  # None: mmft.loading.pick_dtype (the demo: float32, it is tiny)
-    quantize: bool | None = None  # None: 4-bit on CUDA only
+    quantize: str | None = None  # "nf4", "int8", "none"; None: 4-bit on CUDA only
     asr_model: str | None = None  # None: mmft.speech.DEFAULT_MODEL_ID
     cache_size: int = CACHE_SIZE
 
@@ -84,7 +84,7 @@ class Rounds:
     def _load(self, folder: Path, key: str):
         s = self.settings
         if key == DEMO_KEY:  # tiny: float32 reproduces its evaluation exactly, and 4-bit would gain nothing
-            return load_pipeline(folder, device=s.device, dtype=s.dtype or "float32", quantize=bool(s.quantize))
+            return load_pipeline(folder, device=s.device, dtype=s.dtype or "float32", quantize=s.quantize or "none")
         return load_pipeline(folder, device=s.device, dtype=s.dtype, quantize=s.quantize)
 
     def get(self, key: str):

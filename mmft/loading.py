@@ -7,6 +7,8 @@ No `trust_remote_code`: Phi-3 and CLIP are native to transformers.
 
 from __future__ import annotations
 
+import gc
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -46,9 +48,24 @@ def pick_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> 
     return torch.bfloat16 if cpu_has_bf16() else torch.float32
 
 
-def load_lm(cfg: MMFTConfig, device: torch.device, dtype: torch.dtype, quantize: bool | None = None):
-    """The base LM and its tokenizer; 4-bit NF4 by default on CUDA only."""
-    quantize = device.type == "cuda" if quantize is None else quantize
+QUANTIZE_MODES = ("nf4", "int8", "none")
+
+
+def resolve_quantize(quantize: bool | str | None, device: torch.device) -> str:
+    """None: NF4 on CUDA, nothing on CPU (docs/benchmarks.md: NF4 is 40x slower than fp32 on CPU).
+    True/False: NF4 or nothing. "int8": dynamic int8, for CPU inference (opt-in until checked on real weights)."""
+    if quantize is None:
+        return "nf4" if device.type == "cuda" else "none"
+    if isinstance(quantize, bool):
+        return "nf4" if quantize else "none"
+    if quantize not in QUANTIZE_MODES:
+        raise ValueError(f"quantize must be one of {QUANTIZE_MODES} (or True/False/None), got {quantize!r}")
+    return quantize
+
+
+def load_lm(cfg: MMFTConfig, device: torch.device, dtype: torch.dtype, quantize: bool | str | None = None):
+    """The base LM and its tokenizer; 4-bit NF4 by default on CUDA only (int8 is applied by build_model)."""
+    quantize = resolve_quantize(quantize, device) == "nf4"
     tokenizer = AutoTokenizer.from_pretrained(cfg.lm_model_id, revision=cfg.lm_revision)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -105,13 +122,41 @@ def build_model(cfg: MMFTConfig, device=None, dtype=None, quantize=None, with_vi
     if feature_dim is None:
         raise ValueError("feature_dim is needed when the model is built without its vision encoder")
     cfg, projector = _assemble(cfg, lm, feature_dim)
+    mode = resolve_quantize(quantize, device)
+    if mode == "int8" and (trainable or device.type != "cpu"):
+        raise ValueError("int8 dynamic quantization is for CPU inference; train with quantize='nf4' (CUDA) or 'none'")
     if trainable and getattr(lm, "is_quantized", False):
         lm = prepare_model_for_kbit_training(lm, use_gradient_checkpointing=False)  # the Trainer enables it
     if adapter is not None:
         lm = PeftModel.from_pretrained(lm, str(adapter), is_trainable=trainable)
     elif trainable:
         lm = get_peft_model(lm, lora_config(cfg))
+    if mode == "int8":
+        quantize_int8_(lm)
     return MultimodalModel(cfg, lm, tokenizer, projector, vision)
+
+
+def quantize_int8_(lm) -> None:
+    """Dynamic int8 (per-channel weights) on the LM's linears, in place, after the adapter is attached:
+    LoRA's base layers and lm_head are converted, LoRA itself stays float so `disable_adapter()` works.
+    One decoder layer at a time, freeing each fp32 copy, so the peak stays near one model."""
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    base = lm.get_base_model() if isinstance(lm, PeftModel) else lm
+
+    def convert(module):
+        spec = {name: per_channel_dynamic_qconfig for name, sub in module.named_modules()
+                if isinstance(sub, torch.nn.Linear) and "lora_" not in name}
+        with warnings.catch_warnings():  # torch.ao.quantization is deprecated in favour of torchao
+            warnings.simplefilter("ignore")
+            quantize_dynamic(module, spec, inplace=True)
+        gc.collect()
+
+    for layer in base.model.layers:
+        convert(layer)
+    holder = torch.nn.Sequential(base.lm_head)  # quantize_dynamic swaps children, never the root
+    convert(holder)
+    base.lm_head = holder[0]
 
 
 def load_round(folder: str | Path, device=None, dtype=None, quantize=None, trainable: bool = False,
