@@ -67,6 +67,11 @@ class Pipeline:
         new_tokens = self.model.generate(**batch, use_adapter=use_adapter, **gen)  # [B, T_new]
         return self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
 
+    def _tidied(self, prompts: list[Encoded], questions: list[str], use_adapter: bool, pixel_values=None,
+                capitalize: bool = True, **gen) -> list[str]:
+        texts = self._generate(self._batch(prompts, pixel_values), use_adapter, **gen)
+        return [tidy(t, q, capitalize) for t, q in zip(texts, questions)]
+
     def _stream(self, batch: dict, use_adapter: bool, **gen) -> Iterator[str]:
         """Yield the text so far as tokens arrive (generation runs in a worker thread)."""
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -93,18 +98,17 @@ class Pipeline:
     def draft(self, images: list, questions: list[str], **gen) -> list[str]:
         """LoRA model on (image + question): short, keyword-like answers."""
         pixel_values = self.model.vision.preprocess(images)  # [B, 3, H, W]
-        batch = self._batch([self._encode(q, True) for q in questions], pixel_values)
-        return [tidy(t, q, capitalize=False) for t, q in zip(self._generate(batch, True, **gen), questions)]
+        prompts = [self._encode(q, True) for q in questions]
+        return self._tidied(prompts, questions, True, pixel_values, capitalize=False, **gen)
 
     def refine(self, questions: list[str], drafts: list[str], **gen) -> list[str]:
         """Base model (adapter off) rewrites each draft into a clean sentence answering the question."""
-        batch = self._batch([self._encode(refine_prompt(self.cfg, q, d), False) for q, d in zip(questions, drafts)])
-        return [tidy(t, q) for t, q in zip(self._generate(batch, False, **gen), questions)]
+        prompts = [self._encode(refine_prompt(self.cfg, q, d), False) for q, d in zip(questions, drafts)]
+        return self._tidied(prompts, questions, False, **gen)
 
     def text(self, questions: list[str], **gen) -> list[str]:
         """Base model alone, no image: typed questions and speech transcripts."""
-        batch = self._batch([self._encode(q, False) for q in questions])
-        return [tidy(t, q) for t, q in zip(self._generate(batch, False, **gen), questions)]
+        return self._tidied([self._encode(q, False) for q in questions], questions, False, **gen)
 
     # -- user-facing -------------------------------------------------------------------------
     def answer_images(self, images: list, questions: list[str], batch_size: int = 16, **gen) -> list[Answer]:
@@ -147,17 +151,16 @@ class Pipeline:
             answer.final = answer.draft
             yield answer
             return
-        batch = self._batch([self._encode(refine_prompt(self.cfg, question, answer.draft), False)])
-        for text in self._stream(batch, False, **gen):
-            answer.final = text
-            yield answer
-        answer.final = tidy(answer.final, question)
-        yield answer
+        yield from self._stream_final(answer, refine_prompt(self.cfg, question, answer.draft), **gen)
 
     def stream_text(self, question: str, answer: Answer | None = None, **gen) -> Iterator[Answer]:
         answer = answer or Answer(question, notes=self._notes(question))
-        for text in self._stream(self._batch([self._encode(question, False)]), False, **gen):
+        yield from self._stream_final(answer, question, **gen)
+
+    def _stream_final(self, answer: Answer, prompt: str, **gen) -> Iterator[Answer]:
+        """The base model's reply to `prompt`, streamed into `answer.final` and tidied at the end."""
+        for text in self._stream(self._batch([self._encode(prompt, False)]), False, **gen):
             answer.final = text
             yield answer
-        answer.final = tidy(answer.final, question)
+        answer.final = tidy(answer.final, answer.question)
         yield answer
