@@ -103,7 +103,7 @@ class Pipeline:
 
     def refine(self, questions: list[str], drafts: list[str], **gen) -> list[str]:
         """Base model (adapter off) rewrites each draft into a clean sentence answering the question."""
-        prompts = [self._encode(refine_prompt(self.cfg, q, d), False) for q, d in zip(questions, drafts)]
+        prompts = [self._encode_refine(q, d) for q, d in zip(questions, drafts)]
         return self._tidied(prompts, questions, False, **gen)
 
     def text(self, questions: list[str], **gen) -> list[str]:
@@ -151,15 +151,20 @@ class Pipeline:
             answer.final = answer.draft
             yield answer
             return
-        yield from self._stream_final(answer, refine_prompt(self.cfg, question, answer.draft), **gen)
+        yield from self._stream_final(answer, self._encode_refine(question, answer.draft), **gen)
 
     def stream_text(self, question: str, answer: Answer | None = None, **gen) -> Iterator[Answer]:
         answer = answer or Answer(question, notes=self._notes(question))
-        yield from self._stream_final(answer, question, **gen)
+        yield from self._stream_final(answer, self._encode(question, False), **gen)
 
-    def _stream_final(self, answer: Answer, prompt: str, **gen) -> Iterator[Answer]:
+    def _encode_refine(self, question: str, draft: str) -> Encoded:
+        """Only the question is cut to its budget; the draft and the instruction stay whole."""
+        message = refine_prompt(self.cfg, question, draft, self.tokenizer)
+        return encode_chat(self.tokenizer, self.cfg, [("user", message)], budget_questions=False)
+
+    def _stream_final(self, answer: Answer, prompt: Encoded, **gen) -> Iterator[Answer]:
         """The base model's reply to `prompt`, streamed into `answer.final` and tidied at the end."""
-        for text in self._stream(self._batch([self._encode(prompt, False)]), False, **gen):
+        for text in self._stream(self._batch([prompt]), False, **gen):
             answer.final = text
             yield answer
         answer.final = tidy(answer.final, answer.question)

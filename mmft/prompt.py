@@ -1,10 +1,13 @@
 """The one prompt builder, used by training and inference alike.
 
 The tokenizer's own chat template renders the conversation (Phi-3.5: `<|user|>\\n...<|end|>\\n
-<|assistant|>\\n`). Sentinels mark where the image goes (start of the first user turn) and where
-each answer goes; the rendered text is cut at them, so the projected image tokens are *spliced*
-between the prompt's start text and its end text — no placeholder token in the vocabulary — and
-labels cover exactly the answers (plus the end-of-turn token that teaches the model to stop).
+<|assistant|>\\n`) and the whole rendering is tokenized once, exactly as `apply_chat_template(...,
+tokenize=True)` does, so training and inference see the ids the chat format really has: an answer
+in context is `["▁", "<0x0A>", "He", "▁is", ...]`, not the `["▁He", "▁is", ...]` it gets alone.
+Sentinels in the rendered text mark where each answer and the image go; character offsets
+(`return_offsets_mapping`) map them to tokens. Labels cover exactly the answers' tokens plus the
+end-of-turn token that teaches the model to stop; the image gets slots (pad id, `image_mask`) that the
+model fills with projected image tokens — no placeholder token in the vocabulary.
 Labels are *not* shifted here: the LM's loss shifts them.
 """
 
@@ -17,9 +20,6 @@ from mmft.config import MMFTConfig
 from mmft.text import clean_answer
 
 IGNORE_INDEX = -100
-_IMAGE = "\x00mmft-image\x00"
-_ANSWER = "\x00mmft-answer-{}\x00"
-_SENTINEL = re.compile("(\x00mmft-(?:image|answer-\\d+)\x00)")
 
 
 @dataclass
@@ -31,17 +31,21 @@ class Encoded:
     image_mask: list[bool] = field(default_factory=list)
     truncated: bool = False  # a question or answer was cut to its token budget
 
-    def add(self, ids: list[int], train: bool = False, image: bool = False):
-        self.input_ids += ids
-        self.labels += ids if train else [IGNORE_INDEX] * len(ids)
-        self.image_mask += [image] * len(ids)
-
 
 def _truncate(tokenizer, text: str, budget: int) -> tuple[str, bool]:
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if len(ids) <= budget:
+    """Cut `text` before its (budget+1)-th token (counted alone), on a character boundary."""
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    if len(enc["input_ids"]) <= budget:
         return text, False
-    return tokenizer.decode(ids[:budget], skip_special_tokens=True), True
+    return text[: enc["offset_mapping"][budget][0]].rstrip(), True
+
+
+def _free_tag(texts: list[str]) -> str:
+    """A sentinel prefix that occurs in none of `texts` (NULs or sentinel look-alikes in user text)."""
+    n = 0
+    while any(f"\x00mmft{n}:" in t for t in texts):
+        n += 1
+    return f"\x00mmft{n}:"
 
 
 def encode_chat(
@@ -50,59 +54,102 @@ def encode_chat(
     turns: list[tuple[str, str]],
     num_image_tokens: int = 0,
     clean_answers: bool | None = None,
+    budget_questions: bool = True,
 ) -> Encoded:
     """Tokenize `turns` = [("user", q1), ("assistant", a1), ("user", q2), ...].
 
     Ending on a user turn gives an inference prompt (generation prompt appended); ending on an
-    assistant turn gives a training example. The image (`num_image_tokens` slots) goes at the
-    start of the first user turn. `clean_answers` defaults to `config.prompt_clean_answers`.
+    assistant turn gives a training example (the template's closing eos included). Questions are
+    stripped and cut to `prompt_max_question_tokens` (unless `budget_questions=False`: a message
+    already budgeted, like `refine_prompt(..., tokenizer)`'s); answers are cleaned (`clean_answers`,
+    default `config.prompt_clean_answers`) or stripped, and cut to `prompt_max_answer_tokens`.
+
+    The ids are exactly `tokenizer.apply_chat_template(messages, tokenize=True)["input_ids"]` of those
+    messages (with `config.prompt_system` first, if set). The image: `num_image_tokens` slots are
+    inserted right before the first token of the first user message's content — for Phi-3.5 after
+    `<|user|>`, `▁`, `<0x0A>` — and the content tokenizes as in the plain chat (no `▁` on its first
+    word). Labels are the ids of each answer's tokens *in context* (tokens starting inside the
+    answer's characters) and of the end-of-turn tokens right after it; -100 everywhere else.
     """
     if not turns or turns[0][0] != "user":
         raise ValueError("a conversation must start with a user turn")
     clean = config.prompt_clean_answers if clean_answers is None else clean_answers
-    messages, answers, truncated = [], [], False
-    if config.prompt_system:
-        messages.append({"role": "system", "content": config.prompt_system})
-    for i, (role, text) in enumerate(turns):
+    contents, truncated = [], False
+    for role, text in turns:
         if role == "user":
-            text, cut = _truncate(tokenizer, text.strip(), config.prompt_max_question_tokens)
-            if i == 0 and num_image_tokens:
-                text = _IMAGE + text
+            text, cut = text.strip(), False
+            if budget_questions:
+                text, cut = _truncate(tokenizer, text, config.prompt_max_question_tokens)
         elif role == "assistant":
             text = clean_answer(text) if clean else text.strip()
             text, cut = _truncate(tokenizer, text, config.prompt_max_answer_tokens)
-            answers.append(text)
-            text = _ANSWER.format(len(answers) - 1)
         else:
             raise ValueError(f"unknown role {role!r}; expected 'user' or 'assistant'")
         truncated |= cut
-        messages.append({"role": role, "content": text})
+        contents.append(text)
 
+    # Render with sentinels in place of the answers and before the first question.
+    tag = _free_tag(contents + [config.prompt_system])
+    image_key = f"{tag}image\x00"
+    answers: dict[str, str] = {}
+    messages = [{"role": "system", "content": config.prompt_system}] if config.prompt_system else []
+    for i, ((role, _), text) in enumerate(zip(turns, contents)):
+        if role == "assistant":
+            key = f"{tag}answer{i}\x00"
+            answers[key], text = text, key
+        elif i == 0 and num_image_tokens:
+            text = image_key + text
+        messages.append({"role": role, "content": text})
     rendered = tokenizer.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=turns[-1][0] == "user"
     )
-    if num_image_tokens and rendered.count(_IMAGE) != 1:
-        raise ValueError("the tokenizer's chat template dropped the image position from the prompt")
+    for key in list(answers) + ([image_key] if num_image_tokens else []):
+        if rendered.count(key) != 1:
+            raise ValueError("the tokenizer's chat template must render each message once, unchanged; "
+                             f"it rendered {rendered.count(key)} copies of one")
 
-    out = Encoded(truncated=truncated)
+    # Put the contents back, noting the answers' and the image's character offsets.
+    text, spans, image_at = "", [], None
+    for piece in re.split(f"({re.escape(tag)}[a-z0-9]+\x00)", rendered):
+        if piece == image_key:
+            image_at = len(text)
+        elif piece in answers:
+            spans.append((len(text), len(text) + len(answers[piece])))
+            text += answers[piece]
+        else:
+            text += piece
+
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    labels = [IGNORE_INDEX] * len(ids)
     eot = config.prompt_end_of_turn
-    after_answer = False
-    for piece in _SENTINEL.split(rendered):
-        if piece == _IMAGE:
-            out.add([tokenizer.pad_token_id] * num_image_tokens, image=True)
-        elif piece.startswith("\x00mmft-answer-"):
-            answer = answers[int(piece.split("-")[-1].rstrip("\x00"))]
-            out.add(tokenizer(answer, add_special_tokens=False)["input_ids"], train=True)
-            after_answer = True
-        elif piece:
-            if after_answer and eot and piece.startswith(eot):
-                out.add(tokenizer(eot, add_special_tokens=False)["input_ids"], train=True)
-                piece = piece[len(eot) :]
-            out.add(tokenizer(piece, add_special_tokens=False)["input_ids"])
-            after_answer = False
+    for start, end in spans:
+        if eot and text.startswith(eot, end):
+            end += len(eot)
+        for k, (s, _) in enumerate(offsets):
+            if start <= s < end:
+                labels[k] = ids[k]
+
+    out = Encoded(input_ids=ids, labels=labels, image_mask=[False] * len(ids), truncated=truncated)
+    if image_at is not None:
+        at = next((k for k, (s, _) in enumerate(offsets) if s >= image_at), len(ids))
+        if any(e > image_at for _, e in offsets[:at]):
+            raise ValueError("the tokenizer merges the text before the image with the question; "
+                             "expected a token boundary where the first user message starts")
+        n = num_image_tokens
+        out.input_ids = ids[:at] + [tokenizer.pad_token_id] * n + ids[at:]
+        out.labels = labels[:at] + [IGNORE_INDEX] * n + labels[at:]
+        out.image_mask = [False] * at + [True] * n + [False] * (len(ids) - at)
     return out
 
 
-def refine_prompt(config: MMFTConfig, question: str, draft: str) -> str:
-    """The user message the base model gets to rewrite a draft into clean language."""
-    return config.pipe_refine_template.format(question=question.strip(), draft=draft.strip())
+def refine_prompt(config: MMFTConfig, question: str, draft: str, tokenizer=None) -> str:
+    """The user message the base model gets to rewrite a draft into clean language.
+
+    With `tokenizer`, only the question is cut to `prompt_max_question_tokens`, so the draft and the
+    instruction stay whole; encode the result with `encode_chat(..., budget_questions=False)`.
+    """
+    question = question.strip()
+    if tokenizer is not None:
+        question, _ = _truncate(tokenizer, question, config.prompt_max_question_tokens)
+    return config.pipe_refine_template.format(question=question, draft=draft.strip())

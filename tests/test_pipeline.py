@@ -100,3 +100,21 @@ def test_incomplete_round_folder_is_refused(tiny_model, tmp_path):
     (tmp_path / "r" / "projector.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="missing projector.safetensors"):
         load_round(tmp_path / "r")
+
+
+def test_refine_cuts_only_the_question_and_keeps_draft_and_instruction(pipeline, monkeypatch):
+    """Issue 10.5: the refine message used to be cut as a whole, as if it were a question."""
+    pipeline.cfg.prompt_max_question_tokens = 8
+    question = "Which colour " * 100
+    instruction = "Rewrite the draft answer as one clear sentence that answers the question."
+    calls = _spy(pipeline, monkeypatch)
+    answer = pipeline.answer_image(Image.new("RGB", (50, 50), "red"), question)
+    refine = calls[1][0]
+    assert "Question: Which colour Which colour Which colour Which colour\nDraft answer:" in refine
+    assert refine.endswith(f"Draft answer: {answer.draft}\n{instruction}<|end|> \n<|assistant|> \n")
+    streamed = []
+    monkeypatch.setattr(pipeline, "_stream", lambda batch, use_adapter, **gen: streamed.append(
+        pipeline.tokenizer.decode(batch["input_ids"][0])) or iter(["red"]))
+    list(pipeline.stream_image(Image.new("RGB", (50, 50), "red"), question))
+    assert streamed[1].endswith("Question: Which colour Which colour Which colour Which colour\n"
+                                f"Draft answer: red\n{instruction}<|end|> \n<|assistant|> \n")
