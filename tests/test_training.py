@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainingArguments
 
-from mmft import shapes
+from mmft import loading, shapes
 from mmft.features import FeatureCache, build_cache
 from mmft.training import DataArguments, ModelArguments, default_training_args, finetune
 from mmft.vision import VisionEncoder
@@ -93,9 +93,9 @@ def test_projector_stage_then_seeding_a_finetune(tiny_dir, shapes_data, tmp_path
     assert any(n.startswith("projector.") for n in trainable) and any("lora_" in n for n in trainable)
 
 
-def test_feature_cache_trains_exactly_like_on_the_fly_clip(tiny_dir, shapes_data, tmp_path):
+def test_feature_cache_trains_exactly_like_on_the_fly_clip(tiny_dir, shapes_data, tmp_path, monkeypatch):
     train_json, images = shapes_data
-    vision = VisionEncoder.from_pretrained(str(tiny_dir / "clip"), "patch", 10**8)
+    vision = VisionEncoder.from_pretrained(str(tiny_dir / "clip"), "patch", 10**8, dtype=torch.float32)
     names = [r["image"] for r in json.loads(train_json.read_text())]
     (images / "broken.png").write_bytes(b"nope")
     index = build_cache(vision, str(tiny_dir / "clip"), images, names + ["broken.png"], tmp_path / "cache",
@@ -104,10 +104,31 @@ def test_feature_cache_trains_exactly_like_on_the_fly_clip(tiny_dir, shapes_data
     assert len(list((tmp_path / "cache").glob("features-*.safetensors"))) == 3
     cache = FeatureCache(tmp_path / "cache")
     assert cache[names[0]].shape == (50, 32)
-    _, cached = finetune(*_args(tiny_dir, shapes_data, tmp_path / "c", steps=4, feature_cache=str(tmp_path / "cache")))
-    _, live = finetune(*_args(tiny_dir, shapes_data, tmp_path / "l", steps=4))
-    assert cached["train_loss"] == pytest.approx(live["train_loss"], abs=1e-4)
-    assert cached["eval_loss"] == pytest.approx(live["eval_loss"], abs=1e-4)
+    # Exact: the cache holds bit for bit what CLIP computes for the same images in the same batch
+    # (build_cache encodes the sorted names 32 at a time).
+    first = sorted(names)[:32]
+    with torch.no_grad():
+        features = vision(torch.cat([vision.preprocess([images / n]) for n in first])).float()  # [32, 50, 32]
+    for j, name in enumerate(first):
+        assert torch.equal(cache[name], features[j]), name
+
+    # Training from the cache vs CLIP on the fly, both in float32: pick_dtype would pick bf16 on a CPU
+    # with native bf16, and the cache holds float32 features, so bf16 CLIP would differ by design.
+    monkeypatch.setattr(loading, "cpu_has_bf16", lambda: False)
+    cached, _ = finetune(*_args(tiny_dir, shapes_data, tmp_path / "c", steps=4, feature_cache=str(tmp_path / "cache")))
+    live, _ = finetune(*_args(tiny_dir, shapes_data, tmp_path / "l", steps=4))
+    losses = [[(h["step"], h[k]) for h in json.loads((f / "metrics.json").read_text())["log_history"]
+               for k in ("train_loss", "eval_loss") if k in h] for f in (cached, live)]
+    assert [s for s, _ in losses[0]] == [s for s, _ in losses[1]] == [2, 4, 4, 4]  # evals at 2, 4; train; final eval
+    # Unrounded losses. On the fly, CLIP sees the training batches (8 images), not the cache's 32:
+    # same float32 math, but the GEMM blocking may differ with the batch shape (AVX-512/AMX kernels),
+    # so features may differ in the last ulp (~1e-7 relative). Loss changes scale with the feature
+    # change: bf16 CLIP (~4e-3 relative, 2^15 times more) moves the eval loss by 7.6e-6 relative
+    # (measured here with cpu_has_bf16 forced on; 2.2e-5 on an AMX Xeon with the old tiny kit), so
+    # float32 noise stays < 1e-9: rel=1e-6 leaves >1000x margin and still catches bf16-precision
+    # features, let alone wrong ones.
+    for (_, a), (_, b) in zip(*losses):
+        assert a == pytest.approx(b, rel=1e-6)
 
 
 def test_mismatched_feature_cache_is_refused(tiny_dir, shapes_data, tmp_path):
