@@ -124,7 +124,7 @@ def test_feature_cache_trains_exactly_like_on_the_fly_clip(tiny_dir, shapes_data
     # same float32 math, but the GEMM blocking may differ with the batch shape (AVX-512/AMX kernels),
     # so features may differ in the last ulp (~1e-7 relative). Loss changes scale with the feature
     # change: bf16 CLIP (~4e-3 relative, 2^15 times more) moves the eval loss by 7.6e-6 relative
-    # (measured here with cpu_has_bf16 forced on; 2.2e-5 on an AMX Xeon with the old tiny kit), so
+    # (measured with cpu_has_bf16 True on an AVX-512 Xeon; 2.2e-5 on an AMX Xeon with the old kit), so
     # float32 noise stays < 1e-9: rel=1e-6 leaves >1000x margin and still catches bf16-precision
     # features, let alone wrong ones.
     for (_, a), (_, b) in zip(*losses):
