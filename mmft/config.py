@@ -32,9 +32,11 @@ class MMFTConfig:
     # `pooled` ignores both (it is the projection head on the last layer's CLS).
     vit_model_id: str = "openai/clip-vit-base-patch32"
     vit_revision: str | None = None
-    vit_feature_mode: str = "pooled"
-    vit_feature_layer: int = -2
-    vit_feature_select_strategy: str = "default"
+    vit_feature_mode: str = field(default="pooled", metadata={"help": "pooled (1 token) or patch (1 per patch)"})
+    vit_feature_layer: int = field(default=-2, metadata={
+        "help": "patch mode: CLIP hidden_states index, -1 last, -2 second-to-last (LLaVA, the default)"})
+    vit_feature_select_strategy: str = field(default="default", metadata={
+        "help": "patch mode: default = drop CLS (LLaVA, 49 tokens for ViT-B/32), full = keep it (50)"})
     vit_max_pixels: int = 50_000_000  # refuse larger images before decoding them
 
     # Projector: Linear -> GELU -> Linear (mp_depth linear layers). Dims are filled in when the

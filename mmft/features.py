@@ -59,7 +59,7 @@ def build_cache(vision: VisionEncoder, vit_model_id: str, image_dir: str | Path,
 
 def _describe(choice: dict) -> str:
     text = f"CLIP {choice['vit_model_id']!r} in {choice['vit_feature_mode']!r} mode"
-    if "vit_feature_layer" in choice:
+    if choice["vit_feature_mode"] == "patch":
         text += f" (layer {choice['vit_feature_layer']}, {choice['vit_feature_select_strategy']!r})"
     return text
 
