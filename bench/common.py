@@ -260,7 +260,7 @@ def build_real_lm(layers: int = 32, precision: str = "fp32", seed: int = 0, lora
 
 
 def build_real_vision(mode: str = "patch", seed: int = 0) -> VisionEncoder:
-    """A ViT-B/32-sized CLIP (224 px, 32 px patches: 50 x 768 patch tokens, 1 x 512 pooled), random."""
+    """A ViT-B/32-sized CLIP (224 px, 32 px patches: 49 x 768 patch tokens without CLS, 1 x 512 pooled), random."""
     generator = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
         clip = CLIPModel(CLIPConfig())  # defaults are ViT-B/32's shapes

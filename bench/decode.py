@@ -140,7 +140,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--precision", choices=common.PRECISIONS, default=None,
                         help="real-size LM precision (default: what mmft.loading.pick_dtype picks on CPU)")
     parser.add_argument("--mode", choices=("patch", "pooled"), default="patch",
-                        help="image tokens: patch = 50 (CLIP last hidden state), pooled = 1")
+                        help="image tokens: patch = 49 (LLaVA's default: second-to-last layer, no CLS), pooled = 1")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--naive-tokens", type=int, default=None,
                         help="stop the naive loop after this many tokens (its tokens/s is then an upper bound)")

@@ -4,7 +4,7 @@
     python -m bench.gpu_check --tiny     # anywhere (CPU here): the tiny kit, same code path
 
 Self-contained: random weights are written as a real checkpoint (bf16 safetensors) and loaded back
-through the project's own `mmft.loading.build_model(cfg, quantize=True, trainable=True)`: 4-bit NF4
+through the project's own `mmft.loading.build_model(cfg, quantize="nf4", trainable=True)`: 4-bit NF4
 base (bf16 compute), LoRA, a trainable projector. Training runs batches of image + question + answer
 through `MultimodalModel.forward` with activation checkpointing; generation is the app's KV-cached
 `MultimodalModel.generate`. Prints samples/s, tokens/s, peak GPU memory and model FLOPs utilisation
@@ -157,7 +157,7 @@ def main(argv=None) -> dict:
         phases["write_checkpoint_s"] = round(time.perf_counter() - t, 1)
         t = time.perf_counter()
         torch.manual_seed(0)
-        model = build_model(cfg, device=device, quantize=True, trainable=True)
+        model = build_model(cfg, device=device, quantize="nf4", trainable=True)
         phases["load_4bit_s"] = round(time.perf_counter() - t, 1)
 
     base = model.lm.get_base_model()

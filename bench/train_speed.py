@@ -17,20 +17,19 @@ from transformers.utils import logging as hf_logging
 from mmft import shapes
 from mmft.features import build_cache
 from mmft.testing import build_tiny_models
-from mmft.training import DataArguments, ModelArguments, default_training_args, finetune
+from mmft.config import RunArguments
+from mmft.training import default_training_args, finetune
 from mmft.vision import VisionEncoder
 
 
 def run(work: Path, cfg, data, steps: int, cache: str | None, pad_to: int | None) -> tuple[float, float]:
     """(training samples/s as the Trainer measured it, train loss)."""
-    margs = ModelArguments(lm_model_id=cfg.lm_model_id, vit_model_id=cfg.vit_model_id, vit_feature_mode="patch",
-                           lora_r=8, lora_alpha=16, lora_dropout=0.0, quantize="no")
-    dargs = DataArguments(train_json=str(data / "train.json"), image_dir=str(data / "images"), feature_cache=cache,
-                          pad_to_length=pad_to, max_eval_samples=8)
+    run_args = RunArguments(train_json=str(data / "train.json"), image_dir=str(data / "images"), feature_cache=cache,
+                            pad_to_length=pad_to, max_eval_samples=8, quantize="none")
     targs = TrainingArguments(**default_training_args(
         output_dir=str(work / f"run-{bool(cache)}-{pad_to}"), max_steps=steps, per_device_train_batch_size=8,
         eval_strategy="no", save_strategy="no", logging_steps=steps, disable_tqdm=True, seed=0))
-    _, info = finetune(margs, dargs, targs)
+    _, info = finetune(cfg, run_args, targs)
     return info["train_samples_per_second"], info["train_loss"]
 
 
@@ -45,7 +44,7 @@ def main(argv=None):
         cfg = build_tiny_models(work / "tiny", mode="patch")
         shapes.write_dataset(work / "data", 400, seed=0)
         t = time.perf_counter()
-        vision = VisionEncoder.from_pretrained(cfg.vit_model_id, "patch", cfg.vit_max_pixels)
+        vision = VisionEncoder.from_config(cfg)
         names = [r["image"] for r in json.loads((work / "data" / "train.json").read_text())]
         build_cache(vision, cfg.vit_model_id, work / "data" / "images", names, work / "cache")
         cache_seconds = time.perf_counter() - t

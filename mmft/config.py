@@ -14,6 +14,10 @@ from typing import Any
 
 CONFIG_NAME = "config.json"
 FEATURE_MODES = ("pooled", "patch")
+SELECT_STRATEGIES = ("default", "full")  # LlavaConfig's: "default" drops CLS, "full" keeps it
+QUANTIZE_MODES = ("nf4", "int8", "none")
+# A saved round without the feature-choice keys predates them: it was trained on the last layer with CLS.
+OLD_ROUND_FEATURES = {"vit_feature_layer": -1, "vit_feature_select_strategy": "full"}
 
 
 @dataclass
@@ -22,10 +26,17 @@ class MMFTConfig:
     lm_model_id: str = "microsoft/Phi-3.5-mini-instruct"
     lm_revision: str | None = None
 
-    # Vision: CLIP, frozen. "pooled" = get_image_features (1 token), "patch" = last hidden state with CLS.
+    # Vision: CLIP, frozen. "pooled" = get_image_features (1 token); "patch" = one token per patch
+    # (+ CLS), taken like LlavaConfig: `hidden_states[vit_feature_layer]`, "default" drops CLS, "full"
+    # keeps it. New rounds use LLaVA's choice (second-to-last layer, no CLS: 49 tokens for ViT-B/32).
+    # `pooled` ignores both (it is the projection head on the last layer's CLS).
     vit_model_id: str = "openai/clip-vit-base-patch32"
     vit_revision: str | None = None
-    vit_feature_mode: str = "pooled"
+    vit_feature_mode: str = field(default="pooled", metadata={"help": "pooled (1 token) or patch (1 per patch)"})
+    vit_feature_layer: int = field(default=-2, metadata={
+        "help": "patch mode: CLIP hidden_states index, -1 last, -2 second-to-last (LLaVA, the default)"})
+    vit_feature_select_strategy: str = field(default="default", metadata={
+        "help": "patch mode: default = drop CLS (LLaVA, 49 tokens for ViT-B/32), full = keep it (50)"})
     vit_max_pixels: int = 50_000_000  # refuse larger images before decoding them
 
     # Projector: Linear -> GELU -> Linear (mp_depth linear layers). Dims are filled in when the
@@ -70,18 +81,69 @@ class MMFTConfig:
             raise ValueError(
                 f"vit_feature_mode must be one of {FEATURE_MODES}, got {self.vit_feature_mode!r}"
             )
+        if self.vit_feature_select_strategy not in SELECT_STRATEGIES:
+            raise ValueError(f"vit_feature_select_strategy must be one of {SELECT_STRATEGIES} (as LlavaConfig), "
+                             f"got {self.vit_feature_select_strategy!r}")
+        if isinstance(self.lora_target_modules, str) or any("," in m for m in self.lora_target_modules):
+            # "a,b" (the old flag's spelling) and "a b" both work
+            joined = ",".join([self.lora_target_modules] if isinstance(self.lora_target_modules, str)
+                              else self.lora_target_modules)
+            self.lora_target_modules = [m.strip() for m in joined.split(",") if m.strip()]
         if self.mp_depth < 2:
             raise ValueError(f"mp_depth must be >= 2 (Linear -> GELU -> Linear), got {self.mp_depth}")
         if "{question}" not in self.pipe_refine_template or "{draft}" not in self.pipe_refine_template:
             raise ValueError("pipe_refine_template must contain {question} and {draft}")
 
+    @property
+    def feature_choice(self) -> dict:
+        """What decides the image features (a feature cache must have been built with the same)."""
+        choice = {"vit_model_id": self.vit_model_id, "vit_feature_mode": self.vit_feature_mode}
+        if self.vit_feature_mode == "patch":
+            choice.update(vit_feature_layer=self.vit_feature_layer,
+                          vit_feature_select_strategy=self.vit_feature_select_strategy)
+        return choice
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "MMFTConfig":
+        """A saved config; one written before the feature-choice keys existed loads as it was trained."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
-        return cls(**data)
+        return cls(**{**OLD_ROUND_FEATURES, **data})
+
+
+@dataclass
+class RunArguments:
+    """What one training run reads and how it starts; the model itself is `MMFTConfig`'s flags.
+    (No torch here: `python -m train.finetune --help` stays fast.)"""
+
+    train_json: str | None = field(default=None, metadata={"help": "LLaVA-Instruct JSON (e.g. llava_instruct_150k.json)"})
+    image_dir: str | None = field(default=None, metadata={
+        "help": "folder with the images (COCO train2017); not needed with --feature_cache"})
+    eval_json: str | None = field(default=None, metadata={"help": "held-out JSON; else eval_fraction is held out"})
+    eval_fraction: float = 0.02
+    max_eval_samples: int = 200
+    data_offset: int = field(default=0, metadata={"help": "first record of train_json this round uses"})
+    max_samples: int | None = field(default=None, metadata={"help": "records this round uses"})
+    feature_cache: str | None = field(default=None, metadata={"help": "CLIP feature cache folder (train.cache_features)"})
+    pad_to_length: int | None = field(default=None, metadata={
+        "help": "pad every batch to this length (only to measure what dynamic padding saves)"})
+    dataset_name: str = field(default="liuhaotian/LLaVA-Instruct-150K", metadata={"help": "for the model card"})
+    eval_shapes_accuracy: int = field(default=0, metadata={"help": "shapes world: N fresh images for accuracy"})
+    quantize: str | None = field(default=None, metadata={
+        "help": f"base LM precision: {'|'.join(QUANTIZE_MODES)} (default: nf4 on CUDA, none on CPU)"})
+    projector_lr: float = field(default=1e-4, metadata={"help": "learning rate of the projector"})
+    resume_round: str | None = field(default=None, metadata={
+        "help": "previous round folder to continue; its config.json then sets the model (model flags are ignored)"})
+    init_projector: str | None = field(default=None, metadata={"help": "round folder with a pre-trained projector"})
+    projector_only: bool = field(default=False, metadata={
+        "help": "stage 1: LM frozen, train the projector (the round still carries a zero-effect LoRA adapter)"})
+
+    def __post_init__(self):
+        if self.quantize is not None and self.quantize not in QUANTIZE_MODES:
+            raise ValueError(f"quantize must be one of {QUANTIZE_MODES} (or unset for the device's default), "
+                             f"got {self.quantize!r}")
 
 
 def save_config(folder: str | Path, config: MMFTConfig, round_info: dict | None = None) -> Path:

@@ -2,7 +2,8 @@
 
 `llava_instruct_150k.json` is a list of `{"id", "image", "conversations": [{"from": "human"|"gpt",
 "value"}...]}` with `<image>` in the first human turn; images are COCO files in a folder. A record
-that is malformed or whose image is missing or unreadable is skipped and counted, never fatal.
+that is malformed or whose image is missing or unreadable is skipped and counted, never fatal; a
+data file that is missing, empty or not JSON is a `DataError` naming the file and the problem.
 """
 
 from __future__ import annotations
@@ -15,14 +16,17 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from PIL import Image
 
 from mmft.config import MMFTConfig
 from mmft.prompt import IGNORE_INDEX, Encoded, encode_chat
-from mmft.vision import ImageError
+from mmft.vision import ImageError, open_image
 
 logger = logging.getLogger(__name__)
 ROLES = {"human": "user", "gpt": "assistant"}
+
+
+class DataError(ValueError):
+    """A data file (or feature cache) that cannot be used; the message names it and says why."""
 
 
 @dataclass
@@ -60,26 +64,48 @@ def parse_conversation(raw) -> list[tuple[str, str]] | None:
     return turns
 
 
-def _image_readable(path: Path) -> str | None:
+def image_file_problem(image_dir: str | Path | None) -> Callable[[str], str | None]:
+    """The default check of a record's image: the file exists and its header reads."""
+    def problem(name: str) -> str | None:
+        path = Path(image_dir) / name if image_dir is not None else None
+        if path is None or not path.is_file():
+            return "missing image"
+        try:
+            with open_image(path) as image:  # reads the header only
+                image.size
+        except (OSError, ValueError, SyntaxError):
+            return "unreadable image"
+        return None
+    return problem
+
+
+def load_json(path: str | Path):
+    """A JSON data file, or a DataError that names it and says what is wrong (missing, empty, cut)."""
+    path = Path(path)
     if not path.is_file():
-        return "missing image"
+        raise DataError(f"{path}: data file not found" + (" (it is a folder)" if path.is_dir() else ""))
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise DataError(f"{path}: the data file is empty; expected a JSON list of conversations")
     try:
-        with Image.open(path) as image:  # reads the header only
-            image.size
-    except (OSError, ValueError, SyntaxError):
-        return "unreadable image"
-    return None
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not valid JSON at line {err.lineno}, column {err.colno} ({err.msg}); "
+                        "is the file truncated? Download or write it again") from None
 
 
-def read_llava(json_path: str | Path, image_dir: str | Path | None, offset: int = 0,
-               limit: int | None = None) -> tuple[list[Record], ReadReport]:
-    """Read records `offset .. offset+limit` of a LLaVA-Instruct JSON file, skipping bad ones."""
-    with open(json_path) as f:
-        raw_records = json.load(f)
+def read_llava(json_path: str | Path, image_dir: str | Path | None, offset: int = 0, limit: int | None = None,
+               image_problem: Callable[[str], str | None] | None = None) -> tuple[list[Record], ReadReport]:
+    """Read records `offset .. offset+limit` of a LLaVA-Instruct JSON file, skipping bad ones.
+
+    `image_problem(name)` says why a record's image cannot be used (None: it can); by default the
+    file must exist in `image_dir` and its header read. Training from a feature cache passes the
+    cache's check instead, so no image file is opened."""
+    raw_records = load_json(json_path)
     if not isinstance(raw_records, list):
-        raise ValueError(f"{json_path}: expected a JSON list of conversations, got {type(raw_records).__name__}")
+        raise DataError(f"{json_path}: expected a JSON list of conversations, got {type(raw_records).__name__}")
     end = None if limit is None else offset + limit
-    image_dir = Path(image_dir) if image_dir is not None else None
+    image_problem = image_problem or image_file_problem(image_dir)
     records, report = [], ReadReport()
     for raw in raw_records[offset:end]:
         if not isinstance(raw, dict):
@@ -91,7 +117,7 @@ def read_llava(json_path: str | Path, image_dir: str | Path | None, offset: int 
             continue
         image = raw.get("image")
         if image is not None:
-            problem = "missing image" if image_dir is None else _image_readable(image_dir / str(image))
+            problem = image_problem(str(image))
             if problem:
                 report.skipped[problem] += 1
                 continue

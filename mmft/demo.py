@@ -21,12 +21,12 @@ from transformers import CLIPModel, TrainingArguments
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from mmft import shapes
-from mmft.config import MMFTConfig, load_config, save_config
+from mmft.config import MMFTConfig, RunArguments, load_config, save_config
 from mmft.features import build_cache
 from mmft.loading import load_round
 from mmft.pipeline import Pipeline
 from mmft.testing import build_tiny_models
-from mmft.training import DataArguments, ModelArguments, default_training_args, finetune, pretrain_text
+from mmft.training import default_training_args, finetune, pretrain_text
 from mmft.vision import VisionEncoder
 
 DEMO_DIR = Path(__file__).resolve().parents[1] / "demo"
@@ -78,20 +78,20 @@ def train_round(base: Path, work: Path, mode: str, samples: int, steps: int, see
     """Shapes data -> feature cache -> `finetune` (the real training path) -> round folder."""
     data = work / "data"
     train_json = shapes.write_dataset(data, samples, seed=seed + 1)
-    cfg = MMFTConfig(lm_model_id=str(base / "lm"), vit_model_id=str(base / "clip"), vit_feature_mode=mode)
-    vision = VisionEncoder.from_pretrained(cfg.vit_model_id, mode, cfg.vit_max_pixels)
+    cfg = MMFTConfig(lm_model_id=str(base / "lm"), vit_model_id=str(base / "clip"), vit_feature_mode=mode,
+                     vit_feature_layer=-1, vit_feature_select_strategy="full",  # as the bundled rounds were built
+                     lora_r=8, lora_alpha=16, lora_dropout=0.0)
+    vision = VisionEncoder.from_config(cfg)
     names = [r["image"] for r in json.loads(train_json.read_text())]
     build_cache(vision, cfg.vit_model_id, data / "images", names, work / f"cache-{mode}")
-    margs = ModelArguments(lm_model_id=cfg.lm_model_id, vit_model_id=cfg.vit_model_id, vit_feature_mode=mode,
-                           lora_r=8, lora_alpha=16, lora_dropout=0.0, projector_lr=3e-3, quantize="no")
-    dargs = DataArguments(train_json=str(train_json), image_dir=str(data / "images"), eval_fraction=0.05,
-                          feature_cache=str(work / f"cache-{mode}"), eval_shapes_accuracy=60,
-                          dataset_name="synthetic shapes world (mmft.shapes)")
+    run = RunArguments(train_json=str(train_json), image_dir=str(data / "images"), eval_fraction=0.05,
+                       feature_cache=str(work / f"cache-{mode}"), eval_shapes_accuracy=60, projector_lr=3e-3,
+                       quantize="none", dataset_name="synthetic shapes world (mmft.shapes)")
     targs = TrainingArguments(**default_training_args(
         output_dir=str(work / f"runs-{mode}"), max_steps=steps, learning_rate=3e-3, per_device_train_batch_size=16,
         eval_steps=max(steps // 4, 1), save_steps=steps, logging_steps=max(steps // 20, 1), seed=seed,
         disable_tqdm=True, activation_checkpointing=False))
-    folder, _ = finetune(margs, dargs, targs)
+    folder, _ = finetune(cfg, run, targs)
     return folder
 
 

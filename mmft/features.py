@@ -1,8 +1,9 @@
 """CLIP feature cache: run the frozen CLIP once per image, train many times from safetensors shards.
 
 CLIP is frozen, so its features for an image never change; computing them every epoch (and every
-round) is wasted work. The cache records the CLIP id and feature mode it was built with, and
-training refuses a cache that does not match the run instead of silently using wrong features.
+round) is wasted work. The cache records the CLIP id and feature choice it was built with (mode;
+in patch mode also the layer and whether CLS is kept), and training refuses a cache that does not
+match the run instead of silently using wrong features. Training from a cache needs no image files.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from mmft.config import MMFTConfig
+from mmft.config import OLD_ROUND_FEATURES, MMFTConfig
+from mmft.data import DataError
 from mmft.vision import ImageError, VisionEncoder
 
 logger = logging.getLogger(__name__)
@@ -28,7 +30,8 @@ def build_cache(vision: VisionEncoder, vit_model_id: str, image_dir: str | Path,
     image_dir, out_dir = Path(image_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     names = sorted(set(names))
-    index = {"vit_model_id": vit_model_id, "vit_feature_mode": vision.mode, "num_tokens": vision.num_tokens,
+    index = {"vit_model_id": vit_model_id, "vit_feature_mode": vision.mode, "vit_feature_layer": vision.feature_layer,
+             "vit_feature_select_strategy": vision.select_strategy, "num_tokens": vision.num_tokens,
              "feature_dim": vision.feature_dim, "files": {}, "unreadable": {}}
     for shard_no, start in enumerate(range(0, len(names), shard_size)):
         shard_name = f"features-{shard_no:05d}.safetensors"
@@ -54,6 +57,13 @@ def build_cache(vision: VisionEncoder, vit_model_id: str, image_dir: str | Path,
     return index
 
 
+def _describe(choice: dict) -> str:
+    text = f"CLIP {choice['vit_model_id']!r} in {choice['vit_feature_mode']!r} mode"
+    if choice["vit_feature_mode"] == "patch":
+        text += f" (layer {choice['vit_feature_layer']}, {choice['vit_feature_select_strategy']!r})"
+    return text
+
+
 class FeatureCache:
     """Read side of the cache: `cache[image_name] -> [N_tok, D_v]`, shards opened lazily."""
 
@@ -61,18 +71,28 @@ class FeatureCache:
         self.folder = Path(folder)
         path = self.folder / INDEX_NAME
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: build the cache with train/cache_features.py")
-        self.index = json.loads(path.read_text())
+            raise DataError(f"{path} not found: build the cache with python -m train.cache_features")
+        try:
+            self.index = {**OLD_ROUND_FEATURES, **json.loads(path.read_text())}  # old caches: last layer + CLS
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path} is not valid JSON ({err}); rebuild the cache") from None
         self._handles = {}
 
     def check(self, cfg: MMFTConfig) -> None:
-        built = (self.index["vit_model_id"], self.index["vit_feature_mode"])
-        wanted = (cfg.vit_model_id, cfg.vit_feature_mode)
+        """Refuse a cache built with another CLIP or another feature choice than `cfg`'s."""
+        wanted = cfg.feature_choice
+        built = {key: self.index[key] for key in wanted}
         if built != wanted:
-            raise ValueError(
-                f"feature cache {self.folder} was built with CLIP {built[0]!r} in {built[1]!r} mode, but this "
-                f"run uses {wanted[0]!r} in {wanted[1]!r} mode; rebuild it with train/cache_features.py"
+            raise DataError(
+                f"feature cache {self.folder} was built with {_describe(built)}, but this run uses "
+                f"{_describe(wanted)}; rebuild it with python -m train.cache_features"
             )
+
+    def problem(self, name: str) -> str | None:
+        """Why `name` has no features here (None: it has): the data reader skips such records."""
+        if name in self.index["files"]:
+            return None
+        return "unreadable image" if name in self.index["unreadable"] else "image not in the feature cache"
 
     @property
     def num_tokens(self) -> int:

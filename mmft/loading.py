@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mmft.config import MMFTConfig, load_config
+from mmft.config import QUANTIZE_MODES, MMFTConfig, load_config
 from mmft.model import MultimodalModel
 from mmft.projector import Projector, load_projector
 from mmft.round import ADAPTER_DIR, PROJECTOR_NAME, check_round_folder
@@ -48,22 +48,18 @@ def pick_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> 
     return torch.bfloat16 if cpu_has_bf16() else torch.float32
 
 
-QUANTIZE_MODES = ("nf4", "int8", "none")
-
-
-def resolve_quantize(quantize: bool | str | None, device: torch.device) -> str:
-    """None: NF4 on CUDA, nothing on CPU (docs/benchmarks.md: NF4 is 40x slower than fp32 on CPU).
-    True/False: NF4 or nothing. "int8": dynamic int8, for CPU inference (opt-in until checked on real weights)."""
+def resolve_quantize(quantize: str | None, device: torch.device) -> str:
+    """One spelling everywhere: "nf4" (4-bit, QLoRA), "int8" (dynamic int8, CPU inference; opt-in until
+    checked on real weights), "none"; None = the device's default: NF4 on CUDA, nothing on CPU
+    (docs/benchmarks.md: NF4 is 40x slower than fp32 on CPU)."""
     if quantize is None:
         return "nf4" if device.type == "cuda" else "none"
-    if isinstance(quantize, bool):
-        return "nf4" if quantize else "none"
-    if quantize not in QUANTIZE_MODES:
-        raise ValueError(f"quantize must be one of {QUANTIZE_MODES} (or True/False/None), got {quantize!r}")
+    if not isinstance(quantize, str) or quantize not in QUANTIZE_MODES:
+        raise ValueError(f"quantize must be one of {QUANTIZE_MODES} or None (the device's default), got {quantize!r}")
     return quantize
 
 
-def load_lm(cfg: MMFTConfig, device: torch.device, dtype: torch.dtype, quantize: bool | str | None = None):
+def load_lm(cfg: MMFTConfig, device: torch.device, dtype: torch.dtype, quantize: str | None = None):
     """The base LM and its tokenizer; 4-bit NF4 by default on CUDA only (int8 is applied by build_model)."""
     quantize = resolve_quantize(quantize, device) == "nf4"
     tokenizer = AutoTokenizer.from_pretrained(cfg.lm_model_id, revision=cfg.lm_revision)
@@ -71,6 +67,8 @@ def load_lm(cfg: MMFTConfig, device: torch.device, dtype: torch.dtype, quantize:
         tokenizer.pad_token = tokenizer.eos_token
     kwargs = dict(revision=cfg.lm_revision, dtype=dtype)
     if quantize:
+        from transformers import BitsAndBytesConfig
+
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
@@ -85,10 +83,7 @@ def load_lm(cfg: MMFTConfig, device: torch.device, dtype: torch.dtype, quantize:
 
 
 def load_vision(cfg: MMFTConfig, device: torch.device, dtype: torch.dtype) -> VisionEncoder:
-    vision = VisionEncoder.from_pretrained(
-        cfg.vit_model_id, cfg.vit_feature_mode, cfg.vit_max_pixels, revision=cfg.vit_revision, dtype=dtype
-    )
-    return vision.to(device)
+    return VisionEncoder.from_config(cfg, dtype).to(device)
 
 
 def lora_config(cfg: MMFTConfig) -> LoraConfig:
@@ -97,14 +92,14 @@ def lora_config(cfg: MMFTConfig) -> LoraConfig:
 
 
 def _assemble(cfg, lm, feature_dim) -> tuple[MMFTConfig, Projector]:
-    """Fill in / check the projector dims against the actual models and build the projector."""
+    """Check the projector dims against the actual models; a new config with them filled in (the
+    caller's config is never changed) and the projector."""
     lm_dim = lm.get_input_embeddings().weight.shape[1]
     for name, actual in (("mp_input_dim", feature_dim), ("mp_output_dim", lm_dim)):
         stored = getattr(cfg, name)
         if stored is not None and stored != actual:
             raise ValueError(f"config {name}={stored} but the models give {actual}: wrong CLIP/LM or feature mode?")
-        setattr(cfg, name, actual)
-    cfg.mp_hidden_dim = cfg.mp_hidden_dim or lm_dim
+    cfg = replace(cfg, mp_input_dim=feature_dim, mp_output_dim=lm_dim, mp_hidden_dim=cfg.mp_hidden_dim or lm_dim)
     projector = Projector(cfg.mp_input_dim, cfg.mp_output_dim, cfg.mp_hidden_dim, cfg.mp_depth)
     return cfg, projector.to(lm.get_input_embeddings().weight.device)
 
@@ -112,19 +107,22 @@ def _assemble(cfg, lm, feature_dim) -> tuple[MMFTConfig, Projector]:
 def build_model(cfg: MMFTConfig, device=None, dtype=None, quantize=None, with_vision: bool = True,
                 feature_dim: int | None = None, adapter: str | Path | None = None,
                 trainable: bool = False) -> MultimodalModel:
-    """Base LM (+ new LoRA, or the adapter at `adapter`) + CLIP + projector (random until loaded)."""
+    """Base LM (+ new LoRA, or the adapter at `adapter`) + CLIP + projector (random until loaded).
+
+    `quantize`: "nf4", "int8", "none" or None (the device's default). `cfg` is not changed: the
+    model carries a copy with the projector sizes filled in (`model.cfg`)."""
     device = pick_device(device)
     dtype = pick_dtype(device, dtype)
-    lm, tokenizer = load_lm(cfg, device, dtype, quantize)
+    mode = resolve_quantize(quantize, device)
+    if mode == "int8" and (trainable or device.type != "cpu"):
+        raise ValueError("int8 dynamic quantization is for CPU inference; train with quantize='nf4' (CUDA) or 'none'")
+    lm, tokenizer = load_lm(cfg, device, dtype, mode)
     vision = load_vision(cfg, device, dtype) if with_vision else None
     if vision is not None:
         feature_dim = vision.feature_dim
     if feature_dim is None:
         raise ValueError("feature_dim is needed when the model is built without its vision encoder")
     cfg, projector = _assemble(cfg, lm, feature_dim)
-    mode = resolve_quantize(quantize, device)
-    if mode == "int8" and (trainable or device.type != "cpu"):
-        raise ValueError("int8 dynamic quantization is for CPU inference; train with quantize='nf4' (CUDA) or 'none'")
     if trainable and getattr(lm, "is_quantized", False):
         lm = prepare_model_for_kbit_training(lm, use_gradient_checkpointing=False)  # the Trainer enables it
     if adapter is not None:

@@ -60,6 +60,11 @@ class MultimodalModel(nn.Module):
         if features is None:
             if slots:
                 raise ValueError(f"the prompt has {slots} image slots but no image features were given")
+            if self.training and any(p.requires_grad for p in self.projector.parameters()):
+                # A text-only batch still runs the projector (adds exactly 0, gives zero gradients), so
+                # every DDP process reduces the same weights at every step.
+                param = next(self.projector.parameters())
+                embeds = embeds + 0.0 * self.projector(param.new_zeros(1, 1, self.projector.linear_1.in_features)).sum()
             return embeds
         proj_param = next(self.projector.parameters())
         projected = self.projector(features.to(proj_param.device, proj_param.dtype))  # [N_img, N_tok, D_lm]
@@ -127,6 +132,29 @@ class MultimodalModel(nn.Module):
             every_n_layers=every_n_layers,
             offload=offload,
         )
+
+    # -- Trainer checkpoints: the trained weights only -----------------------------------------------
+    def trained_state_dict(self) -> dict[str, torch.Tensor]:
+        """LoRA + projector (or the projector alone): what a Trainer checkpoint holds, never the base."""
+        return {name: p for name, p in self.named_parameters() if p.requires_grad}
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """The Trainer's resume path hands us a checkpoint's `trained_state_dict()` with strict=False;
+        load it strictly anyway: every trained weight, with its shape, and nothing else. A full state
+        dict loads as in torch."""
+        if set(state_dict) - set(self.trained_state_dict()) and not set(self.state_dict()) - set(state_dict):
+            return super().load_state_dict(state_dict, strict, assign)
+        params = dict(self.named_parameters())
+        trained = self.trained_state_dict()
+        missing, extra = sorted(set(trained) - set(state_dict)), sorted(set(state_dict) - set(trained))
+        wrong = [k for k in set(trained) & set(state_dict) if tuple(state_dict[k].shape) != tuple(params[k].shape)]
+        if missing or extra or wrong:
+            raise ValueError(f"checkpoint does not match the trained weights: missing {missing[:5]}, "
+                             f"unexpected {extra[:5]}, wrong shape {sorted(wrong)[:5]} (another run's checkpoint?)")
+        with torch.no_grad():
+            for key, value in state_dict.items():
+                params[key].copy_(value)
+        return nn.modules.module._IncompatibleKeys([], [])
 
     # -- Saving ----------------------------------------------------------------------------------
     def save_pretrained(self, folder: str | Path, round_info: dict | None = None) -> Path:

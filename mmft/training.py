@@ -3,7 +3,9 @@
 A *round* continues from the previous round's adapter and projector (the base stays 4-bit on CUDA;
 nothing is ever merged) and writes a round folder: `adapter/`, `projector.safetensors`,
 `config.json` (model config + round number, lineage, data window, steps), `metrics.json`,
-`loss.png`. Trainer checkpoints (for crash recovery) hold only adapter + projector, never the base.
+`loss.png`. Trainer checkpoints (for crash recovery) hold only the trained weights
+(`model.safetensors`: LoRA + projector), never the base; the Trainer's own resume path reads them
+back through `MultimodalModel.load_state_dict`, which is strict about exactly those weights.
 """
 
 from __future__ import annotations
@@ -11,18 +13,19 @@ from __future__ import annotations
 import json
 import logging
 import random
-from dataclasses import dataclass, field
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import torch
-from peft import set_peft_model_state_dict
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import Trainer, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from mmft.config import MMFTConfig, load_config
-from mmft.data import Collator, ConversationDataset, pad_batch, read_llava
+from mmft.config import MMFTConfig, RunArguments, load_config
+from mmft.data import Collator, ConversationDataset, DataError, pad_batch, read_llava
 from mmft.features import FeatureCache
 from mmft.loading import build_model, load_vision
 from mmft.model import MultimodalModel
@@ -31,49 +34,8 @@ from mmft.prompt import encode_chat
 from mmft.round import ADAPTER_DIR, PROJECTOR_NAME, check_round_folder
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class ModelArguments:
-    lm_model_id: str = field(default=MMFTConfig.lm_model_id, metadata={"help": "base LM (Hub id or folder)"})
-    vit_model_id: str = field(default=MMFTConfig.vit_model_id, metadata={"help": "CLIP (Hub id or folder)"})
-    vit_feature_mode: str = field(default="pooled", metadata={"help": "pooled (1 token) or patch (CLS + patches)"})
-    mp_depth: int = field(default=2, metadata={"help": "linear layers in the projector"})
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_target_modules: str = field(default="qkv_proj,o_proj,gate_up_proj,down_proj")
-    clean_answers: bool = field(default=True, metadata={"help": "drop stopwords/punctuation from answers"})
-    quantize: str = field(default="auto", metadata={"help": "4-bit NF4: auto (CUDA only), yes, no"})
-    projector_lr: float = field(default=1e-4, metadata={"help": "learning rate of the projector"})
-    resume_round: str | None = field(default=None, metadata={
-        "help": "previous round folder to continue; its config.json then sets the model (the flags above are ignored)"})
-    init_projector: str | None = field(default=None, metadata={"help": "folder with a pre-trained projector"})
-    projector_only: bool = field(default=False, metadata={"help": "stage 1: LM frozen, train the projector"})
-
-    def to_config(self) -> MMFTConfig:
-        return MMFTConfig(
-            lm_model_id=self.lm_model_id, vit_model_id=self.vit_model_id, vit_feature_mode=self.vit_feature_mode,
-            mp_depth=self.mp_depth, lora_r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
-            lora_target_modules=[m.strip() for m in self.lora_target_modules.split(",") if m.strip()],
-            prompt_clean_answers=self.clean_answers,
-        )
-
-
-@dataclass
-class DataArguments:
-    train_json: str = field(default=None, metadata={"help": "LLaVA-Instruct JSON (e.g. llava_instruct_150k.json)"})
-    image_dir: str | None = field(default=None, metadata={"help": "folder with the images (COCO train2017)"})
-    eval_json: str | None = field(default=None, metadata={"help": "held-out JSON; else eval_fraction is held out"})
-    eval_fraction: float = 0.02
-    max_eval_samples: int = 200
-    data_offset: int = field(default=0, metadata={"help": "first record of train_json this round uses"})
-    max_samples: int | None = field(default=None, metadata={"help": "records this round uses"})
-    feature_cache: str | None = field(default=None, metadata={"help": "CLIP feature cache folder"})
-    pad_to_length: int | None = field(default=None, metadata={"help": "pad every batch to this length "
-                                                                      "(only to measure what dynamic padding saves)"})
-    dataset_name: str = field(default="liuhaotian/LLaVA-Instruct-150K", metadata={"help": "for the model card"})
-    eval_shapes_accuracy: int = field(default=0, metadata={"help": "shapes world: N fresh images for accuracy"})
+CHECKPOINT_WEIGHTS = "model.safetensors"  # the Trainer's name: its resume path looks for it
+TRAINER_STATE = "trainer_state.json"  # written last into a checkpoint: its presence means "complete"
 
 
 class MMFTTrainer(Trainer):
@@ -95,69 +57,112 @@ class MMFTTrainer(Trainer):
             self.optimizer = cls(groups, **kwargs)
         return self.optimizer
 
-    def _save(self, output_dir: str | None = None, state_dict=None):
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """A checkpoint's weights: the trained tensors only (the Trainer would write the whole base)."""
         if self.args.should_save:
-            self.accelerator.unwrap_model(self.model).save_pretrained(output_dir or self.args.output_dir)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None):
-        model = self.accelerator.unwrap_model(model or self.model)
-        load_projector(model.projector, Path(resume_from_checkpoint) / PROJECTOR_NAME)
-        adapter = Path(resume_from_checkpoint) / ADAPTER_DIR / "adapter_model.safetensors"
-        if model.has_adapter:
-            set_peft_model_state_dict(model.lm, load_file(str(adapter)))
+            output_dir = Path(output_dir or self.args.output_dir)
+            output_dir.mkdir(parents=True, exist_ok=True)
+            model = self.accelerator.unwrap_model(self.model)
+            state = {k: v.detach().contiguous().cpu() for k, v in model.trained_state_dict().items()}
+            save_file(state, str(output_dir / CHECKPOINT_WEIGHTS), metadata={"format": "pt"})
 
 
-def _quantize_flag(value: str) -> bool | None:
-    choices = {"auto": None, "yes": True, "true": True, "no": False, "false": False}
-    if value.lower() not in choices:
-        raise ValueError(f"--quantize must be auto, yes or no; got {value!r}")
-    return choices[value.lower()]
+def is_complete_checkpoint(folder: str | Path) -> bool:
+    """A checkpoint a kill did not tear: the Trainer writes `trainer_state.json` last, after the
+    weights, optimizer and RNG state; both it and the weights must read."""
+    folder = Path(folder)
+    try:
+        json.loads((folder / TRAINER_STATE).read_text())
+        with safe_open(str(folder / CHECKPOINT_WEIGHTS), framework="pt") as f:
+            f.keys()
+    except Exception:  # missing, cut JSON, or safetensors' own error on a cut file: all mean "torn"
+        return False
+    return True
 
 
-def prepare_model(margs: ModelArguments, device, feature_dim: int | None) -> tuple[MultimodalModel, dict]:
-    """New model, or the previous round's; returns the model and the round info it continues."""
-    quantize = _quantize_flag(margs.quantize)
+def last_complete_checkpoint(output_dir: str | Path) -> str | None:
+    """The newest checkpoint that is complete; torn ones (a run killed while writing) are skipped."""
+    output_dir = Path(output_dir)
+    found = []
+    for path in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if output_dir.is_dir() else []:
+        step = path.name.rsplit("-", 1)[-1]
+        if path.is_dir() and step.isdigit():
+            found.append((int(step), path))
+    for _, path in sorted(found, reverse=True):
+        if is_complete_checkpoint(path):
+            return str(path)
+        logger.warning("skipping %s: incomplete (the run was killed while writing it)", path)
+    return None
+
+
+def pin_revisions(cfg: MMFTConfig) -> MMFTConfig:
+    """Record the Hub commit of the base LM and CLIP when the user named none, so a round says exactly
+    which weights it was trained on. Local folders have no commit: their revision stays None."""
+    from transformers.utils.hub import cached_file, extract_commit_hash
+
+    pins = {}
+    for id_key, rev_key in (("lm_model_id", "lm_revision"), ("vit_model_id", "vit_revision")):
+        model_id, revision = getattr(cfg, id_key), getattr(cfg, rev_key)
+        if revision is None and not Path(model_id).exists():
+            # the Hub cache keeps files under snapshots/<commit>/: the commit of what will be loaded
+            pins[rev_key] = extract_commit_hash(cached_file(model_id, "config.json"), None)
+    return replace(cfg, **pins)
+
+
+def prepare_model(cfg: MMFTConfig, run: RunArguments, device, feature_dim: int | None
+                  ) -> tuple[MultimodalModel, dict]:
+    """New model (`cfg`), or the previous round's (`run.resume_round`, whose config wins); returns the
+    model and the round info it continues. Always with a LoRA adapter: the projector-only stage
+    freezes it (zero effect), so its round loads, continues and publishes like any other."""
     with_vision = feature_dim is None
-    if margs.resume_round:
-        folder = check_round_folder(margs.resume_round)
+    if run.resume_round:
+        folder = check_round_folder(run.resume_round)
         cfg, parent = load_config(folder)
-        model = build_model(cfg, device, quantize=quantize, with_vision=with_vision, feature_dim=feature_dim,
+        model = build_model(cfg, device, quantize=run.quantize, with_vision=with_vision, feature_dim=feature_dim,
                             adapter=folder / ADAPTER_DIR, trainable=True)
         load_projector(model.projector, folder / PROJECTOR_NAME)
-        return model, parent
-    model = build_model(margs.to_config(), device, quantize=quantize, with_vision=with_vision,
-                        feature_dim=feature_dim, trainable=not margs.projector_only)
-    if margs.init_projector:
-        load_projector(model.projector, Path(margs.init_projector) / PROJECTOR_NAME)
-    if margs.projector_only:
+    else:
+        model, parent = build_model(pin_revisions(cfg), device, quantize=run.quantize, with_vision=with_vision,
+                                    feature_dim=feature_dim, trainable=True), {}
+        if run.init_projector:
+            load_projector(model.projector, Path(run.init_projector) / PROJECTOR_NAME)
+    if run.projector_only:
         model.lm.requires_grad_(False)
-    return model, {}
+    return model, parent
 
 
-def make_datasets(dargs: DataArguments, model: MultimodalModel, cache: FeatureCache | None, seed: int):
-    records, report = read_llava(dargs.train_json, dargs.image_dir, dargs.data_offset, dargs.max_samples)
-    if dargs.eval_json:
-        eval_records, eval_report = read_llava(dargs.eval_json, dargs.image_dir, 0, dargs.max_eval_samples)
+def read_data(run: RunArguments, cache: FeatureCache | None, seed: int):
+    """Train and eval records (+ the skip report). With a feature cache no image file is opened."""
+    if not run.train_json:
+        raise DataError("no training data: give --train_json (a LLaVA-Instruct JSON file)")
+    problem = cache.problem if cache is not None else None
+    records, report = read_llava(run.train_json, run.image_dir, run.data_offset, run.max_samples, problem)
+    if run.eval_json:
+        eval_records, eval_report = read_llava(run.eval_json, run.image_dir, 0, run.max_eval_samples, problem)
         report.skipped.update(eval_report.skipped)
     else:
         random.Random(seed).shuffle(records)
-        n_eval = min(dargs.max_eval_samples, max(1, int(len(records) * dargs.eval_fraction)))
+        n_eval = min(run.max_eval_samples, max(1, int(len(records) * run.eval_fraction)))
         eval_records, records = records[:n_eval], records[n_eval:]
     if not records:
-        raise ValueError(f"no usable training records in {dargs.train_json} ({report.summary()})")
+        raise DataError(f"{run.train_json}: no usable training records ({report.summary()})")
+    return records, eval_records, report
 
+
+def make_datasets(records, eval_records, report, run: RunArguments, model: MultimodalModel,
+                  cache: FeatureCache | None):
     if cache is not None:
         def load(record):
             return {"image_features": cache[record.image]}
         n_tokens = cache.num_tokens
     else:
-        image_dir = Path(dargs.image_dir or ".")
+        image_dir = Path(run.image_dir or ".")
 
         def load(record):
             return {"pixel_values": model.vision.preprocess([image_dir / record.image])[0]}
         n_tokens = model.vision.num_tokens
     make = lambda recs: ConversationDataset(recs, model.tokenizer, model.cfg, n_tokens, load, report)
-    return make(records), make(eval_records), report
+    return make(records), make(eval_records)
 
 
 @torch.no_grad()
@@ -219,26 +224,35 @@ def plot_loss(log_history: list[dict], path: Path) -> Path:
     return path
 
 
-def finetune(margs: ModelArguments, dargs: DataArguments, targs: TrainingArguments,
-             callbacks: list | None = None) -> tuple[Path, dict]:
-    """Train one round; return (round folder, round info)."""
+def finetune(cfg: MMFTConfig, run: RunArguments, targs: TrainingArguments, callbacks: list | None = None,
+             evaluate: Callable[[MultimodalModel], dict] | None = None) -> tuple[Path, dict]:
+    """Train one round; return (round folder, round info).
+
+    `cfg` is the model of a new round (ignored with `run.resume_round`: the round's own config wins).
+    `evaluate(model)`, if given, runs on the main process after training; its dict is the round's
+    `metrics` (in `config.json`, `metrics.json` and the model card's history)."""
+    if run.resume_round:
+        cfg = load_config(check_round_folder(run.resume_round))[0]
+    cache = FeatureCache(run.feature_cache) if run.feature_cache else None
+    if cache is not None:
+        cache.check(cfg)
+    # Data errors surface before any model is loaded.
+    records, eval_records, report = read_data(run, cache, targs.seed)
     set_seed(targs.seed)  # LoRA and projector initialisation, before the Trainer seeds itself
-    cache = None
-    if dargs.feature_cache:
-        cache = FeatureCache(dargs.feature_cache)
-        cache.check(load_config(margs.resume_round)[0] if margs.resume_round else margs.to_config())
-    model, parent = prepare_model(margs, targs.device, cache.feature_dim if cache else None)
-    train_set, eval_set, report = make_datasets(dargs, model, cache, targs.seed)
+    model, parent = prepare_model(cfg, run, targs.device, cache.feature_dim if cache else None)
+    train_set, eval_set = make_datasets(records, eval_records, report, run, model, cache)
     print(report.summary())
-    if not (margs.resume_round or margs.init_projector):
+    if not (run.resume_round or run.init_projector):
         match_projector_scale(model, train_set)
 
-    collator = Collator(model.tokenizer.pad_token_id, dargs.pad_to_length)
+    collator = Collator(model.tokenizer.pad_token_id, run.pad_to_length)
     trainer = MMFTTrainer(model=model, args=targs, train_dataset=train_set, eval_dataset=eval_set,
-                          data_collator=collator, projector_lr=margs.projector_lr, callbacks=callbacks)
+                          data_collator=collator, projector_lr=run.projector_lr, callbacks=callbacks)
     resume = targs.resume_from_checkpoint
     if resume in ("last", "True", "true"):
-        resume = get_last_checkpoint(targs.output_dir)
+        resume = last_complete_checkpoint(targs.output_dir)
+        if resume is None:
+            logger.warning("no complete checkpoint in %s: starting from step 0", targs.output_dir)
     result = trainer.train(resume_from_checkpoint=resume)
     eval_metrics = trainer.evaluate()
 
@@ -246,7 +260,7 @@ def finetune(margs: ModelArguments, dargs: DataArguments, targs: TrainingArgumen
     info = {
         "round": number,
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "stage": "projector" if margs.projector_only else "finetune",
+        "stage": "projector" if run.projector_only else "finetune",
         "steps": trainer.state.global_step,
         "samples": len(train_set),
         "samples_seen": trainer.state.global_step * targs.train_batch_size * targs.gradient_accumulation_steps
@@ -255,12 +269,19 @@ def finetune(margs: ModelArguments, dargs: DataArguments, targs: TrainingArgumen
         "train_samples_per_second": result.metrics.get("train_samples_per_second"),
         "eval_loss": round(eval_metrics["eval_loss"], 4),
         "metrics": {},
-        "data": {"dataset": dargs.dataset_name, "train_json": str(dargs.train_json), "offset": dargs.data_offset, "limit": dargs.max_samples,
-                 "seed": targs.seed, "skipped": dict(report.skipped), "feature_cache": dargs.feature_cache},
-        "parent": {"round": parent["round"], "source": str(margs.resume_round)} if parent else None,
+        "data": {"dataset": run.dataset_name, "train_json": str(run.train_json), "offset": run.data_offset,
+                 "limit": run.max_samples, "seed": targs.seed, "skipped": dict(report.skipped),
+                 "feature_cache": run.feature_cache},
+        "parent": {"round": parent["round"], "source": str(run.resume_round)} if parent else None,
     }
-    if dargs.eval_shapes_accuracy and trainer.is_world_process_zero():
-        info["metrics"] = evaluate_shapes(model, dargs.eval_shapes_accuracy)
+    if run.eval_shapes_accuracy and evaluate is None:
+        evaluate = lambda m: evaluate_shapes(m, run.eval_shapes_accuracy)  # noqa: E731 (h-demo moves this out)
+    if evaluate is not None and trainer.is_world_process_zero():
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            info["metrics"] = dict(evaluate(model))
+        model.train(was_training)
     info["history"] = parent.get("history", []) + [
         {k: info[k] for k in ("round", "created", "steps", "samples", "train_loss", "eval_loss", "metrics")}
     ]
@@ -284,7 +305,7 @@ def default_training_args(**overrides) -> dict:
                     per_device_eval_batch_size=8, dataloader_num_workers=0, seed=42,
                     bf16=torch.cuda.is_available(), use_cpu=not torch.cuda.is_available(),
                     dataloader_pin_memory=torch.cuda.is_available(),
-                    ddp_find_unused_parameters=False)
+                    ddp_find_unused_parameters=False)  # every step touches every trained weight (model.embed)
     defaults.update(overrides)
     return defaults
 

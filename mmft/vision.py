@@ -1,8 +1,10 @@
 """CLIP image features, frozen: images in, `[B, N, D_v]` feature tokens out.
 
-`pooled` gives one token per image (`get_image_features`, 1x512 for ViT-B/32); `patch` gives the
-last hidden state with CLS (50x768 for ViT-B/32). Whatever PIL hands us is made RGB first, and
-images too large to decode safely are refused before their pixels are read.
+`pooled` gives one token per image (`get_image_features`, 1x512 for ViT-B/32); `patch` gives one
+token per patch from `hidden_states[feature_layer]`, with CLS ("full", 50x768 for ViT-B/32) or
+without ("default", 49x768) — exactly LLaVA's `vision_feature_layer` / `vision_feature_select_strategy`.
+Whatever PIL hands us is made RGB first, and images too large to decode safely are refused before
+their pixels are read. PIL's own decompression-bomb guard stays on for the whole process.
 """
 
 from __future__ import annotations
@@ -17,8 +19,7 @@ from torch import nn
 from transformers import CLIPModel
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-# PIL's own bomb guard raises a warning first and an error only at 2x; ours is one clear error.
-Image.MAX_IMAGE_PIXELS = None
+RESIZE_HINT = "resize it (e.g. to 1024 px on the long side) and try again"
 
 
 class ImageError(ValueError):
@@ -30,8 +31,18 @@ def check_size(image: Image.Image, max_pixels: int) -> None:
     if width * height > max_pixels:
         raise ImageError(
             f"image is {width}x{height} = {width * height:,} pixels, over the limit of "
-            f"{max_pixels:,}; resize it (e.g. to 1024 px on the long side) and try again"
+            f"{max_pixels:,}; {RESIZE_HINT}"
         )
+
+
+def open_image(path_or_file) -> Image.Image:
+    """`Image.open` (header only) with PIL's bomb guard left on: an image past PIL's hard limit is an
+    ImageError naming the problem (not PIL's DecompressionBombError). Our own, lower, limit is
+    `check_size`, applied by `load_image` before any pixel is decoded."""
+    try:
+        return Image.open(path_or_file)
+    except Image.DecompressionBombError as err:
+        raise ImageError(f"image is too large to decode safely ({err}); {RESIZE_HINT}") from None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -59,11 +70,13 @@ def load_image(source, max_pixels: int) -> Image.Image:
         if isinstance(source, Image.Image):
             image = source
         elif isinstance(source, (bytes, bytearray)):
-            image = Image.open(io.BytesIO(source))
+            image = open_image(io.BytesIO(source))
         elif isinstance(source, np.ndarray):
             image = Image.fromarray(source)
         else:
-            image = Image.open(Path(source))
+            image = open_image(Path(source))
+    except ImageError:
+        raise
     except FileNotFoundError:
         raise ImageError(f"image file not found: {source}") from None
     except (OSError, ValueError, TypeError) as err:
@@ -80,21 +93,31 @@ def load_image(source, max_pixels: int) -> Image.Image:
 class VisionEncoder(nn.Module):
     """Frozen CLIP vision tower (+ its projection for `pooled`); never trained, never in autograd."""
 
-    def __init__(self, clip: CLIPModel, processor: CLIPImageProcessorPil, mode: str, max_pixels: int):
+    def __init__(self, clip: CLIPModel, processor: CLIPImageProcessorPil, mode: str, max_pixels: int,
+                 feature_layer: int = -2, select_strategy: str = "default"):
         super().__init__()
         self.vision_model = clip.vision_model
         self.visual_projection = clip.visual_projection
         self.processor = processor
         self.mode = mode
         self.max_pixels = max_pixels
+        self.feature_layer = feature_layer  # index into hidden_states (patch mode), as LlavaConfig
+        self.select_strategy = select_strategy  # "default": drop CLS, "full": keep it
         self.requires_grad_(False)
         self.eval()
 
     @classmethod
-    def from_pretrained(cls, model_id: str, mode: str, max_pixels: int, revision=None, dtype=None):
+    def from_pretrained(cls, model_id: str, mode: str, max_pixels: int, revision=None, dtype=None,
+                        feature_layer: int = -2, select_strategy: str = "default"):
         clip = CLIPModel.from_pretrained(model_id, revision=revision, dtype=dtype)
         processor = CLIPImageProcessorPil.from_pretrained(model_id, revision=revision)
-        return cls(clip, processor, mode, max_pixels)
+        return cls(clip, processor, mode, max_pixels, feature_layer, select_strategy)
+
+    @classmethod
+    def from_config(cls, cfg, dtype=None) -> "VisionEncoder":
+        """The encoder an `MMFTConfig` describes (model, revision, feature mode, layer, CLS choice)."""
+        return cls.from_pretrained(cfg.vit_model_id, cfg.vit_feature_mode, cfg.vit_max_pixels, cfg.vit_revision,
+                                   dtype, cfg.vit_feature_layer, cfg.vit_feature_select_strategy)
 
     @property
     def feature_dim(self) -> int:
@@ -107,7 +130,7 @@ class VisionEncoder(nn.Module):
         if self.mode == "pooled":
             return 1
         cfg = self.vision_model.config
-        return (cfg.image_size // cfg.patch_size) ** 2 + 1
+        return (cfg.image_size // cfg.patch_size) ** 2 + (self.select_strategy == "full")
 
     def preprocess(self, images) -> torch.Tensor:
         """Images (any mode, path, bytes) -> pixel values `[B, 3, H, W]`."""
@@ -117,10 +140,16 @@ class VisionEncoder(nn.Module):
     @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         param = next(self.vision_model.parameters())
-        out = self.vision_model(pixel_values=pixel_values.to(param.device, param.dtype))
+        pixel_values = pixel_values.to(param.device, param.dtype)
         if self.mode == "pooled":
+            out = self.vision_model(pixel_values=pixel_values)
             return self.visual_projection(out.pooler_output).unsqueeze(1)  # [B, 1, D_proj]
-        return out.last_hidden_state  # [B, 1 + patches, D_v]
+        if self.feature_layer == -1:  # the last layer: no need to keep every layer's output
+            features = self.vision_model(pixel_values=pixel_values).last_hidden_state  # [B, 1 + P, D_v]
+        else:
+            out = self.vision_model(pixel_values=pixel_values, output_hidden_states=True)
+            features = out.hidden_states[self.feature_layer]  # [B, 1 + P, D_v]
+        return features[:, 1:] if self.select_strategy == "default" else features  # [B, P (+ 1), D_v]
 
     def encode(self, images, batch_size: int = 32) -> torch.Tensor:
         """Images -> features `[B, N, D_v]`, in batches so a long list does not exhaust memory."""

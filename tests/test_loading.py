@@ -29,7 +29,7 @@ def test_cpu_default_is_unquantized_and_4bit_is_available_on_request(tiny_config
 
     lm, _ = loading.load_lm(tiny_config, torch.device("cpu"), torch.float32)
     assert not any(isinstance(m, Linear4bit) for m in lm.modules())
-    q, _ = loading.load_lm(tiny_config, torch.device("cpu"), torch.float32, quantize=True)
+    q, _ = loading.load_lm(tiny_config, torch.device("cpu"), torch.float32, quantize="nf4")
     layers = [m for m in q.modules() if isinstance(m, Linear4bit)]
     assert layers and layers[0].weight.quant_type == "nf4"
 
@@ -57,3 +57,48 @@ def test_int8_dynamic_on_request_for_cpu_inference(tiny_model, tmp_path):
         loading.build_model(int8.cfg, device="cpu", quantize="int8", trainable=True)
     with pytest.raises(ValueError, match="quantize must be one of"):
         loading.resolve_quantize("fp8", torch.device("cpu"))
+
+
+def test_quantize_has_one_spelling():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert [loading.resolve_quantize(q, cpu) for q in ("nf4", "int8", "none", None)] == ["nf4", "int8", "none", "none"]
+    assert loading.resolve_quantize(None, cuda) == "nf4"
+    for old in (True, False, "auto", "yes", "no"):  # the old spellings are refused, with the allowed ones
+        with pytest.raises(ValueError, match=r"quantize must be one of \('nf4', 'int8', 'none'\) or None"):
+            loading.resolve_quantize(old, cpu)
+    from mmft.config import RunArguments
+
+    with pytest.raises(ValueError, match="quantize must be one of"):
+        RunArguments(quantize="yes")
+
+
+def test_build_model_leaves_the_callers_config_alone(tiny_config):
+    from dataclasses import asdict
+
+    before = asdict(tiny_config)
+    model = loading.build_model(tiny_config, device="cpu", dtype=torch.float32)
+    assert asdict(tiny_config) == before and tiny_config.mp_input_dim is None
+    assert (model.cfg.mp_input_dim, model.cfg.mp_hidden_dim, model.cfg.mp_output_dim) == (32, 64, 64)
+    assert model.cfg is not tiny_config
+
+
+def test_old_round_loads_with_the_features_it_was_trained_on(tmp_path):
+    """The committed demo round predates the feature-choice keys: last layer, CLS kept (50 tokens)."""
+    import json
+    from pathlib import Path
+
+    from mmft.config import MMFTConfig, load_config
+
+    demo = Path(__file__).resolve().parents[1] / "demo" / "round"
+    saved = json.loads((demo / "config.json").read_text())["mmft"]
+    assert "vit_feature_layer" not in saved and "vit_feature_select_strategy" not in saved
+    cfg, _ = load_config(demo)
+    assert (cfg.vit_feature_layer, cfg.vit_feature_select_strategy) == (-1, "full")
+    assert (MMFTConfig().vit_feature_layer, MMFTConfig().vit_feature_select_strategy) == (-2, "default")
+    model, _ = loading.load_round(demo, device="cpu", dtype=torch.float32)
+    assert model.vision.num_tokens == 50 and model.cfg.mp_input_dim == 32
+    # and a config saved now keeps its choice
+    from mmft.config import save_config
+
+    save_config(tmp_path, MMFTConfig(vit_feature_mode="patch"))
+    assert load_config(tmp_path)[0].vit_feature_select_strategy == "default"

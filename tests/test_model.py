@@ -1,8 +1,11 @@
 """The multimodal model: label alignment, equivalence with transformers' LLaVA, KV cache, adapter toggle."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from tests.conftest import _randomise_lora
 
 from mmft.data import pad_batch
 from mmft.model import position_ids_from
@@ -51,8 +54,9 @@ def _llava_from(model):
     image_token = model.tokenizer.convert_tokens_to_ids("<unk>")
     config = LlavaConfig(
         vision_config=model.vision.vision_model.config, text_config=lm.config,
-        image_token_index=image_token, image_seq_length=model.vision.num_tokens,
-        projector_hidden_act="gelu", vision_feature_layer=-1, vision_feature_select_strategy="full",
+        image_token_index=image_token, image_seq_length=model.vision.num_tokens, projector_hidden_act="gelu",
+        vision_feature_layer=model.cfg.vit_feature_layer,
+        vision_feature_select_strategy=model.cfg.vit_feature_select_strategy,
         multimodal_projector_bias=True,
     )
     llava = LlavaForConditionalGeneration(config).eval()
@@ -63,8 +67,19 @@ def _llava_from(model):
     return llava, image_token
 
 
-def test_patch_mode_matches_transformers_llava(tiny_model):
-    model = tiny_model.eval()
+@pytest.mark.parametrize("layer, strategy, n_tokens", [(-1, "full", 50), (-2, "default", 49)])
+def test_patch_mode_matches_transformers_llava(tiny_config, layer, strategy, n_tokens):
+    """Both feature choices (mmft's old one and LLaVA's, the default for new rounds), fp32."""
+    from dataclasses import replace
+
+    from mmft.loading import build_model
+
+    torch.manual_seed(0)
+    cfg = replace(tiny_config, vit_feature_layer=layer, vit_feature_select_strategy=strategy)
+    model = build_model(cfg, device="cpu", dtype=torch.float32, trainable=True)
+    _randomise_lora(model)
+    model.eval()
+    assert model.vision.num_tokens == n_tokens
     examples = _examples(model, model.vision.num_tokens)[:1]
     batch = pad_batch(examples, model.tokenizer.pad_token_id)
     pixel_values = model.vision.preprocess(_images(1))
@@ -74,7 +89,7 @@ def test_patch_mode_matches_transformers_llava(tiny_model):
         ours = model(batch["input_ids"], batch["attention_mask"], batch["image_mask"], pixel_values=pixel_values).logits
         ref = llava(input_ids=llava_ids, attention_mask=batch["attention_mask"], pixel_values=pixel_values).logits
     assert ours.shape == ref.shape
-    assert (ours - ref).abs().max().item() <= 1e-5
+    assert (ours - ref).abs().max().item() <= 1e-5  # same fp32 ops in the same order, up to kernel rounding
 
 
 def _prompt_batch(model, questions, side="left"):

@@ -13,8 +13,9 @@ from safetensors.torch import load_file
 from transformers import TrainingArguments
 
 from mmft import loading, shapes
+from mmft.config import MMFTConfig, RunArguments
 from mmft.features import FeatureCache, build_cache
-from mmft.training import DataArguments, ModelArguments, default_training_args, finetune
+from mmft.training import default_training_args, finetune
 from mmft.vision import VisionEncoder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,18 +28,19 @@ def shapes_data(tmp_path_factory):
 
 
 def _args(tiny_dir, data, out, steps=12, mode="patch", **extra):
+    """(MMFTConfig, RunArguments, TrainingArguments): how any caller builds a run programmatically."""
     train_json, images = data
-    margs = ModelArguments(lm_model_id=str(tiny_dir / "lm"), vit_model_id=str(tiny_dir / "clip"),
-                           vit_feature_mode=mode, lora_r=8, lora_alpha=16, lora_dropout=0.0, projector_lr=3e-3,
-                           **{k: v for k, v in extra.items() if k in ModelArguments.__dataclass_fields__})
-    dargs = DataArguments(train_json=str(train_json), image_dir=str(images), eval_fraction=0.1, max_eval_samples=16,
-                          **{k: v for k, v in extra.items() if k in DataArguments.__dataclass_fields__})
+    cfg = MMFTConfig(lm_model_id=str(tiny_dir / "lm"), vit_model_id=str(tiny_dir / "clip"), vit_feature_mode=mode,
+                     lora_r=8, lora_alpha=16, lora_dropout=0.0,
+                     **{k: v for k, v in extra.items() if k in MMFTConfig.__dataclass_fields__})
+    run = RunArguments(train_json=str(train_json), image_dir=str(images), eval_fraction=0.1, max_eval_samples=16,
+                       projector_lr=3e-3, **{k: v for k, v in extra.items() if k in RunArguments.__dataclass_fields__})
     training = dict(output_dir=str(out), max_steps=steps, learning_rate=3e-3, per_device_train_batch_size=8,
                     eval_steps=steps // 2, save_steps=steps // 2, logging_steps=2, disable_tqdm=True,
                     activation_checkpointing=True, seed=7)
     training.update({k: v for k, v in extra.items() if k in TrainingArguments.__dataclass_fields__})
     targs = TrainingArguments(**default_training_args(**training))
-    return margs, dargs, targs
+    return cfg, run, targs
 
 
 def _trained(folder):
@@ -79,13 +81,29 @@ def test_next_round_continues_the_last_and_records_lineage(tiny_dir, shapes_data
     assert not (second / "model.safetensors").exists()  # never the merged base
 
 
-def test_projector_stage_then_seeding_a_finetune(tiny_dir, shapes_data, tmp_path):
-    stage1, info = finetune(*_args(tiny_dir, shapes_data, tmp_path / "s1", steps=6, projector_only=True))
-    assert info["stage"] == "projector" and not (stage1 / "adapter").exists()
-    margs, dargs, targs = _args(tiny_dir, shapes_data, tmp_path / "s2", steps=2, init_projector=str(stage1))
+def test_projector_stage_round_loads_continues_publishes_and_seeds(tiny_dir, shapes_data, tmp_path, hub_online):
+    from mmft.hub import list_rounds, plan_upload, publish
+    from mmft.loading import load_round
     from mmft.training import prepare_model
 
-    model, _ = prepare_model(margs, "cpu", None)
+    stage1, info = finetune(*_args(tiny_dir, shapes_data, tmp_path / "s1", steps=6, projector_only=True))
+    assert info["stage"] == "projector"
+    # a complete round whose adapter is LoRA's untrained one: B = 0, so it changes nothing
+    lora = load_file(str(stage1 / "adapter" / "adapter_model.safetensors"))
+    assert any("lora_B" in k for k in lora) and all(not v.any() for k, v in lora.items() if "lora_B" in k)
+    model, round_info = load_round(stage1, device="cpu", dtype=torch.float32)
+    for key, value in load_file(str(stage1 / "projector.safetensors")).items():
+        assert torch.equal(model.projector.state_dict()[key], value)
+    assert round_info["stage"] == "projector"
+    # publishes (to the local Hub stand-in) ...
+    published = publish(plan_upload(stage1, "me/stage1"))
+    assert list_rounds("me/stage1") == [("round-1", published.commit_id)]
+    # ... continues as round 2 ...
+    second, info2 = finetune(*_args(tiny_dir, shapes_data, tmp_path / "s2", steps=2, resume_round=str(stage1)))
+    assert info2["round"] == 2 and info2["parent"]["round"] == 1 and info2["stage"] == "finetune"
+    # ... and seeds a new round's projector, with LoRA trainable there
+    cfg, run, _ = _args(tiny_dir, shapes_data, tmp_path / "s3", steps=2, init_projector=str(stage1))
+    model, _ = prepare_model(cfg, run, "cpu", None)
     seeded = model.projector.state_dict()
     for key, value in load_file(str(stage1 / "projector.safetensors")).items():
         assert torch.equal(seeded[key], value)
@@ -93,9 +111,10 @@ def test_projector_stage_then_seeding_a_finetune(tiny_dir, shapes_data, tmp_path
     assert any(n.startswith("projector.") for n in trainable) and any("lora_" in n for n in trainable)
 
 
-def test_feature_cache_trains_exactly_like_on_the_fly_clip(tiny_dir, shapes_data, tmp_path, monkeypatch):
+def test_feature_cache_trains_exactly_like_on_the_fly_clip_without_image_files(tiny_dir, shapes_data, tmp_path,
+                                                                             monkeypatch):
     train_json, images = shapes_data
-    vision = VisionEncoder.from_pretrained(str(tiny_dir / "clip"), "patch", 10**8, dtype=torch.float32)
+    vision = VisionEncoder.from_pretrained(str(tiny_dir / "clip"), "patch", 10**8, dtype=torch.float32)  # LLaVA's choice
     names = [r["image"] for r in json.loads(train_json.read_text())]
     (images / "broken.png").write_bytes(b"nope")
     index = build_cache(vision, str(tiny_dir / "clip"), images, names + ["broken.png"], tmp_path / "cache",
@@ -103,20 +122,23 @@ def test_feature_cache_trains_exactly_like_on_the_fly_clip(tiny_dir, shapes_data
     assert len(index["files"]) == 160 and list(index["unreadable"]) == ["broken.png"]
     assert len(list((tmp_path / "cache").glob("features-*.safetensors"))) == 3
     cache = FeatureCache(tmp_path / "cache")
-    assert cache[names[0]].shape == (50, 32)
+    assert cache[names[0]].shape == (49, 32)  # 7x7 patches, CLS dropped
     # Exact: the cache holds bit for bit what CLIP computes for the same images in the same batch
     # (build_cache encodes the sorted names 32 at a time).
     first = sorted(names)[:32]
     with torch.no_grad():
-        features = vision(torch.cat([vision.preprocess([images / n]) for n in first])).float()  # [32, 50, 32]
+        features = vision(torch.cat([vision.preprocess([images / n]) for n in first])).float()  # [32, 49, 32]
     for j, name in enumerate(first):
         assert torch.equal(cache[name], features[j]), name
 
     # Training from the cache vs CLIP on the fly, both in float32: pick_dtype would pick bf16 on a CPU
     # with native bf16, and the cache holds float32 features, so bf16 CLIP would differ by design.
     monkeypatch.setattr(loading, "cpu_has_bf16", lambda: False)
-    cached, _ = finetune(*_args(tiny_dir, shapes_data, tmp_path / "c", steps=4, feature_cache=str(tmp_path / "cache")))
-    live, _ = finetune(*_args(tiny_dir, shapes_data, tmp_path / "l", steps=4))
+    # the cached run sees no image folder at all
+    cached, cached_info = finetune(*_args(tiny_dir, (train_json, tmp_path / "no-images"), tmp_path / "c", steps=4,
+                                          feature_cache=str(tmp_path / "cache")))
+    live, live_info = finetune(*_args(tiny_dir, shapes_data, tmp_path / "l", steps=4))
+    assert cached_info["samples"] == live_info["samples"] == 144
     losses = [[(h["step"], h[k]) for h in json.loads((f / "metrics.json").read_text())["log_history"]
                for k in ("train_loss", "eval_loss") if k in h] for f in (cached, live)]
     assert [s for s, _ in losses[0]] == [s for s, _ in losses[1]] == [2, 4, 4, 4]  # evals at 2, 4; train; final eval
@@ -132,14 +154,104 @@ def test_feature_cache_trains_exactly_like_on_the_fly_clip(tiny_dir, shapes_data
 
 
 def test_mismatched_feature_cache_is_refused(tiny_dir, shapes_data, tmp_path):
+    from mmft.data import DataError
+
     vision = VisionEncoder.from_pretrained(str(tiny_dir / "clip"), "pooled", 10**8)
     build_cache(vision, str(tiny_dir / "clip"), shapes_data[1], ["train-00000.png"], tmp_path / "cache")
-    with pytest.raises(ValueError, match=r"built with CLIP .* in 'pooled' mode, but this run uses .* in 'patch' mode"):
+    with pytest.raises(DataError, match=r"built with CLIP .* in 'pooled' mode, but this run uses .* in 'patch' mode"):
         finetune(*_args(tiny_dir, shapes_data, tmp_path / "x", steps=2, feature_cache=str(tmp_path / "cache")))
+    # same CLIP and mode, other layer / CLS choice: refused too
+    vision = VisionEncoder.from_pretrained(str(tiny_dir / "clip"), "patch", 10**8, feature_layer=-1,
+                                           select_strategy="full")
+    build_cache(vision, str(tiny_dir / "clip"), shapes_data[1], ["train-00000.png"], tmp_path / "cache-full")
+    with pytest.raises(DataError, match=r"'patch' mode \(layer -1, 'full'\), but this run uses .*\(layer -2, 'default'\)"):
+        finetune(*_args(tiny_dir, shapes_data, tmp_path / "y", steps=2, feature_cache=str(tmp_path / "cache-full")))
+
+
+@pytest.mark.parametrize("content, problem", [(None, "data file not found"), ("", "the data file is empty"),
+                                              ('[{"id": "1", "conv', "not valid JSON at line 1.*truncated")])
+def test_bad_data_file_is_one_clear_error(tiny_dir, shapes_data, tmp_path, content, problem):
+    from mmft.data import DataError
+
+    path = tmp_path / "data.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(DataError, match=f"^{path}: {problem}"):
+        finetune(*_args(tiny_dir, (path, shapes_data[1]), tmp_path / "out", steps=2))
+
+
+def test_cli_bad_data_file_exits_with_one_line(tiny_dir, tmp_path):
+    path = tmp_path / "cut.json"
+    path.write_text('[{"id": "1", "image": "a.png", "conversations": [{"from": "hum')
+    proc = subprocess.run([sys.executable, "-m", "train.finetune", "--lm_model_id", str(tiny_dir / "lm"),
+                           "--vit_model_id", str(tiny_dir / "clip"), "--train_json", str(path), "--output_dir",
+                           str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {path}: not valid JSON at line 1, column 59 (Unterminated string starting at); "
+        "is the file truncated? Download or write it again"], proc.stderr[-2000:]
+
+
+def test_cli_help_lists_every_config_field_without_loading_torch():
+    code = ("import sys; from train.finetune import main\ntry: main(['--help'])\nexcept SystemExit: pass\n"
+            "print('TORCH', 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120).stdout
+    from dataclasses import fields
+
+    for f in fields(MMFTConfig) + fields(RunArguments):
+        assert f"--{f.name}" in out, f.name
+    assert "TORCH False" in out
+
+
+def test_torn_checkpoints_are_never_resumed_from(tmp_path):
+    from safetensors.torch import save_file
+
+    from mmft.training import last_complete_checkpoint
+
+    def checkpoint(step, state=True, weights=True):
+        folder = tmp_path / f"checkpoint-{step}"
+        (folder / "adapter").mkdir(parents=True)  # the old layout's empty adapter/ after a kill
+        if weights:
+            save_file({"projector.linear_1.weight": torch.ones(2, 2)}, str(folder / "model.safetensors"))
+        if state:
+            (folder / "trainer_state.json").write_text('{"global_step": %d}' % step)
+        return folder
+
+    assert last_complete_checkpoint(tmp_path) is None
+    checkpoint(4)
+    checkpoint(8, state=False)  # killed before the trainer state was written
+    cut = checkpoint(10)
+    (cut / "trainer_state.json").write_text('{"global_st')  # killed while writing it
+    weights = checkpoint(12, state=True)
+    (weights / "model.safetensors").write_bytes((weights / "model.safetensors").read_bytes()[:20])
+    checkpoint(6)
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-6")
+
+
+def test_base_revisions_are_pinned_to_the_hub_commit(tiny_dir, hub_online):
+    from huggingface_hub import HfApi
+
+    from mmft.training import pin_revisions
+
+    api = HfApi()
+    commits = {}
+    for name in ("lm", "clip"):
+        api.create_repo(f"base/{name}")
+        commits[name] = api.upload_folder(repo_id=f"base/{name}", folder_path=str(tiny_dir / name)).oid
+    cfg = pin_revisions(MMFTConfig(lm_model_id="base/lm", vit_model_id="base/clip"))
+    assert (cfg.lm_revision, cfg.vit_revision) == (commits["lm"], commits["clip"])
+    # a revision the user gave is kept; local folders have no commit
+    assert pin_revisions(MMFTConfig(lm_model_id="base/lm", lm_revision="v1", vit_model_id=str(tiny_dir / "clip"))
+                         ).lm_revision == "v1"
+    local = pin_revisions(MMFTConfig(lm_model_id=str(tiny_dir / "lm"), vit_model_id=str(tiny_dir / "clip")))
+    assert (local.lm_revision, local.vit_revision) == (None, None)
 
 
 CRASHING_RUN = """
 import os, sys, signal
+import torch
+torch.set_num_threads(min(2, os.cpu_count() or 1))  # as conftest: the same float sums as the uninterrupted run
 from transformers import TrainerCallback, TrainingArguments
 sys.path.insert(0, {tests!r})
 from test_training import _args
@@ -163,6 +275,14 @@ def test_killed_run_resumes_without_lost_or_repeated_steps(tiny_dir, shapes_data
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]  # SIGKILL, mid-run
     assert sorted(p.name for p in (tmp_path / "crash").glob("checkpoint-*")) == ["checkpoint-4"]
+    # a checkpoint holds the trained weights only (LoRA + projector), never the base
+    saved = load_file(str(tmp_path / "crash" / "checkpoint-4" / "model.safetensors"))
+    assert saved and all(k.startswith("projector.") or ".lora_" in k for k in saved)
+    assert any(k.startswith("projector.") for k in saved) and any(".lora_" in k for k in saved)
+    # a kill while writing checkpoint-6 left it torn: resuming must not pick it
+    torn = tmp_path / "crash" / "checkpoint-6"
+    (torn / "adapter").mkdir(parents=True)
+    (torn / "model.safetensors").write_bytes((tmp_path / "crash" / "checkpoint-4" / "model.safetensors").read_bytes()[:100])
     resumed, rinfo = finetune(*_args(tiny_dir, shapes_data, tmp_path / "crash", steps=8, save_steps=4,
                                      resume_from_checkpoint="last"))
     assert rinfo["steps"] == info["steps"] == 8
@@ -174,14 +294,27 @@ def test_killed_run_resumes_without_lost_or_repeated_steps(tiny_dir, shapes_data
         assert torch.allclose(a[key], b[key], atol=1e-6), key
 
 
+def _with_text_only_records(train_json, out, every=4):
+    """The shapes data with 3 of every 4 records made text-only (no image, no <image>)."""
+    records = json.loads(Path(train_json).read_text())
+    for i, record in enumerate(records):
+        if i % every:
+            del record["image"]
+            record["conversations"][0]["value"] = record["conversations"][0]["value"].replace("<image>", "").strip()
+    out.write_text(json.dumps(records))
+    return out
+
+
 @pytest.mark.slow
-def test_two_process_ddp_on_cpu_writes_one_round(tiny_dir, shapes_data, tmp_path):
-    train_json, images = shapes_data
+def test_two_process_ddp_on_cpu_with_text_only_records_writes_one_round(tiny_dir, shapes_data, tmp_path):
+    """Mixed image and text-only records: a text-only batch on one rank still reduces the projector."""
+    _, images = shapes_data
+    train_json = _with_text_only_records(shapes_data[0], tmp_path / "mixed.json")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "train.finetune", "--lm_model_id", str(tiny_dir / "lm"), "--vit_model_id", str(tiny_dir / "clip"),
            "--vit_feature_mode", "patch", "--train_json", str(train_json), "--image_dir", str(images),
            "--output_dir", str(tmp_path / "ddp"), "--max_steps", "4", "--save_steps", "4", "--eval_steps", "4",
-           "--per_device_train_batch_size", "4", "--ddp_backend", "gloo", "--lora_dropout", "0",
+           "--per_device_train_batch_size", "2", "--ddp_backend", "gloo", "--lora_dropout", "0",
            "--disable_tqdm", "true"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
@@ -195,7 +328,7 @@ def test_two_process_ddp_on_cpu_writes_one_round(tiny_dir, shapes_data, tmp_path
     assert "[rank 0/2] finished at step 4" in stdout and "[rank 1/2] finished at step 4" in stdout
     assert sorted(p.name for p in (tmp_path / "ddp").glob("round-*")) == ["round-1"]
     config = json.loads((tmp_path / "ddp" / "round-1" / "config.json").read_text())
-    assert config["round"]["samples_seen"] == 4 * 4 * 2
+    assert config["round"]["samples_seen"] == 4 * 2 * 2
 
 
 def test_fresh_projector_starts_at_the_text_embedding_scale(tiny_model):

@@ -57,9 +57,14 @@ def test_damaged_and_missing_files(tmp_path):
         load_image(tmp_path / "none.png", 10**7)
 
 
-@pytest.mark.parametrize("mode, shape", [("pooled", (3, 1, 16)), ("patch", (3, 50, 32))])
-def test_feature_shapes(tiny_dir, mode, shape):
-    vision = VisionEncoder.from_pretrained(str(tiny_dir / "clip"), mode, 10**7)
+@pytest.mark.parametrize("mode, layer, strategy, shape", [
+    ("pooled", -2, "default", (3, 1, 16)),  # pooled ignores the layer and CLS choice
+    ("patch", -1, "full", (3, 50, 32)),  # 7x7 patches + CLS, last layer (rounds before the choice existed)
+    ("patch", -2, "default", (3, 49, 32)),  # LLaVA's: second-to-last layer, no CLS (new rounds)
+])
+def test_feature_shapes(tiny_dir, mode, layer, strategy, shape):
+    vision = VisionEncoder.from_pretrained(str(tiny_dir / "clip"), mode, 10**7, feature_layer=layer,
+                                           select_strategy=strategy)
     images = [_image(m) for m in ("RGB", "P", "I;16")]
     features = vision.encode(images, batch_size=2)
     assert features.shape == shape and not features.requires_grad
@@ -72,4 +77,29 @@ def test_feature_shapes(tiny_dir, mode, shape):
         with torch.no_grad():
             ref = clip.get_image_features(pixel_values=vision.preprocess(images)).pooler_output
         assert torch.allclose(features[:, 0], ref, atol=1e-6)
+    else:  # exactly CLIP's hidden_states[layer], CLS dropped or kept
+        with torch.no_grad():
+            hidden = vision.vision_model(vision.preprocess(images), output_hidden_states=True).hidden_states[layer]
+        assert torch.equal(features, hidden[:, 1:] if strategy == "default" else hidden)
     assert all(not p.requires_grad for p in vision.parameters())
+
+
+def test_importing_mmft_leaves_pils_bomb_guard_on():
+    import subprocess
+    import sys
+
+    code = ("from PIL import Image; before = Image.MAX_IMAGE_PIXELS; "
+            "import mmft.vision, mmft.data, mmft.loading, mmft.training, mmft.pipeline; "
+            "print(before, Image.MAX_IMAGE_PIXELS)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == out[1] != "None"
+
+
+def test_image_past_pils_hard_limit_is_one_clear_error(monkeypatch):
+    # PIL refuses (DecompressionBombError) past 2x MAX_IMAGE_PIXELS before our own check can run:
+    # that is an ImageError too, with what to do. A small limit stands in for PIL's 89M pixels.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    buf = io.BytesIO()
+    Image.new("L", (100, 100)).save(buf, "PNG")
+    with pytest.raises(ImageError, match="too large to decode safely.*resize it"):
+        load_image(buf.getvalue(), max_pixels=10**9)

@@ -7,9 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from transformers.utils import logging as hf_logging
-
-from mmft.demo import DEMO_DIR, build_demo
+DEMO_DIR = Path(__file__).resolve().parents[1] / "demo"  # = mmft.demo.DEMO_DIR, without importing torch for --help
 
 
 def main(argv=None):
@@ -23,6 +21,10 @@ def main(argv=None):
     parser.add_argument("--eval_n", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    from mmft.demo import build_demo
+
     hf_logging.set_verbosity_warning()
     hf_logging.disable_progress_bar()
     modes = args.modes.split(",")

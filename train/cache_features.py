@@ -1,17 +1,16 @@
-"""Compute CLIP features for every image of a LLaVA-Instruct JSON once, into safetensors shards.
+r"""Compute CLIP features for every image of a LLaVA-Instruct JSON once, into safetensors shards.
 
     python -m train.cache_features --train_json llava_instruct_150k.json --image_dir coco/train2017 \
-        --out features/clip-b32-pooled --vit_feature_mode pooled
-    python -m train.finetune ... --feature_cache features/clip-b32-pooled
+        --out features/clip-b32-patch --vit_feature_mode patch
+    python -m train.finetune ... --feature_cache features/clip-b32-patch
+
+The feature choice (--vit_feature_mode, and in patch mode --vit_feature_layer and
+--vit_feature_select_strategy) must be the training run's: finetune refuses a cache built otherwise.
 """
 
 import argparse
-import json
 
-from mmft.config import MMFTConfig
-from mmft.features import build_cache
-from mmft.loading import pick_device, pick_dtype
-from mmft.vision import VisionEncoder
+from mmft.config import FEATURE_MODES, SELECT_STRATEGIES, MMFTConfig
 
 
 def main(argv=None):
@@ -20,17 +19,30 @@ def main(argv=None):
     parser.add_argument("--image_dir", required=True)
     parser.add_argument("--out", required=True, help="cache folder")
     parser.add_argument("--vit_model_id", default=MMFTConfig.vit_model_id)
-    parser.add_argument("--vit_feature_mode", default="pooled", choices=["pooled", "patch"])
+    parser.add_argument("--vit_revision", default=None)
+    parser.add_argument("--vit_feature_mode", default=MMFTConfig.vit_feature_mode, choices=FEATURE_MODES)
+    parser.add_argument("--vit_feature_layer", type=int, default=MMFTConfig.vit_feature_layer,
+                        help="patch mode: index into CLIP's hidden_states (-1 last, -2 second-to-last)")
+    parser.add_argument("--vit_feature_select_strategy", default=MMFTConfig.vit_feature_select_strategy,
+                        choices=SELECT_STRATEGIES, help="patch mode: default = drop CLS (LLaVA), full = keep it")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--shard_size", type=int, default=4096)
     args = parser.parse_args(argv)
 
-    names = []
-    for path in args.train_json:
-        names += [r["image"] for r in json.load(open(path)) if isinstance(r, dict) and r.get("image")]
+    from mmft.data import DataError, load_json
+    from mmft.features import build_cache
+    from mmft.loading import pick_device, pick_dtype
+    from mmft.vision import VisionEncoder
+
+    cfg = MMFTConfig(vit_model_id=args.vit_model_id, vit_revision=args.vit_revision,
+                     vit_feature_mode=args.vit_feature_mode, vit_feature_layer=args.vit_feature_layer,
+                     vit_feature_select_strategy=args.vit_feature_select_strategy)
+    try:
+        names = [r["image"] for path in args.train_json for r in load_json(path) if isinstance(r, dict) and r.get("image")]
+    except DataError as err:
+        parser.exit(1, f"error: {err}\n")
     device = pick_device()
-    vision = VisionEncoder.from_pretrained(args.vit_model_id, args.vit_feature_mode, MMFTConfig.vit_max_pixels,
-                                           dtype=pick_dtype(device)).to(device)
+    vision = VisionEncoder.from_config(cfg, dtype=pick_dtype(device)).to(device)
     index = build_cache(vision, args.vit_model_id, args.image_dir, names, args.out, args.shard_size, args.batch_size)
     print(f"cached {len(index['files'])} images ({len(index['unreadable'])} unreadable) "
           f"as [{index['num_tokens']}, {index['feature_dim']}] features -> {args.out}")
