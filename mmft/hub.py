@@ -267,13 +267,6 @@ def pull_round(source: str | Path, revision: str | None = None, cache_dir: str |
     return folder
 
 
-def load_pipeline(source: str | Path, revision: str | None = None, **load_kwargs):
-    """A `Pipeline` for a local round folder or any Hub revision; kwargs go to `load_round`."""
-    from mmft.pipeline import Pipeline  # torch & transformers: only when a model is loaded
-
-    return Pipeline.from_round(pull_round(source, revision), **load_kwargs)
-
-
 def list_rounds(repo_id: str, cache_dir: str | Path | None = None) -> list[tuple[str, str]]:
     """(tag, commit id) of every `round-N` tag, oldest first; offline, the rounds pulled before."""
     try:

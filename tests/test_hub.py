@@ -20,7 +20,6 @@ from mmft.hub import (
     RoundExists,
     RoundNotFound,
     list_rounds,
-    load_pipeline,
     plan_upload,
     publish,
     pull_round,
@@ -28,6 +27,7 @@ from mmft.hub import (
 )
 from mmft.loading import build_model, load_round
 from mmft.pipeline import Pipeline
+from mmft.serving import load_pipeline
 from tests.hub_server import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
