@@ -20,7 +20,7 @@ import gradio as gr
 
 from mmft import shapes
 from mmft.hub import RoundNotFound
-from mmft.serving import DEMO_KEY, MAIN_KEY, Rounds, Settings  # noqa: F401 (Settings: for app.py and tests)
+from mmft.serving import DEMO_KEY, Rounds, Settings  # noqa: F401 (Settings: for app.py and tests)
 from mmft.speech import DEFAULT_MODEL_ID, MAX_SECONDS, AudioError, SpeechUnavailable, Transcriber, prepare_audio
 from mmft.vision import ImageError, load_image
 
