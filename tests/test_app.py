@@ -362,6 +362,21 @@ def test_flags_and_environment():
     assert (a.repo, a.revision, a.host, a.port, a.asr_model) == ("o/n", "round-2", "0.0.0.0", 7860, "a/b")
     assert app_py.parse_args(["--revision", "round-1", "--quantize"], environ=env).revision == "round-1"
     assert app_py.parse_args([], environ={}).host == "127.0.0.1" and app_py.parse_args([], environ={}).quantize is None
+    space = {"MMFT_QUANTIZE": "int8", "MMFT_DTYPE": "float32", "MMFT_CACHE_SIZE": "8", "MMFT_MAX_BASES": "2",
+             "MMFT_THREADS": "2", "MMFT_DEVICE": "cpu", "MMFT_DEMO": "1", "GRADIO_SERVER_PORT": "7861"}
+    a = app_py.parse_args([], environ=space)
+    assert (a.quantize, a.dtype, a.cache_size, a.max_bases, a.threads, a.device, a.demo, a.port) == (
+        "int8", "float32", 8, 2, 2, "cpu", True, 7861)
+    a = app_py.parse_args(["--quantize", "none", "--cache-size", "3"], environ=space)  # a flag given wins
+    assert (a.quantize, a.cache_size) == ("none", 3)
+    assert (a.cache_size, a.max_bases) == (3, 2) and app_py.parse_args([], environ={}).cache_size == 4
+    for name, value, message in (("MMFT_QUANTIZE", "int4", "choose one of nf4, int8, none"),
+                                 ("MMFT_CACHE_SIZE", "many", "not a positive whole number")):
+        with pytest.raises(SystemExit):
+            app_py.parse_args([], environ={name: value})
+        done = subprocess.run([sys.executable, str(ROOT / "app.py")], env={**os.environ, name: value},
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode != 0 and message in done.stderr and "Traceback" not in done.stderr
     for argv, before, offline in (([], {}, "1"), (["--repo", "o/n"], {}, None), (["--repo", "o/n", "--demo"], {}, "1"),
                                   ([], {"HF_HUB_OFFLINE": "0"}, "0")):
         environ = dict(before)
