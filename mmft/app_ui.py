@@ -21,7 +21,8 @@ import gradio as gr
 from mmft import shapes
 from mmft.hub import RoundNotFound
 from mmft.serving import DEMO_KEY, Rounds, Settings  # noqa: F401 (Settings: for app.py and tests)
-from mmft.speech import DEFAULT_MODEL_ID, MAX_SECONDS, AudioError, SpeechUnavailable, Transcriber, prepare_audio
+from mmft.speech import (DEFAULT_MODEL_ID, GO_ONLINE, MAX_SECONDS, AudioError, SpeechUnavailable, Transcriber,
+                         prepare_audio)
 from mmft.vision import ImageError, load_image
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,16 @@ def banner(rounds: Rounds, key: str, problem: str | None = None) -> str:
     return (f"**Serving {served}**{where}. The draft comes from the fine-tuned (LoRA) "
             "model, which sees the image; the answer is the base model's rewrite of it. Pick another round "
             "below to compare.")
+
+
+def audio_help(model_id: str) -> str:
+    """The Audio tab's text; offline (the bundled demo), it says plainly how to let speech download."""
+    text = (f"Record or upload a spoken question (WAV, FLAC, OGG or MP3; the first {MAX_SECONDS:.0f} s are used). "
+            f"Transcribed by `{model_id}`, loaded on first use, then answered by the base model.")
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        text += (f"\n\n**This app runs offline** (HF_HUB_OFFLINE=1): speech works only if `{model_id}` is "
+                 f"already cached. To let it download once, {GO_ONLINE}.")
+    return text
 
 
 def draw_examples(folder: Path) -> list[list[str]]:
@@ -243,9 +254,7 @@ def create_app(settings: Settings, transcriber: Transcriber | None = None,
                         image_notes = gr.Markdown(label="Notes")
                 gr.Examples(examples, inputs=[image, question], cache_examples=False)
             with gr.Tab("Audio", id="audio"):
-                gr.Markdown(f"Record or upload a spoken question (WAV, FLAC, OGG or MP3; the first "
-                            f"{MAX_SECONDS:.0f} s are used). Transcribed by `{handlers.transcriber.model_id}`, "
-                            "loaded on first use, then answered by the base model.")
+                gr.Markdown(audio_help(handlers.transcriber.model_id), elem_id="audio-help")
                 with gr.Row():
                     with gr.Column():
                         audio = gr.Audio(sources=["microphone", "upload"], type="filepath", label="Spoken question")

@@ -279,6 +279,9 @@ def test_audio_tab_says_when_speech_is_unavailable_and_the_rest_works(served, tm
     finally:
         SPEECH["available"] = True
     assert client.predict(handle_file(wav(tmp_path / "q.wav")), api_name="/audio")[1] == SPOKEN
+    help_text = component(client, elem_id="audio-help")["value"]  # offline (conftest): how to let speech download
+    assert "runs offline" in help_text and "HF_HUB_OFFLINE=0 python app.py" in help_text and "--repo" in help_text
+    assert "local_files_only" not in help_text
 
 
 # -- the trained demo ----------------------------------------------------------------------------
