@@ -368,3 +368,66 @@ def test_cli_refuses_a_pickle_and_dry_run_sends_nothing(hub_online, rounds, tmp_
     assert sizes["projector.safetensors"] == f"{(folder / 'projector.safetensors').stat().st_size:,}"
     assert "library_name: peft" in done.stdout and "| round-2 |" in done.stdout
     assert SECRET not in done.stdout + done.stderr
+
+
+# -- deploying the app to a Space ----------------------------------------------------------------
+def _lfs_patterns(gitattributes: bytes) -> list[str]:
+    return [line.split()[0] for line in gitattributes.decode().splitlines()
+            if line.strip() and not line.startswith("#") and "filter=lfs" in line]
+
+
+def _is_binary(data: bytes) -> bool:
+    """What a Space refuses outside LFS: NUL bytes or not UTF-8 text."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return True
+    return b"\0" in data
+
+
+@pytest.mark.slow
+def test_space_deploy_uploads_what_the_app_needs_and_it_runs(hub_online, tmp_path):
+    from huggingface_hub import snapshot_download
+
+    from mmft.space import space_files
+
+    space = "user/mmft-space"
+    env = {**os.environ, "HF_ENDPOINT": hub_online.url, "HF_TOKEN": SECRET, "HF_HUB_OFFLINE": "0"}
+    done = subprocess.run([sys.executable, "-m", "mmft.space", space, "--variable", "MMFT_QUANTIZE=none",
+                           "--variable", "MMFT_THREADS=2"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert SECRET not in done.stdout + done.stderr
+    files = hub_online.files(space, repo_type="space")
+    assert set(files) == set(space_files(ROOT)) and "app.py" in files and "demo/round/projector.safetensors" in files
+    assert not [p for p in files if p.startswith(("tests/", "train/", "bench/", "docs/"))]
+    lfs = _lfs_patterns(files[".gitattributes"])  # every binary file is LFS on the Space
+    binaries = [p for p, data in files.items() if _is_binary(data)]
+    assert "demo/base/lm/model.safetensors" in binaries
+    assert all(any(fnmatch(Path(p).name, pat) for pat in lfs) for p in binaries), binaries
+    assert any(fnmatch("tokenizer.json", pat) for pat in lfs)
+    assert hub_online.space(space) == {"sdk": "gradio", "variables": {"MMFT_QUANTIZE": "none", "MMFT_THREADS": "2"}}
+    card = ModelCard(files["README.md"].decode())  # the front matter configures the Space
+    assert (card.data.sdk, card.data.app_file) == ("gradio", "app.py")
+
+    # the Space's files alone serve the demo (offline: nothing else to fetch)
+    here = Path(snapshot_download(space, repo_type="space", local_dir=tmp_path / "space"))
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MMFT_THREADS": "1", "GRADIO_SERVER_PORT": str(port)}
+    proc = subprocess.Popen([sys.executable, "app.py"], cwd=here, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        from gradio_client import Client
+
+        url = f"http://127.0.0.1:{port}/"
+        for _ in range(120):
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                client = Client(url, verbose=False, analytics_enabled=False)
+                break
+            except Exception:
+                time.sleep(1)
+        assert client.predict("Hello", api_name="/text")[0]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -145,3 +145,40 @@ def test_a_dropped_round_says_so(three_rounds):
     cache.load("b", three_rounds[1], **FP32)
     with pytest.raises(RuntimeError, match="no longer loaded"):
         old.answer_text("Hello")
+
+
+def test_a_round_loads_the_base_revisions_it_names(hub_online, tiny_dir, tmp_path):
+    """config.json pins the base LM's and CLIP's commits: serving loads exactly those, not the newest."""
+    from huggingface_hub import HfApi
+    from safetensors.torch import load_file, save_file
+
+    api = HfApi()
+    pinned = {}
+    for name in ("lm", "clip"):
+        repo = f"user/tiny-{name}"
+        api.create_repo(repo)
+        pinned[name] = api.upload_folder(repo_id=repo, folder_path=str(tiny_dir / name)).oid
+        newer = {k: v + 1.0 for k, v in load_file(str(tiny_dir / name / "model.safetensors")).items()}
+        save_file(newer, str(tmp_path / f"{name}.safetensors"), metadata={"format": "pt"})
+        api.upload_file(path_or_fileobj=str(tmp_path / f"{name}.safetensors"), path_in_repo="model.safetensors",
+                        repo_id=repo)  # main moves on: other weights
+    folder = make_round(tiny_dir, tmp_path / "round", 1)
+    cfg, info = load_config(folder)
+    cfg.lm_model_id, cfg.lm_revision = "user/tiny-lm", pinned["lm"]
+    cfg.vit_model_id, cfg.vit_revision = "user/tiny-clip", pinned["clip"]
+    save_config(folder, cfg, info)
+
+    model = RoundCache().load("pinned", folder, **FP32).model
+    want_lm = load_file(str(tiny_dir / "lm" / "model.safetensors"))
+    want_clip = load_file(str(tiny_dir / "clip" / "model.safetensors"))
+    lm_state = model.lm.get_base_model().state_dict()
+    embed = next(k for k in want_lm if "embed_tokens" in k)
+    assert torch.equal(lm_state[embed], want_lm[embed])  # the pinned commit, not main's +1
+    clip_key = next(k for k in want_clip if k.endswith("patch_embedding.weight"))
+    assert torch.equal(model.vision.state_dict()[next(k for k in model.vision.state_dict()
+                                                       if k.endswith("patch_embedding.weight"))], want_clip[clip_key])
+
+    cfg.lm_revision = None  # unpinned: main's newer weights (so the pin above is what made the difference)
+    save_config(folder, cfg, info)
+    unpinned = RoundCache().load("main", folder, **FP32).model
+    assert torch.equal(unpinned.lm.get_base_model().state_dict()[embed], want_lm[embed] + 1.0)
