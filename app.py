@@ -20,27 +20,57 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 DEMO_ROUND = Path(__file__).resolve().parent / "demo" / "round"
 
 
+QUANTIZE = ["nf4", "int8", "none"]
+
+
+def _int(environ, name: str) -> int | None:
+    value = (environ.get(name) or "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        sys.exit(f"app.py: {name}={value!r} is not a positive whole number")
+    return int(value)
+
+
 def parse_args(argv=None, environ=os.environ) -> argparse.Namespace:
+    """Every flag has an environment variable (a Space's settings set those); a flag given wins."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repo", default=environ.get("MMFT_REPO") or None,
                         help="Hub repo OWNER/NAME (or a local round folder) to serve [env MMFT_REPO]; "
                              "unset: the bundled shapes demo round")
     parser.add_argument("--revision", default=environ.get("MMFT_REVISION") or None,
                         help="round-N tag, branch or commit id [env MMFT_REVISION]; default: main")
-    parser.add_argument("--demo", action="store_true", help="serve the bundled shapes demo round even if a repo is set")
+    parser.add_argument("--demo", action="store_true", default=environ.get("MMFT_DEMO", "") in ("1", "true"),
+                        help="serve the bundled shapes demo round even if a repo is set [env MMFT_DEMO=1]")
     parser.add_argument("--host", default=environ.get("GRADIO_SERVER_NAME") or "127.0.0.1",
                         help="address to listen on [env GRADIO_SERVER_NAME; Spaces set 0.0.0.0]")
-    parser.add_argument("--port", type=int, default=int(environ.get("GRADIO_SERVER_PORT") or 7860))
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when present)")
-    parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on CUDA and on "
-                                                       "CPUs with native bf16, else float32; the demo: float32)")
-    parser.add_argument("--quantize", nargs="?", const="nf4", default=None, choices=["nf4", "int8", "none"],
+    parser.add_argument("--port", type=int, default=_int(environ, "GRADIO_SERVER_PORT") or 7860,
+                        help="[env GRADIO_SERVER_PORT] (default: 7860)")
+    parser.add_argument("--device", default=environ.get("MMFT_DEVICE") or None,
+                        help="cpu, cuda, cuda:1 ... [env MMFT_DEVICE] (default: CUDA when present)")
+    parser.add_argument("--dtype", default=environ.get("MMFT_DTYPE") or None,
+                        help="float32, bfloat16 or float16 [env MMFT_DTYPE] (default: bf16 on CUDA and on CPUs with "
+                             "native bf16, else float32; the demo: float32)")
+    parser.add_argument("--quantize", nargs="?", const="nf4", default=environ.get("MMFT_QUANTIZE") or None,
+                        choices=QUANTIZE,
                         help="nf4 (bitsandbytes 4-bit, the default on CUDA), int8 (dynamic, CPU: 2.85x faster and "
-                             "~3x smaller than fp32, see docs/benchmarks.md) or none (the default on CPU)")
+                             "~3x smaller than fp32, see docs/benchmarks.md) or none (the default on CPU) "
+                             "[env MMFT_QUANTIZE]")
+    parser.add_argument("--threads", type=int, default=_int(environ, "MMFT_THREADS"),
+                        help="CPU threads for torch [env MMFT_THREADS] (default: torch's choice; a free CPU "
+                             "Space has 2 vCPUs)")
     parser.add_argument("--asr-model", default=environ.get("MMFT_ASR_MODEL") or None,
                         help="speechbrain ASR model id [env MMFT_ASR_MODEL] (default: mmft.speech.DEFAULT_MODEL_ID)")
-    parser.add_argument("--cache-size", type=int, default=2, help="rounds kept loaded for the round picker")
-    return parser.parse_args(argv)
+    parser.add_argument("--cache-size", type=int, default=_int(environ, "MMFT_CACHE_SIZE") or 4,
+                        help="rounds kept loaded for the round picker; rounds on the same base share it and cost "
+                             "their adapter + projector only [env MMFT_CACHE_SIZE] (default: 4)")
+    parser.add_argument("--max-bases", type=int, default=_int(environ, "MMFT_MAX_BASES") or 1,
+                        help="base models (LM + CLIP) kept loaded; a round on another base drops the least recently "
+                             "used one first when this many are loaded [env MMFT_MAX_BASES] (default: 1)")
+    args = parser.parse_args(argv)
+    if args.quantize is not None and args.quantize not in QUANTIZE:  # argparse checks flags, not env defaults
+        parser.error(f"MMFT_QUANTIZE={args.quantize!r}: choose one of {', '.join(QUANTIZE)}")
+    return args
 
 
 def set_env_defaults(args: argparse.Namespace, environ=os.environ) -> None:
@@ -54,14 +84,18 @@ def main(argv=None) -> None:
     set_env_defaults(args)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("mmft").setLevel(logging.INFO)
+    import torch  # heavy imports after parsing: --help stays instant
+
     from mmft.app_ui import Settings, create_app, launch  # imports gradio and huggingface_hub: after the env
     from mmft.loading import DTYPES
 
     if args.dtype is not None and args.dtype not in DTYPES:
-        sys.exit(f"app.py: --dtype {args.dtype!r} is not one of {', '.join(sorted(DTYPES))}")
+        sys.exit(f"app.py: --dtype / MMFT_DTYPE {args.dtype!r} is not one of {', '.join(sorted(DTYPES))}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     settings = Settings(demo_round=DEMO_ROUND, repo=args.repo, revision=args.revision, demo=args.demo,
                         device=args.device, dtype=args.dtype, quantize=args.quantize, asr_model=args.asr_model,
-                        cache_size=args.cache_size)
+                        cache_size=args.cache_size, max_bases=args.max_bases)
     try:
         app = create_app(settings)
     except (FileNotFoundError, ValueError) as err:  # a missing demo round, a broken local round folder

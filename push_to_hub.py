@@ -3,14 +3,13 @@
     python push_to_hub.py runs/round-2 --repo-id OWNER/NAME [--round N] [--dry-run] [--force] [--private]
 
 The token comes from HF_TOKEN or `hf auth login`, as huggingface_hub finds it; it is never printed.
+Re-running a push finishes it: a round already published with exactly these files exits 0 and says so.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-
-from mmft.hub import plan_upload, publish
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,9 +21,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="republish a round whose tag exists and move the tag")
     parser.add_argument("--private", action="store_true", help="create the repo private (if it does not exist yet)")
     args = parser.parse_args(argv)
+    from mmft.hub import plan_upload, publish  # after parsing: --help stays instant
 
     try:
         upload = plan_upload(args.round_dir, args.repo_id, args.round)
+        for warning in upload.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
         if args.dry_run:
             print(f"Dry run, nothing sent. {upload.repo_id}: one commit on main, tagged {upload.tag}, adding:")
             for path, size in upload.listing():
@@ -37,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # one readable line, no traceback (and so no local variables) on the console
         print(f"error: {err}", file=sys.stderr)
         return 1
+    if done.already:
+        print(f"already published, identical: {done.tag} holds exactly these files; nothing was sent.")
     print(f"revision: {done.tag}")
     print(f"commit:   {done.commit_id}")
     print(f"url:      {done.url}")

@@ -1,36 +1,32 @@
-"""The Spaces demo's UI: Gradio Blocks with Image, Audio and Text tabs over one `Pipeline` per round.
+"""The Spaces demo's UI: Gradio Blocks with Image, Audio and Text tabs over the rounds `mmft.serving` loads.
 
 Importable and testable without `app.py`: `create_app(Settings(...))` builds the Blocks, `launch`
 starts them with the serving limits (queue of one model call at a time, upload cap, messages
-without tracebacks). Weights are only ever loaded through `mmft.hub.load_pipeline`, once per round
-and kept in a small cache, never per request. Every model call shares one concurrency slot: the
-Pipeline toggles the LoRA adapter on a shared model, which is not thread-safe.
+without tracebacks). This file only lays out the page and turns errors into messages: the round
+cache (`mmft.serving.Rounds`) loads weights, once per round, never per request; the model layer
+serialises adapter switching and generation. Model calls still share one concurrency slot: a CPU
+Space has 2 cores, and two generations at once would each run at half speed.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import queue
 import random
 import tempfile
-import threading
-from collections import OrderedDict
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 import gradio as gr
 
 from mmft import shapes
-from mmft.hub import RoundNotFound, list_rounds, load_pipeline, pull_round
-from mmft.speech import DEFAULT_MODEL_ID, MAX_SECONDS, AudioError, SpeechUnavailable, Transcriber, prepare_audio
+from mmft.hub import RoundNotFound
+from mmft.serving import DEMO_KEY, Rounds, Settings  # noqa: F401 (Settings: for app.py and tests)
+from mmft.speech import (DEFAULT_MODEL_ID, GO_ONLINE, MAX_SECONDS, AudioError, SpeechUnavailable, Transcriber,
+                         prepare_audio)
 from mmft.vision import ImageError, load_image
 
 log = logging.getLogger(__name__)
 
-DEMO_KEY = "demo"  # the round picker's value for the bundled shapes round
-MAIN_KEY = "main"  # a Hub repo's latest round
-CACHE_SIZE = 2  # loaded pipelines; Phi-3.5 in bf16 is ~7.6 GB, a free CPU Space has 16 GB
 MAX_QUESTION_CHARS = 20_000  # cut before tokenizing; the Pipeline then cuts to its token budget
 MAX_FILE_SIZE = "20mb"
 MODEL_SLOT = "model"  # the one concurrency group every model call shares
@@ -42,118 +38,34 @@ HOW_TO_POINT = ("To serve a trained round instead, run `python app.py --repo OWN
                 "(or set `MMFT_REPO` and `MMFT_REVISION`, e.g. in the Space's settings).")
 
 
-@dataclass
-class Settings:
-    """Where the model comes from and how it is loaded (app.py fills this from flags and env)."""
+def banner(rounds: Rounds, key: str, problem: str | None = None) -> str:
+    """Markdown saying plainly which round answers, and how to point the app at another one."""
+    pipe = rounds.cache.get(key)
+    where = ""
+    if pipe is not None:
+        dtype = str(next(pipe.model.lm.parameters()).dtype).removeprefix("torch.")
+        where = f" on {pipe.model.device.type}, {dtype}"
+    if key == DEMO_KEY:
+        text = (f"**Serving the bundled shapes demo round**{where}: a tiny model trained on synthetic "
+                "coloured shapes (circles, squares, triangles in six colours). Ask about the colour or the "
+                "shape in a picture; it knows nothing else. " + HOW_TO_POINT)
+        if problem:
+            text = f"**Could not load the configured round:** {problem}\n\n{text}"
+        return text
+    served = f"`{rounds.repo}` at `{key}`" if rounds.on_hub else f"the round folder `{rounds.repo}`"
+    return (f"**Serving {served}**{where}. The draft comes from the fine-tuned (LoRA) "
+            "model, which sees the image; the answer is the base model's rewrite of it. Pick another round "
+            "below to compare.")
 
-    demo_round: Path
-    repo: str | None = None  # Hub repo id (or a local round folder); None serves the demo
-    revision: str | None = None  # tag, branch or commit id; None = main
-    demo: bool = False  # serve the demo even if a repo is set
-    device: str | None = None  # None: CUDA when present
-    dtype: str | None = None  # None: mmft.loading.pick_dtype (the demo: float32, it is tiny)
-    quantize: str | None = None  # "nf4", "int8", "none"; None: 4-bit on CUDA only
-    asr_model: str | None = None  # None: mmft.speech.DEFAULT_MODEL_ID
-    cache_size: int = CACHE_SIZE
 
-
-class Rounds:
-    """The rounds this app can serve, and their pipelines: loaded on demand, least recently used dropped.
-
-    A pipeline is dropped *before* the next one loads (but after its round was found), so at most
-    `cache_size` copies of the base weights are ever in memory. Pipelines share nothing, so dropping
-    one cannot break a request still using it.
-    """
-
-    def __init__(self, settings: Settings):
-        self.settings = settings
-        self.repo = None if settings.demo else settings.repo
-        self.on_hub = self.repo is not None and not Path(self.repo).is_dir()  # else a local round folder
-        self._cache: OrderedDict[str, object] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def _locate(self, key: str) -> Path:
-        """The round's folder: cheap checks and, for the Hub, the download; raises before anything is dropped."""
-        if key == DEMO_KEY:
-            if not Path(self.settings.demo_round).is_dir():
-                raise FileNotFoundError(f"the bundled demo round {self.settings.demo_round} is missing: rebuild "
-                                        "it with `python -m train.build_demo`, or serve a Hub round with --repo")
-            return pull_round(self.settings.demo_round)
-        return pull_round(self.repo, None if key == MAIN_KEY else key)
-
-    def _load(self, folder: Path, key: str):
-        s = self.settings
-        if key == DEMO_KEY:  # tiny: float32 reproduces its evaluation exactly, and 4-bit would gain nothing
-            return load_pipeline(folder, device=s.device, dtype=s.dtype or "float32", quantize=s.quantize or "none")
-        return load_pipeline(folder, device=s.device, dtype=s.dtype, quantize=s.quantize)
-
-    def get(self, key: str):
-        with self._lock:
-            if key in self._cache:
-                self._cache.move_to_end(key)
-                return self._cache[key]
-            folder = self._locate(key)
-            while len(self._cache) >= max(self.settings.cache_size, 1):
-                dropped, _ = self._cache.popitem(last=False)
-                log.info("dropped round %s from the cache", dropped)
-            self._cache[key] = self._load(folder, key)
-            return self._cache[key]
-
-    def loaded(self) -> list[str]:
-        return list(self._cache)
-
-    def start(self) -> tuple[str, str | None]:
-        """(key served at start-up, why the configured round could not be served or None); loads it."""
-        if self.repo is None:
-            self.get(DEMO_KEY)
-            return DEMO_KEY, None
-        key = self.settings.revision or MAIN_KEY
-        try:
-            self.get(key)
-            return key, None
-        except RoundNotFound as err:
-            log.warning("serving the demo round instead: %s", err)
-            try:
-                self.get(DEMO_KEY)
-            except FileNotFoundError as missing:
-                raise FileNotFoundError(f"{err} The fallback failed too: {missing}") from err
-            return DEMO_KEY, str(err)
-
-    def choices(self, current: str) -> list[tuple[str, str]]:
-        """(label, key) for the round picker: the repo's round-N tags, newest first, and what is served."""
-        if self.repo is None:
-            return [("shapes demo (bundled)", DEMO_KEY)]
-        options = [(f"{MAIN_KEY} (latest)" if self.on_hub else f"{self.repo} (local folder)", MAIN_KEY)]
-        if self.on_hub:
-            try:
-                options += [(f"{tag} ({sha[:7]})", tag) for tag, sha in reversed(list_rounds(self.repo))]
-            except Exception as err:  # the picker is a convenience: the app serves on without it
-                log.warning("could not list the rounds of %s: %s", self.repo, err)
-        keys = {key for _, key in options}
-        if self.settings.revision and self.settings.revision not in keys:
-            options.append((self.settings.revision, self.settings.revision))
-        if current == DEMO_KEY:
-            options.append(("shapes demo (bundled)", DEMO_KEY))
-        return options
-
-    def banner(self, key: str, problem: str | None = None) -> str:
-        """Markdown saying plainly which round answers, and how to point the app at another one."""
-        pipe = self._cache.get(key)
-        where = ""
-        if pipe is not None:
-            dtype = str(next(pipe.model.lm.parameters()).dtype).removeprefix("torch.")
-            where = f" on {pipe.model.device.type}, {dtype}"
-        if key == DEMO_KEY:
-            text = (f"**Serving the bundled shapes demo round**{where}: a tiny model trained on synthetic "
-                    "coloured shapes (circles, squares, triangles in six colours). Ask about the colour or the "
-                    "shape in a picture; it knows nothing else. " + HOW_TO_POINT)
-            if problem:
-                text = f"**Could not load the configured round:** {problem}\n\n{text}"
-            return text
-        served = f"`{self.repo}` at `{key}`" if self.on_hub else f"the round folder `{self.repo}`"
-        return (f"**Serving {served}**{where}. The draft comes from the fine-tuned (LoRA) "
-                "model, which sees the image; the answer is the base model's rewrite of it. Pick another round "
-                "below to compare.")
+def audio_help(model_id: str) -> str:
+    """The Audio tab's text; offline (the bundled demo), it says plainly how to let speech download."""
+    text = (f"Record or upload a spoken question (WAV, FLAC, OGG or MP3; the first {MAX_SECONDS:.0f} s are used). "
+            f"Transcribed by `{model_id}`, loaded on first use, then answered by the base model.")
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        text += (f"\n\n**This app runs offline** (HF_HUB_OFFLINE=1): speech works only if `{model_id}` is "
+                 f"already cached. To let it download once, {GO_ONLINE}.")
+    return text
 
 
 def draw_examples(folder: Path) -> list[list[str]]:
@@ -219,38 +131,28 @@ class Handlers:
     def __init__(self, rounds: Rounds, transcriber: Transcriber):
         self.rounds = rounds
         self.transcriber = transcriber
-        self._model_lock = threading.Lock()
 
     def _pipeline(self, key: str):
-        """The round's pipeline; a load (and the drop it may cause) waits for any generation to end."""
+        """The round's pipeline (loaded once; the model layer makes a load wait for generation on its base)."""
         try:
-            with self._model_lock:
-                return self.rounds.get(key or DEMO_KEY)
+            return self.rounds.get(key or DEMO_KEY)
         except (RoundNotFound, FileNotFoundError) as err:
             raise _bad(f"The round {key!r} cannot be loaded: {err}") from err
         except Exception as err:
             raise _unexpected(err) from err
 
-    def _run(self, stream, *args):
-        """Yield a Pipeline stream's partial answers. It runs to its end in a worker holding the model lock,
-        even if the visitor leaves early: an abandoned generation must not overlap the next request
-        (the adapter toggle is not thread-safe), whatever Gradio's queue does with the abandoned handler."""
-        updates: queue.Queue = queue.Queue()
-
-        def work():
-            with self._model_lock:
-                try:
-                    for answer in stream(*args):
-                        updates.put(replace(answer, notes=list(answer.notes)))  # a snapshot: it changes in place
-                except Exception as err:
-                    updates.put(err)
-                updates.put(None)
-
-        threading.Thread(target=work, name="mmft-answer", daemon=True).start()
-        while (item := updates.get()) is not None:
-            if isinstance(item, Exception):
-                raise _unexpected(item) from item
-            yield item
+    @staticmethod
+    def _run(stream, *args):
+        """Yield a Pipeline stream's partial answers. A visitor who leaves closes this generator, which
+        closes the stream, which stops its generation at the next token (mmft.pipeline)."""
+        answers = stream(*args)
+        try:
+            for answer in answers:
+                yield answer
+        except Exception as err:
+            raise _unexpected(err) from err
+        finally:
+            answers.close()
 
     @staticmethod
     def _question(question: str | None) -> tuple[str, list[str]]:
@@ -309,13 +211,12 @@ class Handlers:
     def select(self, choice, current):
         """The round picker: load the chosen round (once; cached) and say so, or keep the current one."""
         try:
-            with self._model_lock:
-                self.rounds.get(choice)
+            self.rounds.get(choice)
         except Exception as err:  # RoundNotFound, a broken round, no memory: the current round stays
             log.warning("could not load round %s: %s", choice, err)
             gr.Warning(f"Round {choice!r} cannot be loaded: {err}", title="Round not loaded")
-            return current, self.rounds.banner(current), current
-        return choice, self.rounds.banner(choice), choice
+            return current, banner(self.rounds, current), current
+        return choice, banner(self.rounds, choice), choice
 
     def refresh(self, current):
         return gr.Dropdown(choices=self.rounds.choices(current), value=current)
@@ -334,7 +235,7 @@ def create_app(settings: Settings, transcriber: Transcriber | None = None,
     with gr.Blocks(title="mmft: a language model that sees") as app:
         gr.Markdown("# mmft: a language model that sees\nCLIP image features → projector → Phi-3.5-mini with "
                     "LoRA drafts an answer; the base model (adapter off, same weights) refines it.")
-        banner = gr.Markdown(rounds.banner(start, problem), label="Served round", elem_id="banner")
+        page_banner = gr.Markdown(banner(rounds, start, problem), label="Served round", elem_id="banner")
         key = gr.State(start)
         with gr.Row():
             picker = gr.Dropdown(choices=choices, value=start, label="Round", interactive=len(choices) > 1,
@@ -353,9 +254,7 @@ def create_app(settings: Settings, transcriber: Transcriber | None = None,
                         image_notes = gr.Markdown(label="Notes")
                 gr.Examples(examples, inputs=[image, question], cache_examples=False)
             with gr.Tab("Audio", id="audio"):
-                gr.Markdown(f"Record or upload a spoken question (WAV, FLAC, OGG or MP3; the first "
-                            f"{MAX_SECONDS:.0f} s are used). Transcribed by `{handlers.transcriber.model_id}`, "
-                            "loaded on first use, then answered by the base model.")
+                gr.Markdown(audio_help(handlers.transcriber.model_id), elem_id="audio-help")
                 with gr.Row():
                     with gr.Column():
                         audio = gr.Audio(sources=["microphone", "upload"], type="filepath", label="Spoken question")
@@ -380,7 +279,7 @@ def create_app(settings: Settings, transcriber: Transcriber | None = None,
               api_name="audio", **model_call)
         gr.on([ask_text.click, typed.submit], handlers.text, [typed, key], [text_answer, text_notes],
               api_name="text", **model_call)
-        picker.input(handlers.select, [picker, key], [key, banner, picker], api_name="select_round", **model_call)
+        picker.input(handlers.select, [picker, key], [key, page_banner, picker], api_name="select_round", **model_call)
         refresh.click(handlers.refresh, [key], [picker], api_name="rounds")
     app.mmft_rounds, app.mmft_handlers, app.mmft_examples = rounds, handlers, Path(examples[0][0]).parent
     return app

@@ -3,17 +3,21 @@
 A model repo holds one round on `main` at a time, and every published round stays reachable as
 the tag `round-N` on the commit that published it. A round is published as a single commit that
 also deletes what the previous round had and this one lacks, so `main`, the tag and the folder on
-disk hold the same files. Only `.safetensors` and JSON travel: pickles are refused before anything
-is sent. The token is whatever huggingface_hub finds (HF_TOKEN, `hf auth login`); it is never
-passed around here, so it cannot end up in a message. Pulling goes through the huggingface_hub
+disk hold the same files. Only `.safetensors`, JSON and the loss plot travel: pickles are refused
+before anything is sent, tensors are checked against config.json, and config.json is published
+without build-machine paths. A re-run of an interrupted push completes, or says it is already
+there. The card is `mmft.card`'s. The token is whatever huggingface_hub finds (HF_TOKEN, `hf auth
+login`); it is never passed around here, so it cannot end up in a message. Pulling goes through the huggingface_hub
 cache, so a round pulled once loads offline too.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
 
@@ -23,7 +27,7 @@ from huggingface_hub import (
     CommitOperationDelete,
     HfApi,
     ModelCard,
-    ModelCardData,
+    RepoFile,
     constants,
     snapshot_download,
 )
@@ -35,24 +39,15 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 from huggingface_hub.file_download import repo_folder_name
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 
+from mmft.card import CARD_TEMPLATE, REPO_ID_RE, TAG_PREFIX, render_card, round_tag
 from mmft.config import CONFIG_NAME, MMFTConfig, load_config
-from mmft.round import ROUND_FILES, check_round_folder
+from mmft.round import ADAPTER_DIR, PROJECTOR_NAME, check_round_folder
 
 ROUND_PATTERNS = [CONFIG_NAME, "projector.safetensors", "adapter/*", "metrics.json", "loss.png"]
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl")
-TAG_PREFIX = "round-"
 TAG_RE = re.compile(r"round-(\d+)")
-REPO_ID_RE = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # not "./lm", "../clip"
-CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "model_card.md"
-
-LLAVA_DATASET = "liuhaotian/LLaVA-Instruct-150K"
-KNOWN_LICENSES = {"microsoft/Phi-3.5-mini-instruct": "mit"}  # base LM id -> its license
-FEATURE_MODE_TEXT = {
-    "pooled": "pooled: CLIP's projected image embedding (`get_image_features`), one image token",
-    "patch": "patch: CLIP's last hidden state, CLS and every patch (50 image tokens for ViT-B/32)",
-}
 
 
 class RoundNotFound(RuntimeError):
@@ -60,32 +55,89 @@ class RoundNotFound(RuntimeError):
 
 
 class RoundExists(RuntimeError):
-    """The round's tag is already on the Hub (publish with force=True to move it)."""
+    """The round's tag is already on the Hub with other files (publish with force=True to move it)."""
 
 
-def round_tag(number: int) -> str:
-    return f"{TAG_PREFIX}{number}"
+# -- checking a folder (tensor names, shapes and values; the LM is never loaded) --------------------
+def _tensors(path: Path) -> dict:
+    from safetensors.torch import load_file  # torch: only when a round is checked (bf16 has no numpy dtype)
+
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, ValueError, OSError) as err:
+        raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
+    if not tensors:
+        raise ValueError(f"{path} is not a readable safetensors file: it holds no tensors")
+    bad = sorted(name for name, t in tensors.items() if t.is_floating_point() and not t.isfinite().all())
+    if bad:
+        raise ValueError(f"{path} holds NaN or Inf values in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}: "
+                         "the training run diverged or the file is damaged; publish a good checkpoint")
+    return {name: tuple(t.shape) for name, t in tensors.items()}
 
 
-# -- checking a folder (cheap: headers and JSON only, the LM is never loaded) --------------------
+def _check_projector(path: Path, cfg: MMFTConfig) -> None:
+    """Names and shapes against mp_depth and the mp_* dims (Linear -> GELU -> Linear ..., LLaVA names)."""
+    shapes = _tensors(path)
+    dims = [cfg.mp_input_dim] + [cfg.mp_hidden_dim] * (cfg.mp_depth - 1) + [cfg.mp_output_dim]
+    expected = {}
+    for i in range(1, cfg.mp_depth + 1):
+        expected[f"linear_{i}.weight"] = (dims[i], dims[i - 1])
+        expected[f"linear_{i}.bias"] = (dims[i],)
+    if set(shapes) != set(expected):
+        raise ValueError(f"{path} holds tensors {sorted(shapes)}, but a projector of mp_depth={cfg.mp_depth} "
+                         f"holds {sorted(expected)}: config.json and the projector do not belong together")
+    for name, want in expected.items():  # None: a dim the config does not record, any size matches
+        if len(shapes[name]) != len(want) or any(w is not None and w != g for w, g in zip(want, shapes[name])):
+            raise ValueError(f"{path}: {name} has shape {shapes[name]}, but config.json (mp_input_dim="
+                             f"{cfg.mp_input_dim}, mp_hidden_dim={cfg.mp_hidden_dim}, mp_output_dim="
+                             f"{cfg.mp_output_dim}) says {tuple('?' if w is None else w for w in want)}")
+
+
+LORA_KEY_RE = re.compile(r"(?P<module>.+\.(?P<target>[^.]+))\.lora_(?P<ab>[AB])\.weight")
+
+
+def _check_adapter(folder: Path, cfg: MMFTConfig, adapter_cfg: dict) -> None:
+    """Every tensor a LoRA A/B pair on one of the configured targets, with the configured rank."""
+    path = folder / ADAPTER_DIR / "adapter_model.safetensors"
+    shapes = _tensors(path)
+    targets = adapter_cfg.get("target_modules") or []
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    if sorted(targets) != sorted(cfg.lora_target_modules) or adapter_cfg.get("r") != cfg.lora_r:
+        raise ValueError(f"{folder / ADAPTER_DIR}/adapter_config.json (r={adapter_cfg.get('r')}, targets {targets}) "
+                         f"does not match config.json (lora_r={cfg.lora_r}, lora_target_modules="
+                         f"{list(cfg.lora_target_modules)})")
+    pairs: dict[str, dict] = {}
+    for name, shape in shapes.items():
+        match = LORA_KEY_RE.fullmatch(name)
+        if not match or match["target"] not in targets or len(shape) != 2:
+            raise ValueError(f"{path}: unexpected tensor {name} {shape}: expected only 2-D lora_A/lora_B "
+                             f"weights of the targets {targets}")
+        pairs.setdefault(match["module"], {})[match["ab"]] = shape
+    fixed_rank = not adapter_cfg.get("rank_pattern")
+    for module, ab in sorted(pairs.items()):
+        if set(ab) != {"A", "B"}:
+            raise ValueError(f"{path}: {module} has lora_{''.join(ab)} but not its pair")
+        (rank, d_in), (d_out, rank_b) = ab["A"], ab["B"]
+        if rank != rank_b or (fixed_rank and rank != cfg.lora_r):
+            raise ValueError(f"{path}: {module} has rank {rank} (A) / {rank_b} (B), config.json says {cfg.lora_r}")
+        if cfg.mp_output_dim and cfg.mp_output_dim not in (d_in, d_out):
+            raise ValueError(f"{path}: {module} maps {d_in} -> {d_out}, but the LM's hidden size is "
+                             f"{cfg.mp_output_dim} (mp_output_dim): an adapter for another LM?")
+
+
 def check_round(folder: str | Path) -> tuple[MMFTConfig, dict]:
-    """Raise a clear error unless `folder` holds a complete, readable round; return its config."""
+    """Raise a clear error unless `folder` holds a complete round whose tensors fit its config.json."""
     folder = check_round_folder(folder)
     cfg, round_info = load_config(folder)  # ValueError naming the file if it is not an mmft config
     adapter_config = folder / "adapter/adapter_config.json"
     try:
-        if "peft_type" not in json.loads(adapter_config.read_text()):
+        adapter_cfg = json.loads(adapter_config.read_text())
+        if not isinstance(adapter_cfg, dict) or "peft_type" not in adapter_cfg:
             raise ValueError("no 'peft_type' key")
     except (ValueError, TypeError) as err:  # JSONDecodeError is a ValueError
         raise ValueError(f"{adapter_config} is not a PEFT adapter config: {err}") from err
-    for name in ROUND_FILES:
-        if name.endswith(".safetensors"):
-            try:
-                with safe_open(str(folder / name), framework="numpy") as weights:
-                    if not list(weights.keys()):
-                        raise ValueError("it holds no tensors")
-            except (SafetensorError, ValueError, OSError) as err:
-                raise ValueError(f"{folder / name} is not a readable safetensors file: {err}") from err
+    _check_projector(folder / PROJECTOR_NAME, cfg)
+    _check_adapter(folder, cfg, adapter_cfg)
     return cfg, round_info
 
 
@@ -95,85 +147,55 @@ def find_pickles(folder: str | Path) -> list[str]:
                   if p.is_file() and p.suffix.lower() in PICKLE_SUFFIXES)
 
 
-# -- the model card ------------------------------------------------------------------------------
-def _fmt(value) -> str:
-    if value is None or value == "":
-        return "—"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value).replace("|", "\\|")
-
-
-def _table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
-    """One row per round; one column per metric any round recorded."""
-    metrics = sorted({name for row in rows for name in (row.get("metrics") or {})})
-    header = ["Round", "Date", "Steps", "Samples", "Train loss", "Eval loss",
-              *[m.replace("_", " ").capitalize() for m in metrics]]
-    cells = [[round_tag(row["round"]) if isinstance(row.get("round"), int) else _fmt(row.get("round")),
-              _fmt(str(row.get("created") or "")[:10]), _fmt(row.get("steps")), _fmt(row.get("samples")),
-              _fmt(row.get("train_loss")), _fmt(row.get("eval_loss")),
-              *[_fmt((row.get("metrics") or {}).get(m)) for m in metrics]] for row in rows]
-    return header, cells
-
-
-def _datasets(round_info: dict) -> tuple[list[str] | None, str]:
-    """(Hub dataset ids for the metadata, a sentence for the card). `data.dataset` names a Hub data set;
-    the shapes world shows as `data.synthetic`, a shapes path, or its colour/shape accuracy metrics."""
-    data = round_info.get("data") or {}
-    if data.get("dataset") and REPO_ID_RE.fullmatch(str(data["dataset"])):
-        return [data["dataset"]], f"Trained on [{data['dataset']}](https://huggingface.co/datasets/{data['dataset']})."
-    shapes_eval = {"color_accuracy", "shape_accuracy"} & set(round_info.get("metrics") or {})
-    if data.get("synthetic") or "shapes" in str(data.get("train_json") or "").lower() or shapes_eval:
-        return None, ("Trained on the **synthetic shapes demo data** (coloured shapes on plain backgrounds, "
-                      "generated locally; not a Hub dataset). It shows that the pipeline learns, "
-                      "not that the model understands real photos.")
-    return [LLAVA_DATASET], (f"Trained on [LLaVA-Instruct-150K](https://huggingface.co/datasets/{LLAVA_DATASET}) "
-                             "(COCO images with GPT-written conversations).")
-
-
-def render_card(cfg: MMFTConfig, round_info: dict, repo_id: str, number: int, has_loss_plot: bool,
-                template: str | Path = CARD_TEMPLATE) -> ModelCard:
-    """The round's README.md: Hub metadata + feature mode, models, every round so far, plot, usage."""
-    lm_is_hub_id = bool(REPO_ID_RE.fullmatch(cfg.lm_model_id)) and not Path(cfg.lm_model_id).exists()
-    datasets, data_text = _datasets(round_info)
-    data = ModelCardData(
-        base_model=cfg.lm_model_id if lm_is_hub_id else None,  # the Hub only accepts repo ids here
-        library_name="peft",
-        pipeline_tag="image-text-to-text",
-        datasets=datasets,
-        tags=["llava", "qlora", "clip", "phi3", "mmft", f"feature-mode-{cfg.vit_feature_mode}"],
-        license=round_info.get("license") or KNOWN_LICENSES.get(cfg.lm_model_id),
-    )
-    rows = list(round_info.get("history") or [])  # every round so far, this one last
-    if not rows or rows[-1].get("round") != number:
-        rows.append({**round_info, "round": number})
-    header, cells = _table(rows)
-    return ModelCard.from_template(
-        data, template_path=str(template), repo_id=repo_id, revision=round_tag(number), round=number,
-        lm_id=cfg.lm_model_id, lm_is_hub_id=lm_is_hub_id, vit_id=cfg.vit_model_id,
-        feature_mode=FEATURE_MODE_TEXT[cfg.vit_feature_mode], data_text=data_text,
-        parent=round_info.get("parent"), header=header, rows=cells, has_loss_plot=has_loss_plot,
-    )
-
-
 # -- publishing ----------------------------------------------------------------------------------
+def _is_local_path(value: str) -> bool:
+    return os.path.isabs(value) or value.startswith("~") or bool(re.match(r"[A-Za-z]:[\\/]", value))
+
+
+def _sanitize(value):
+    """The round info without build-machine paths: an absolute path becomes its base name."""
+    if isinstance(value, dict):
+        return {k: _sanitize(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_sanitize(v) for v in value]
+    if isinstance(value, str) and _is_local_path(value):
+        return Path(value.rstrip("/\\")).name or value
+    return value
+
+
+def published_config(folder: Path) -> tuple[bytes, list[str]]:
+    """config.json as published (round info sanitized; the model config as it is) and warnings to show."""
+    data = json.loads((folder / CONFIG_NAME).read_text())
+    if "round" in data:
+        data["round"] = _sanitize(data["round"])
+    warnings = [f"{key} is the local path {data['mmft'][key]!r}: this round loads only where that path exists. "
+                "Train on a Hub model id to publish a round anyone can load."
+                for key in ("lm_model_id", "vit_model_id") if _is_local_path(str(data["mmft"].get(key, "")))]
+    return (json.dumps(data, indent=2) + "\n").encode(), warnings
+
+
 @dataclass
 class RoundUpload:
     """What one push sends: the round's files and its card, checked before any request."""
 
     repo_id: str
     round: int
-    files: dict[str, Path]  # path in the repo -> local file
+    files: dict[str, Path | bytes]  # path in the repo -> local file (or content: the sanitized config.json)
     card: ModelCard
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def tag(self) -> str:
         return round_tag(self.round)
 
+    def contents(self) -> dict[str, Path | bytes]:
+        """Everything the commit adds, README.md included."""
+        return {**self.files, "README.md": str(self.card).encode()}
+
     def listing(self) -> list[tuple[str, int]]:
         """(path in repo, bytes) for every file the commit adds, README.md included."""
-        sizes = [(path, local.stat().st_size) for path, local in self.files.items()]
-        return sorted([*sizes, ("README.md", len(str(self.card).encode()))])
+        return sorted((path, len(item) if isinstance(item, bytes) else item.stat().st_size)
+                      for path, item in self.contents().items())
 
 
 @dataclass
@@ -182,6 +204,7 @@ class Published:
     tag: str
     commit_id: str
     url: str
+    already: bool = False  # the tag already held exactly these files: nothing was sent
 
 
 def plan_upload(folder: str | Path, repo_id: str, number: int | None = None,
@@ -202,32 +225,81 @@ def plan_upload(folder: str | Path, repo_id: str, number: int | None = None,
                          f"(found {number!r}): pass --round N")
     files = {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()}
     files = {k: v for k, v in files.items() if any(fnmatch(k, pat) for pat in ROUND_PATTERNS)}
-    card = render_card(cfg, round_info, repo_id, number, "loss.png" in files, template)
-    return RoundUpload(repo_id, number, files, card)
+    files[CONFIG_NAME], warnings = published_config(folder)
+    card = render_card(cfg, _sanitize(round_info), repo_id, number, "loss.png" in files, template)
+    return RoundUpload(repo_id, number, files, card, warnings)
+
+
+def _digest(item: Path | bytes, algorithm: str) -> str:
+    """sha256 (LFS files) or the git blob sha1 (regular files) of a file or bytes, as the Hub reports them."""
+    size = len(item) if isinstance(item, bytes) else item.stat().st_size
+    h = hashlib.new(algorithm)
+    if algorithm == "sha1":
+        h.update(b"blob %d\0" % size)
+    if isinstance(item, bytes):
+        h.update(item)
+    else:
+        with open(item, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def holds_exactly(api: HfApi, upload: RoundUpload, revision: str) -> bool:
+    """Whether `revision` holds exactly the upload's files (plus .gitattributes): paths, sizes, hashes."""
+    remote = {f.path: f for f in api.list_repo_tree(upload.repo_id, revision=revision, recursive=True)
+              if isinstance(f, RepoFile) and f.path != ".gitattributes"}
+    local = upload.contents()
+    if set(remote) != set(local):
+        return False
+    for path, item in local.items():
+        size = len(item) if isinstance(item, bytes) else item.stat().st_size
+        theirs = remote[path]
+        if theirs.size != size:
+            return False
+        if theirs.lfs is not None:
+            if theirs.lfs.sha256 != _digest(item, "sha256"):
+                return False
+        elif theirs.blob_id != _digest(item, "sha1"):
+            return False
+    return True
 
 
 def publish(upload: RoundUpload, force: bool = False, private: bool = False) -> Published:
-    """Create the repo if needed, make `main` exactly this round in one commit, tag it `round-N`."""
+    """Create the repo if needed, make `main` exactly this round in one commit, tag it `round-N`.
+
+    Re-running a push always finishes: a tag that already holds exactly these files is reported as
+    `already` (nothing sent); a `main` that already holds them (a push interrupted between its commit
+    and its tag) is tagged without a second commit. A tag holding *other* files is refused unless `force`."""
     api = HfApi()  # token: HF_TOKEN or the one `hf auth login` stored
     api.create_repo(upload.repo_id, exist_ok=True, private=private)
     refs = api.list_repo_refs(upload.repo_id)
     tags = {t.name: t.target_commit for t in refs.tags}
-    if upload.tag in tags and not force:
-        raise RoundExists(f"{upload.repo_id} already has {upload.tag} (commit {tags[upload.tag]}); nothing was "
-                          "changed. Publish under another --round, or pass --force to republish and move the tag.")
+    url = f"{api.endpoint}/{upload.repo_id}/tree/{upload.tag}"
+    if upload.tag in tags:
+        if holds_exactly(api, upload, tags[upload.tag]):
+            return Published(upload.repo_id, upload.tag, tags[upload.tag], url, already=True)
+        if not force:
+            raise RoundExists(f"{upload.repo_id} already has {upload.tag} (commit {tags[upload.tag]}) with other "
+                              "files; nothing was changed. Publish under another --round, or pass --force to "
+                              "republish and move the tag.")
     head = {b.name: b.target_commit for b in refs.branches}["main"]
-    keep = set(upload.files) | {"README.md", ".gitattributes"}
-    stale = [p for p in api.list_repo_files(upload.repo_id, revision=head) if p not in keep]
-    operations = [CommitOperationAdd(path, str(local)) for path, local in upload.files.items()]
-    operations += [CommitOperationAdd("README.md", str(upload.card).encode()),
-                   *[CommitOperationDelete(p) for p in stale]]
-    info = api.create_commit(upload.repo_id, operations, commit_message=f"Round {upload.round}",
-                             commit_description=f"Publish {upload.tag}; main now holds exactly this round.",
-                             parent_commit=head)  # fails, changing nothing, if main moved meanwhile
+    if holds_exactly(api, upload, head):  # committed before, the tag never made it
+        commit_id = head
+    else:
+        keep = set(upload.files) | {"README.md", ".gitattributes"}
+        stale = [p for p in api.list_repo_files(upload.repo_id, revision=head) if p not in keep]
+        operations = [CommitOperationAdd(path, item if isinstance(item, bytes) else str(item))
+                      for path, item in upload.contents().items()]
+        operations += [CommitOperationDelete(p) for p in stale]
+        info = api.create_commit(upload.repo_id, operations, commit_message=f"Round {upload.round}",
+                                 commit_description=f"Publish {upload.tag}; main now holds exactly this round.",
+                                 parent_commit=head)  # fails, changing nothing, if main moved meanwhile
+        commit_id = info.oid
     if upload.tag in tags:
         api.delete_tag(upload.repo_id, tag=upload.tag)
-    api.create_tag(upload.repo_id, tag=upload.tag, revision=info.oid, tag_message=f"Round {upload.round}")
-    return Published(upload.repo_id, upload.tag, info.oid, f"{api.endpoint}/{upload.repo_id}/tree/{upload.tag}")
+    api.create_tag(upload.repo_id, tag=upload.tag, revision=commit_id, tag_message=f"Round {upload.round}")
+    return Published(upload.repo_id, upload.tag, commit_id, url)
 
 
 # -- pulling -------------------------------------------------------------------------------------
@@ -265,13 +337,6 @@ def pull_round(source: str | Path, revision: str | None = None, cache_dir: str |
     except (FileNotFoundError, ValueError) as err:
         raise RoundNotFound(f"{_where(repo_id, revision)} does not hold a complete round: {err}") from err
     return folder
-
-
-def load_pipeline(source: str | Path, revision: str | None = None, **load_kwargs):
-    """A `Pipeline` for a local round folder or any Hub revision; kwargs go to `load_round`."""
-    from mmft.pipeline import Pipeline  # torch & transformers: only when a model is loaded
-
-    return Pipeline.from_round(pull_round(source, revision), **load_kwargs)
 
 
 def list_rounds(repo_id: str, cache_dir: str | Path | None = None) -> list[tuple[str, str]]:

@@ -157,16 +157,23 @@ def quantize_int8_(lm) -> None:
     base.lm_head = holder[0]
 
 
+def round_config(folder: str | Path) -> tuple[MMFTConfig, dict]:
+    """A round folder's config with "./x" or "../x" model ids made absolute: they are relative to the
+    round folder (the bundled demo round uses them)."""
+    folder = Path(folder)
+    cfg, round_info = load_config(folder)
+    for key in ("lm_model_id", "vit_model_id"):
+        if getattr(cfg, key).startswith("."):
+            setattr(cfg, key, str((folder / getattr(cfg, key)).resolve()))
+    return cfg, round_info
+
+
 def load_round(folder: str | Path, device=None, dtype=None, quantize=None, trainable: bool = False,
                with_vision: bool = True, **config_overrides) -> tuple[MultimodalModel, dict]:
     """A trained round folder -> (model, round info). The folder's config.json names the base models."""
     folder = check_round_folder(folder)
-    cfg, round_info = load_config(folder)
+    cfg, round_info = round_config(folder)
     cfg = replace(cfg, **config_overrides)
-    # "./x" or "../x" model ids are relative to the round folder (the bundled demo round uses them)
-    for key in ("lm_model_id", "vit_model_id"):
-        if getattr(cfg, key).startswith("."):
-            setattr(cfg, key, str((folder / getattr(cfg, key)).resolve()))
     model = build_model(cfg, device, dtype, quantize, with_vision=with_vision, feature_dim=cfg.mp_input_dim,
                         adapter=folder / ADAPTER_DIR, trainable=trainable)
     load_projector(model.projector, folder / PROJECTOR_NAME)

@@ -4,16 +4,20 @@
 the slots' embeddings are replaced by the projected image tokens, so any number of image tokens
 fits and no placeholder token exists in the vocabulary. The LM computes the loss and shifts the
 labels itself. One copy of the base weights serves both pipeline stages: the LoRA adapter is on
-for the draft and switched off (`disable_adapter()`) for the refine.
+for the draft and switched off for the refine. Several rounds can share one base LM and CLIP: each
+round is a PEFT *named* adapter on the same `PeftModel` plus its own projector (`MultimodalModel.sibling`);
+an `AdapterSwitch` per base serialises adapter choice + generation across threads.
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from peft import PeftModel
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from mmft.config import MMFTConfig, save_config
@@ -27,14 +31,64 @@ def position_ids_from(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, T]
 
 
+class AdapterSwitch:
+    """The LoRA state of one base LM, shared by every round loaded on it: a lock, and the LoRA layers.
+
+    PEFT's `disable_adapter()` first calls `get_model_status()`, which `repr()`s every LoRA layer; with
+    torch.ao dynamic int8 base layers each repr unpacks the packed weight (~21-24 s per refine at real
+    size). Here the LoRA layers are listed once (again after an adapter is loaded or deleted: `refresh`)
+    and the flag their forward reads (`disable_adapters`) is flipped directly: microseconds, whatever the
+    base layers are. One flag per layer covers every adapter it holds, so "off" is the bare base.
+    The lock (re-entrant) is held for adapter choice + forward/generate, so threads cannot interleave.
+    """
+
+    def __init__(self, lm):
+        self.lm = lm
+        self.lock = threading.RLock()
+        self.enabled = True
+        self.refresh()
+
+    def refresh(self) -> None:
+        self.layers = [m for m in self.lm.modules() if isinstance(m, BaseTunerLayer)]
+        if self.layers and not all(hasattr(m, "_disable_adapters") for m in self.layers):
+            raise RuntimeError("this peft version's LoRA layers have no `_disable_adapters` flag: "
+                               "mmft.model.AdapterSwitch needs peft as pinned in requirements.txt")
+
+    def select(self, name: str | None) -> None:
+        """Make `name` the active adapter (a no-op when it already is; rare: only when rounds share a base)."""
+        if name is None or not isinstance(self.lm, PeftModel) or self.lm.active_adapter == name:
+            return
+        if name not in self.lm.peft_config:
+            raise RuntimeError(f"adapter {name!r} is no longer loaded (its round was dropped from the cache); "
+                               "load the round again")
+        self.lm.set_adapter(name, inference_mode=True)
+
+    def set_enabled(self, enabled: bool) -> None:
+        for layer in self.layers:
+            layer._disable_adapters = not enabled  # what LoraLayer.forward reads (peft 0.21)
+        if isinstance(self.lm, PeftModel):
+            self.lm._adapters_disabled = not enabled  # what PeftModel reports
+        self.enabled = enabled
+
+
 class MultimodalModel(nn.Module):
-    def __init__(self, cfg: MMFTConfig, lm, tokenizer, projector: Projector, vision: VisionEncoder | None):
+    def __init__(self, cfg: MMFTConfig, lm, tokenizer, projector: Projector, vision: VisionEncoder | None,
+                 adapter_name: str | None = None, switch: AdapterSwitch | None = None):
         super().__init__()
         self.cfg = cfg
         self.lm = lm  # PeftModel around the base LM (or the bare LM when there is no adapter)
         self.tokenizer = tokenizer
         self.projector = projector
         self.vision = vision  # None when training from cached features
+        if adapter_name is None and isinstance(lm, PeftModel):
+            adapter_name = lm.active_adapter
+        self.adapter_name = adapter_name  # this round's named adapter on the (possibly shared) PeftModel
+        self.switch = switch or AdapterSwitch(lm)
+
+    def sibling(self, cfg: MMFTConfig, projector: Projector, adapter_name: str) -> "MultimodalModel":
+        """Another round on the same base LM, CLIP and tokenizer (its adapter already loaded on `self.lm`)."""
+        self.switch.refresh()
+        return MultimodalModel(cfg, self.lm, self.tokenizer, projector, self.vision, adapter_name, self.switch)
 
     @property
     def device(self) -> torch.device:
@@ -79,19 +133,31 @@ class MultimodalModel(nn.Module):
                 image_features=None, **kwargs):
         features = self.image_features(pixel_values, image_features)
         embeds = self.embed(input_ids, image_mask, features)
-        return self.lm(
-            inputs_embeds=embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids_from(attention_mask),
-            labels=labels,  # unshifted: the LM's loss shifts them
-            **kwargs,
-        )
+        with self.adapter(None):  # this round's adapter, on unless an enclosing `adapter(False)` says off
+            return self.lm(
+                inputs_embeds=embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids_from(attention_mask),
+                labels=labels,  # unshifted: the LM's loss shifts them
+                **kwargs,
+            )
 
-    def adapter(self, enabled: bool):
-        """Context: LoRA on (draft) or off (refine, text) — same weights, no second copy."""
-        if enabled or not self.has_adapter:
-            return nullcontext()
-        return self.lm.disable_adapter()
+    @contextmanager
+    def adapter(self, enabled: bool | None):
+        """Context: this round's LoRA on (draft) or every adapter off (refine, text) — same weights, no
+        second copy; None keeps the state an enclosing context set (outside any: on). Holds the base's
+        lock, so no other thread switches adapters meanwhile."""
+        with self.switch.lock:
+            if not self.has_adapter:
+                yield
+                return
+            self.switch.select(self.adapter_name)
+            before = self.switch.enabled
+            self.switch.set_enabled(before if enabled is None else enabled)
+            try:
+                yield
+            finally:
+                self.switch.set_enabled(before)
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, image_mask=None, pixel_values=None, image_features=None,

@@ -1,7 +1,7 @@
 """Staged inference: the LoRA model *drafts* from image + question, the base model *refines*.
 
 Both stages run on one copy of the base weights: the refine stage switches the adapter off
-(`disable_adapter()`) instead of loading a second model or merging (the original merged the
+(`MultimodalModel.adapter(False)`) instead of loading a second model or merging (the original merged the
 adapter into the "base" and so refined with the fine-tuned model). The user's question is in both
 prompts. Typed text and speech transcripts go to the base model alone.
 """
@@ -12,7 +12,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from transformers import TextIteratorStreamer
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from mmft.data import pad_batch
 from mmft.model import MultimodalModel
@@ -28,6 +29,16 @@ class Answer:
     final: str = ""
     draft: str | None = None  # None when there was no draft stage (text, speech)
     notes: list[str] = field(default_factory=list)  # things the user should know (truncation...)
+
+
+class StopOnEvent(StoppingCriteria):
+    """Stops generation once `event` is set: the stream's consumer went away."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 class Pipeline:
@@ -73,24 +84,31 @@ class Pipeline:
         return [tidy(t, q, capitalize) for t, q in zip(texts, questions)]
 
     def _stream(self, batch: dict, use_adapter: bool, **gen) -> Iterator[str]:
-        """Yield the text so far as tokens arrive (generation runs in a worker thread)."""
+        """Yield the text so far as tokens arrive (generation runs in a worker thread). A consumer that
+        stops early (`close()`, or dropping the generator) stops the generation at its next token, and
+        the close returns once the worker has ended: nothing keeps generating with the adapter off."""
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        errors = []
+        stop, errors = threading.Event(), []
+        criteria = StoppingCriteriaList([StopOnEvent(stop), *(gen.pop("stopping_criteria", None) or [])])
 
         def work():
             try:
-                self.model.generate(**batch, use_adapter=use_adapter, streamer=streamer, **gen)
+                self.model.generate(**batch, use_adapter=use_adapter, streamer=streamer,
+                                    stopping_criteria=criteria, **gen)
             except Exception as err:  # re-raised in the caller's thread below
                 errors.append(err)
                 streamer.end()
 
-        thread = threading.Thread(target=work, daemon=True)
+        thread = threading.Thread(target=work, name="mmft-generate", daemon=True)
         thread.start()
         text = ""
-        for chunk in streamer:
-            text += chunk
-            yield text
-        thread.join()
+        try:
+            for chunk in streamer:
+                text += chunk
+                yield text
+        finally:  # normal end, an error, or GeneratorExit from an abandoning consumer
+            stop.set()
+            thread.join()
         if errors:
             raise errors[0]
 

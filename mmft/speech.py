@@ -202,6 +202,18 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
 
 
+GO_ONLINE = ("start the app with HF_HUB_OFFLINE=0 (e.g. `HF_HUB_OFFLINE=0 python app.py`), or serve a Hub "
+             "round with --repo / MMFT_REPO")
+
+
+def offline_hint(model_id: str = DEFAULT_MODEL_ID) -> str:
+    """What to do when speech needs a download but the Hub client is offline (app.py sets HF_HUB_OFFLINE=1
+    for the bundled demo). Setting `local_files_only` changes nothing here: the environment decides."""
+    return (f"it needs the speech model {model_id} from the Hub, and this app runs offline (HF_HUB_OFFLINE=1, "
+            f"which app.py sets when it serves the bundled demo) with no copy of it cached. To let it download "
+            f"once, {GO_ONLINE}; after that it loads from the cache, offline too.")
+
+
 class Transcriber:
     """PreparedAudio -> text, with a speechbrain EncoderDecoderASR loaded on first use.
 
@@ -259,11 +271,12 @@ class Transcriber:
             self._model = self._from_hparams(offline)
         except Exception as exc:  # import, network, cache or checkpoint: all mean "no speech"
             reason = (str(exc).strip().splitlines() or [""])[0][:200]
-            hint = "offline and not cached?" if offline else "offline? no network or cache?"
-            message = (
-                f"Speech recognition is unavailable: could not load {self.model_id} ({hint}) "
-                f"— {type(exc).__name__}: {reason}"
-            )
+            if offline and not os.path.isdir(self.model_id):  # the library's own hint ("set
+                # local_files_only to False") points the wrong way: the environment decides
+                message = f"Speech recognition is unavailable: {offline_hint(self.model_id)}"
+            else:
+                message = (f"Speech recognition is unavailable: could not load {self.model_id} (no network, "
+                           f"or the Hub unreachable?) — {type(exc).__name__}: {reason}")
             self._failure = (time.monotonic(), message)
             raise SpeechUnavailable(message) from exc
         return self._model

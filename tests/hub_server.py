@@ -2,8 +2,9 @@
 
 Tests drive it with the real ``huggingface_hub`` client (its httpx2 transport is not
 interceptable by request-mocking libraries), so the endpoints and JSON fields below mirror
-what huggingface_hub 2.4 sends and parses. Model repos only; every file is answered
-``uploadMode: "regular"`` so content travels base64 inside the commit and LFS/Xet never start.
+what huggingface_hub 2.4 sends and parses. Model, dataset and Space repos (``repo_type=``; Spaces
+also keep their variables); every file is answered ``uploadMode: "regular"`` so content travels
+base64 inside the commit and LFS/Xet never start.
 
 Like the real Hub, ``create_repo`` makes an "initial commit" holding ``.gitattributes``.
 
@@ -73,14 +74,20 @@ class _Commit:
     date: str
 
 
+REPO_TYPES = {"models": "model", "datasets": "dataset", "spaces": "space"}  # URL segment -> repo_type
+
+
 @dataclass
 class _Repo:
     repo_id: str
     private: bool
     created_at: str
+    repo_type: str = "model"
+    sdk: str | None = None  # Spaces only
     commits: dict[str, _Commit] = field(default_factory=dict)
     branches: dict[str, str] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
+    variables: dict[str, dict] = field(default_factory=dict)  # Spaces only: key -> {"value", "description", ...}
 
 
 class LocalHub:
@@ -90,7 +97,7 @@ class LocalHub:
         self.host, self.port = host, port
         self.url = f"http://{host}:{port}"
         self.requests: list[tuple[str, str]] = []  # (method, raw URL path without query), never headers
-        self._repos: dict[str, _Repo] = {}
+        self._repos: dict[tuple[str, str], _Repo] = {}  # (repo_type, repo_id) -> repo
         self._lock = threading.RLock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -125,18 +132,24 @@ class LocalHub:
             self._repos.clear()
             self.requests.clear()
 
-    def refs(self, repo_id: str) -> dict:
+    def refs(self, repo_id: str, repo_type: str = "model") -> dict:
         with self._lock:
-            repo = self._repo(repo_id, authorized=True)
+            repo = self._repo(repo_id, authorized=True, repo_type=repo_type)
             return {"branches": dict(repo.branches), "tags": dict(repo.tags)}
 
-    def files(self, repo_id: str, revision: str = "main") -> dict[str, bytes]:
+    def files(self, repo_id: str, revision: str = "main", repo_type: str = "model") -> dict[str, bytes]:
         with self._lock:
-            return dict(self._resolve(self._repo(repo_id, authorized=True), revision).files)
+            return dict(self._resolve(self._repo(repo_id, authorized=True, repo_type=repo_type), revision).files)
+
+    def space(self, repo_id: str) -> dict:
+        """A Space's SDK and variables (key -> value)."""
+        with self._lock:
+            repo = self._repo(repo_id, authorized=True, repo_type="space")
+            return {"sdk": repo.sdk, "variables": {k: v["value"] for k, v in repo.variables.items()}}
 
     # ------------------------------------------------------------------ state helpers
-    def _repo(self, repo_id: str, authorized: bool) -> _Repo:
-        repo = self._repos.get(repo_id)
+    def _repo(self, repo_id: str, authorized: bool, repo_type: str = "model") -> _Repo:
+        repo = self._repos.get((repo_type, repo_id))
         if repo is None or (repo.private and not authorized):  # the Hub hides private repos: 401 + RepoNotFound
             raise HubError(404 if repo is None else 401, "Repository not found", "RepoNotFound")
         return repo
@@ -166,15 +179,19 @@ class LocalHub:
             "modelId": repo.repo_id, "author": repo.repo_id.split("/")[0], "sha": commit.sha,
             "lastModified": commit.date, "createdAt": repo.created_at, "private": repo.private,
             "gated": False, "disabled": False, "downloads": 0, "likes": 0, "tags": [], "siblings": siblings,
+            **({"sdk": repo.sdk} if repo.repo_type == "space" else {}),
         }
 
     # ------------------------------------------------------------------ routing
     def _route(self, method: str, segs: list[str], query: dict, body: bytes, authed: bool):
         """Returns (status, json-or-bytes, headers). Called under the lock."""
         if segs[:1] != ["api"]:
-            if "resolve" in segs[2:] and method in ("GET", "HEAD"):  # /{ns}/{name}/resolve/{rev}/{path}
-                i = segs.index("resolve", 2)
-                return self._resolve_file("/".join(segs[:i]), segs[i + 1], "/".join(segs[i + 2 :]), authed)
+            repo_type = REPO_TYPES.get(segs[0], "model") if segs[0] in ("datasets", "spaces") else "model"
+            parts = segs[1:] if repo_type != "model" else segs  # /spaces/{ns}/{name}/resolve/...
+            if "resolve" in parts[2:] and method in ("GET", "HEAD"):  # /{ns}/{name}/resolve/{rev}/{path}
+                i = parts.index("resolve", 2)
+                return self._resolve_file("/".join(parts[:i]), parts[i + 1], "/".join(parts[i + 2 :]), authed,
+                                          repo_type)
             raise HubError(404, "Not found")
         route = (method, *segs[1:3])
         if route == ("GET", "whoami-v2"):
@@ -190,24 +207,40 @@ class LocalHub:
             return self._create_repo(json.loads(body or b"{}"))
         if route == ("DELETE", "repos", "delete"):
             payload = json.loads(body or b"{}")
-            repo = self._repo(f"{payload.get('organization') or USER}/{payload['name']}", authorized=True)
-            del self._repos[repo.repo_id]
+            repo_type = payload.get("type") or "model"
+            repo = self._repo(f"{payload.get('organization') or USER}/{payload['name']}", True, repo_type)
+            del self._repos[(repo_type, repo.repo_id)]
             return 200, {}, {}
-        if len(segs) < 4 or segs[1] != "models":
+        if len(segs) < 4 or segs[1] not in REPO_TYPES:
             raise HubError(404, f"Unknown endpoint: {method} /{'/'.join(segs)}")
-        repo = self._repo(f"{segs[2]}/{segs[3]}", authed)
+        repo = self._repo(f"{segs[2]}/{segs[3]}", authed, REPO_TYPES[segs[1]])
         action, args = (segs[4] if len(segs) > 4 else ""), segs[5:]
+        if repo.repo_type == "space" and action == "variables":
+            return self._variables(method, repo, json.loads(body or b"{}"))
         return self._repo_action(method, repo, action, args, query, body)
 
+    def _variables(self, method: str, repo: _Repo, payload: dict):
+        """GET lists a Space's variables; POST adds or updates one; DELETE removes one (by "key")."""
+        if method == "POST":
+            repo.variables[payload["key"]] = {"value": payload["value"], "description": payload.get("description"),
+                                              "updatedAt": _now()}
+        elif method == "DELETE":
+            repo.variables.pop(payload["key"], None)
+        return 200, dict(repo.variables), {}
+
     def _create_repo(self, payload: dict):
-        if payload.get("type") not in (None, "model"):
-            raise HubError(400, "LocalHub only supports model repos")
+        repo_type = payload.get("type") or "model"
+        if repo_type not in REPO_TYPES.values():
+            raise HubError(400, f"Invalid repo type {repo_type!r}")
+        if repo_type == "space" and not payload.get("sdk"):
+            raise HubError(400, "No sdk provided: a Space needs space_sdk (gradio, docker or static)")
         repo_id = f"{payload.get('organization') or USER}/{payload['name']}"
-        url = f"{self.url}/{repo_id}"
-        if repo_id in self._repos:  # create_repo(exist_ok=True) reads `url` from this 409 body
-            raise HubError(409, "You already created this model repo", url=url)
+        prefix = {"model": "", "dataset": "datasets/", "space": "spaces/"}[repo_type]
+        url = f"{self.url}/{prefix}{repo_id}"
+        if (repo_type, repo_id) in self._repos:  # create_repo(exist_ok=True) reads `url` from this 409 body
+            raise HubError(409, f"You already created this {repo_type} repo", url=url)
         private = payload.get("visibility") == "private" or payload.get("private") is True
-        repo = self._repos[repo_id] = _Repo(repo_id, private, _now())
+        repo = self._repos[(repo_type, repo_id)] = _Repo(repo_id, private, _now(), repo_type, payload.get("sdk"))
         repo.branches["main"] = self._commit(repo, None, {".gitattributes": GITATTRIBUTES}, "initial commit").sha
         return 200, {"url": url, "name": repo_id, "id": uuid.uuid4().hex}, {}
 
@@ -289,13 +322,14 @@ class LocalHub:
             raise HubError(412, "A commit has happened since. Please refresh and try again.")
         commit = self._commit(repo, head, files, header.get("summary") or "commit", header.get("description", ""))
         repo.branches[branch] = commit.sha
-        commit_url = f"{self.url}/{repo.repo_id}/commit/{commit.sha}"
+        prefix = {"model": "", "dataset": "datasets/", "space": "spaces/"}[repo.repo_type]
+        commit_url = f"{self.url}/{prefix}{repo.repo_id}/commit/{commit.sha}"
         return 200, {"success": True, "commitOid": commit.sha, "commitUrl": commit_url,
                      "hookOutput": "", "pullRequestUrl": None}, {}
 
-    def _resolve_file(self, repo_id: str, revision: str, path: str, authed: bool):
+    def _resolve_file(self, repo_id: str, revision: str, path: str, authed: bool, repo_type: str = "model"):
         """HEAD/GET /{repo_id}/resolve/{rev}/{path}: hf_hub_download needs X-Repo-Commit, ETag, Content-Length."""
-        commit = self._resolve(self._repo(repo_id, authed), revision)
+        commit = self._resolve(self._repo(repo_id, authed, repo_type), revision)
         if path not in commit.files:  # X-Repo-Commit lets the client cache the non-existence (.no_exist)
             raise HubError(404, "Entry not found", "EntryNotFound", {"X-Repo-Commit": commit.sha})
         data = commit.files[path]

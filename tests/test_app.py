@@ -11,6 +11,7 @@ import random
 import struct
 import subprocess
 import sys
+import threading
 import time
 import wave
 from pathlib import Path
@@ -25,7 +26,8 @@ from PIL import Image
 
 import app as app_py
 from mmft import shapes
-from mmft.app_ui import DEMO_KEY, EXAMPLES, MAIN_KEY, Handlers, Rounds, Settings, create_app, draw_examples, launch
+from mmft.app_ui import EXAMPLES, Handlers, banner, create_app, draw_examples, launch
+from mmft.serving import DEMO_KEY, MAIN_KEY, Rounds, Settings
 from mmft.config import MMFTConfig, load_config, save_config
 from mmft.hub import RoundNotFound, plan_upload, publish
 from mmft.loading import build_model
@@ -153,34 +155,35 @@ def test_image_answers_stream_draft_then_refined_answer(served, tmp_path):
     assert any(out[0] and out[0] != final for out in outputs)  # ... then the refined answer
 
 
-def test_an_abandoned_answer_finishes_before_the_next_one_starts(served, tmp_path, monkeypatch):
+def test_an_abandoned_answer_stops_and_the_next_one_uses_the_adapter(served, tmp_path, monkeypatch):
     app, _ = served
-    model = app.mmft_rounds.get(DEMO_KEY).model
-    running, overlaps, generate = [], [], model.generate
-
-    def watched(*args, **kwargs):
-        overlaps.append(len(running))
-        running.append(1)
-        try:
-            time.sleep(0.2)  # slow enough that an unguarded second request would overlap
-            return generate(*args, **kwargs)
-        finally:
-            running.pop()
-
-    monkeypatch.setattr(model, "generate", watched)
+    pipe = app.mmft_rounds.get(DEMO_KEY)
     image = str(picture(tmp_path / "p.png"))
+    want = last(pipe.stream_image(image, QUESTION))
+    lm, calls, generate = pipe.model.lm, [], pipe.model.lm.generate
+
+    def watched(*args, **kwargs):  # inside the model's lock: what really runs on the weights
+        calls.append(pipe.model.switch.enabled)
+        out = generate(*args, **kwargs)
+        calls[-1] = (calls[-1], out.shape[1])
+        return out
+
+    monkeypatch.setattr(lm, "generate", watched)
     left = app.mmft_handlers.image(image, QUESTION, DEMO_KEY)
     next(left)  # the first tokens of the draft arrived ...
-    left.close()  # ... and the visitor went away
-    assert list(app.mmft_handlers.text("Hello", DEMO_KEY))[-1][0]
-    assert overlaps == [0, 0, 0]  # draft, refine, text: one after another
+    left.close()  # ... and the visitor went away: the draft stops, no refine starts
+    assert len(calls) == 1 and calls[0][0] is True
+    assert not [t for t in threading.enumerate() if t.name == "mmft-generate"]  # the worker has ended
+    answer = list(app.mmft_handlers.image(image, QUESTION, DEMO_KEY))[-1]
+    assert answer[:2] == (want.final, want.draft)  # drafted with the adapter on, refined with it off
+    assert [on for on, _ in calls[1:]] == [True, False]
 
 
 def test_page_says_the_demo_round_is_served_and_how_to_change_it(served):
     _, client = served
-    banner = component(client, elem_id="banner")["value"]
-    assert "bundled shapes demo round" in banner and "on cpu, float32" in banner
-    assert "--repo OWNER/NAME --revision round-N" in banner and "MMFT_REPO" in banner
+    text = component(client, elem_id="banner")["value"]
+    assert "bundled shapes demo round" in text and "on cpu, float32" in text
+    assert "--repo OWNER/NAME --revision round-N" in text and "MMFT_REPO" in text
     picker = component(client, label="Round")
     assert picker["choices"] == [["shapes demo (bundled)", DEMO_KEY]] and not picker["interactive"]
 
@@ -276,6 +279,9 @@ def test_audio_tab_says_when_speech_is_unavailable_and_the_rest_works(served, tm
     finally:
         SPEECH["available"] = True
     assert client.predict(handle_file(wav(tmp_path / "q.wav")), api_name="/audio")[1] == SPOKEN
+    help_text = component(client, elem_id="audio-help")["value"]  # offline (conftest): how to let speech download
+    assert "runs offline" in help_text and "HF_HUB_OFFLINE=0 python app.py" in help_text and "--repo" in help_text
+    assert "local_files_only" not in help_text
 
 
 # -- the trained demo ----------------------------------------------------------------------------
@@ -301,7 +307,7 @@ def test_trained_demo_names_the_colour_of_a_fresh_shape_and_answers_its_examples
 def test_serves_a_hub_round_by_revision_and_the_picker_switches_rounds(hub_online, tiny_dir, standin_round,
                                                                        tmp_path):
     shas = [publish(plan_upload(tiny_round(tiny_dir, tmp_path / f"round-{n}", n), REPO)).commit_id for n in (1, 2)]
-    app = create_app(Settings(demo_round=standin_round, repo=REPO, revision="round-1"),
+    app = create_app(Settings(demo_round=standin_round, repo=REPO, revision="round-1", cache_size=2),
                      transcriber=Transcriber(fn=fake_asr), examples_dir=tmp_path / "examples")
     try:
         client = serve(app)
@@ -319,7 +325,8 @@ def test_serves_a_hub_round_by_revision_and_the_picker_switches_rounds(hub_onlin
         final = client.predict(handle_file(image), QUESTION, api_name="/image")[0]
         assert final == last(rounds.get("round-2").stream_image(str(image), QUESTION)).final
         client.predict(MAIN_KEY, api_name="/select_round")
-        assert rounds.loaded() == ["round-2", MAIN_KEY]  # at most two pipelines, least recently used dropped
+        assert rounds.loaded() == ["round-2", MAIN_KEY]  # at most two rounds, least recently used dropped
+        assert rounds.cache.bases() == 1 and rounds.get("round-2").model.lm is rounds.get(MAIN_KEY).model.lm
         assert not [r for r in hub_online.requests if "telemetry" in r[1]]
 
         publish(plan_upload(tiny_round(tiny_dir, tmp_path / "round-3", 3), REPO))
@@ -332,32 +339,23 @@ def test_offline_with_nothing_cached_serves_the_demo_and_says_why(standin_round)
     rounds = Rounds(Settings(demo_round=standin_round, repo="user/never-pulled", revision="round-3"))
     key, problem = rounds.start()
     assert key == DEMO_KEY and "offline" in problem and rounds.loaded() == [DEMO_KEY]
-    banner = rounds.banner(key, problem)
-    assert banner.startswith("**Could not load the configured round:**") and "user/never-pulled" in banner
-    assert "Serving the bundled shapes demo round" in banner and "--revision round-N" in banner
+    text = banner(rounds, key, problem)
+    assert text.startswith("**Could not load the configured round:**") and "user/never-pulled" in text
+    assert "Serving the bundled shapes demo round" in text and "--revision round-N" in text
 
 
-def test_round_cache_loads_on_demand_and_keeps_two(tmp_path):
-    rounds = Rounds(Settings(demo_round=tmp_path, repo="user/x"))
-    loads = []
+def test_a_round_that_cannot_be_loaded_keeps_the_current_one(standin_round, tmp_path):
+    rounds = Rounds(Settings(demo_round=standin_round, repo=str(tmp_path / "x")))
+    rounds.get(DEMO_KEY)
 
     def locate(key):
-        if key == "round-9":
-            raise RoundNotFound("user/x has no revision 'round-9'")
-        return tmp_path / key
+        raise RoundNotFound("user/x has no revision 'round-9'")
 
     rounds._locate = locate
-    rounds._load = lambda folder, key: loads.append(key) or object()
-    first = rounds.get("round-1")
-    rounds.get("round-2")
-    assert rounds.get("round-1") is first  # cached: not loaded again
-    rounds.get("round-3")  # drops round-2, the least recently used
-    assert loads == ["round-1", "round-2", "round-3"] and rounds.loaded() == ["round-1", "round-3"]
-    rounds.banner = lambda key, problem=None: f"serving {key}"
     with pytest.warns(UserWarning, match="'round-9' cannot be loaded: user/x has no revision"):  # the visitor is told
-        kept = Handlers(rounds, Transcriber(fn=fake_asr)).select("round-9", "round-3")
-    assert kept == ("round-3", "serving round-3", "round-3")  # and the current round stays
-    assert rounds.loaded() == ["round-1", "round-3"]  # nothing was dropped for a round that is not there
+        kept = Handlers(rounds, Transcriber(fn=fake_asr)).select("round-9", DEMO_KEY)
+    assert kept[0] == kept[2] == DEMO_KEY and "bundled shapes demo round" in kept[1]  # and the demo stays
+    assert rounds.loaded() == [DEMO_KEY]  # nothing was dropped for a round that is not there
 
 
 # -- app.py --------------------------------------------------------------------------------------
@@ -367,6 +365,21 @@ def test_flags_and_environment():
     assert (a.repo, a.revision, a.host, a.port, a.asr_model) == ("o/n", "round-2", "0.0.0.0", 7860, "a/b")
     assert app_py.parse_args(["--revision", "round-1", "--quantize"], environ=env).revision == "round-1"
     assert app_py.parse_args([], environ={}).host == "127.0.0.1" and app_py.parse_args([], environ={}).quantize is None
+    space = {"MMFT_QUANTIZE": "int8", "MMFT_DTYPE": "float32", "MMFT_CACHE_SIZE": "8", "MMFT_MAX_BASES": "2",
+             "MMFT_THREADS": "2", "MMFT_DEVICE": "cpu", "MMFT_DEMO": "1", "GRADIO_SERVER_PORT": "7861"}
+    a = app_py.parse_args([], environ=space)
+    assert (a.quantize, a.dtype, a.cache_size, a.max_bases, a.threads, a.device, a.demo, a.port) == (
+        "int8", "float32", 8, 2, 2, "cpu", True, 7861)
+    a = app_py.parse_args(["--quantize", "none", "--cache-size", "3"], environ=space)  # a flag given wins
+    assert (a.quantize, a.cache_size) == ("none", 3)
+    assert (a.cache_size, a.max_bases) == (3, 2) and app_py.parse_args([], environ={}).cache_size == 4
+    for name, value, message in (("MMFT_QUANTIZE", "int4", "choose one of nf4, int8, none"),
+                                 ("MMFT_CACHE_SIZE", "many", "not a positive whole number")):
+        with pytest.raises(SystemExit):
+            app_py.parse_args([], environ={name: value})
+        done = subprocess.run([sys.executable, str(ROOT / "app.py")], env={**os.environ, name: value},
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode != 0 and message in done.stderr and "Traceback" not in done.stderr
     for argv, before, offline in (([], {}, "1"), (["--repo", "o/n"], {}, None), (["--repo", "o/n", "--demo"], {}, "1"),
                                   ([], {"HF_HUB_OFFLINE": "0"}, "0")):
         environ = dict(before)

@@ -13,6 +13,7 @@ import pytest
 import torch
 from huggingface_hub import HfApi, ModelCard, constants, hf_hub_download
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from mmft.config import MMFTConfig
 from mmft.hub import (
@@ -20,14 +21,14 @@ from mmft.hub import (
     RoundExists,
     RoundNotFound,
     list_rounds,
-    load_pipeline,
     plan_upload,
     publish,
     pull_round,
     render_card,
 )
-from mmft.loading import build_model, load_round
+from mmft.loading import build_model
 from mmft.pipeline import Pipeline
+from mmft.serving import load_pipeline
 from tests.hub_server import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,7 +41,8 @@ def round_info(n: int, **extra) -> dict:
     rows = [{"round": i, "created": f"2026-11-2{i}T10:00:00Z", "steps": 400, "samples": 3200,
              "train_loss": 2.0 / i, "eval_loss": 2.1 / i,
              "metrics": {"color_accuracy": 0.5 + i / 10, "shape_accuracy": 0.4 + i / 10}} for i in range(1, n + 1)]
-    data = {"train_json": "data/shapes/train.json", "offset": 3200 * (n - 1), "limit": 3200, "seed": 1}
+    data = {"dataset": "synthetic shapes world (mmft.shapes)", "train_json": "data/train.json",
+            "offset": 3200 * (n - 1), "limit": 3200, "seed": 1}
     parent = {"round": n - 1, "source": f"runs/round-{n - 1}"} if n > 1 else None
     return {**rows[-1], "data": data, "parent": parent, "history": rows, **extra}
 
@@ -69,6 +71,10 @@ def rounds(tiny_dir, tmp_path_factory):
             (folder / "metrics.json").write_text(json.dumps({"eval_loss": 2.1}))
         folders.append(folder)
     return folders
+
+
+def _edit_tensors(path: Path, change) -> None:
+    save_file(change(load_file(str(path))), str(path))
 
 
 def round_files(folder) -> dict[str, bytes]:
@@ -137,7 +143,7 @@ def test_card_lists_every_round_with_valid_metadata(hub_online, rounds):
 
 
 def test_card_metadata_for_the_real_models():
-    llava = {"round": 3, "data": {"train_json": "llava_instruct_150k.json"}}
+    llava = {"round": 3, "data": {"dataset": "liuhaotian/LLaVA-Instruct-150K", "train_json": "/data/llava.json"}}
     card = ModelCard(str(render_card(MMFTConfig(vit_feature_mode="pooled"), llava, "me/phi3-llava", 3, False)))
     assert card.data.base_model == "microsoft/Phi-3.5-mini-instruct" and card.data.license == "mit"
     assert card.data.datasets == ["liuhaotian/LLaVA-Instruct-150K"] and "feature-mode-pooled" in card.data.tags
@@ -147,39 +153,99 @@ def test_card_metadata_for_the_real_models():
     assert "No loss plot was recorded" in card.text
 
 
-@pytest.mark.parametrize("info, datasets, lm_id", [
-    ({"data": {"train_json": "work/data/train.json"}, "metrics": {"color_accuracy": 0.9}}, None, "./base/lm"),
-    ({"data": {"train_json": "x.json", "dataset": "me/my-vqa"}}, ["me/my-vqa"], "microsoft/Phi-3.5-mini-instruct"),
+@pytest.mark.parametrize("data, datasets, text", [
+    # what the run declared, wherever its files were: a shapes run outside any "shapes" path ...
+    ({"dataset": "synthetic shapes world (mmft.shapes)", "train_json": "/work/data/train.json"}, None,
+     "synthetic shapes demo data"),
+    ({"synthetic": True, "train_json": "llava_instruct_150k.json"}, None, "synthetic shapes demo data"),
+    # ... a Hub data set (only a repo id becomes metadata), free text, or nothing at all
+    ({"dataset": "me/my-vqa", "train_json": "shapes/train.json"}, ["me/my-vqa"], "Trained on [me/my-vqa]"),
+    ({"dataset": "my holiday photos"}, None, "Trained on my holiday photos (as the training run declared it"),
+    ({"train_json": "llava_instruct_150k.json"}, None, "does not say what it was trained on"),
 ])
-def test_card_says_which_data_and_base_honestly(info, datasets, lm_id):
-    card = ModelCard(str(render_card(MMFTConfig(lm_model_id=lm_id), {"round": 1, **info}, "me/x", 1, True)))
-    assert card.data.datasets == datasets and ("synthetic shapes" in card.text) == (datasets is None)
-    assert card.data.base_model == (None if lm_id.startswith(".") else lm_id)
+def test_card_names_the_data_the_run_declared(data, datasets, text):
+    card = ModelCard(str(render_card(MMFTConfig(), {"round": 1, "data": data}, "me/x", 1, True)))
+    assert card.data.datasets == datasets and text in card.text
+    assert ("LLaVA-Instruct" in card.text) is False
     assert "![Training and evaluation loss of round 1](loss.png)" in card.text
 
 
-def test_duplicate_round_is_refused_and_force_republishes(hub_online, rounds, tmp_path):
+@pytest.mark.parametrize("lm_id", ["./base/lm", "microsoft/Phi-3.5-mini-instruct"])
+def test_card_claims_a_base_model_only_for_a_hub_id(lm_id):
+    card = ModelCard(str(render_card(MMFTConfig(lm_model_id=lm_id), {"round": 1}, "me/x", 1, False)))
+    assert card.data.base_model == (None if lm_id.startswith(".") else lm_id)
+
+
+def test_a_changed_round_under_an_existing_tag_is_refused_and_force_republishes(hub_online, rounds, tmp_path):
     first = publish(plan_upload(rounds[0], REPO))
+    changed = tmp_path / "round-1-changed"
+    shutil.copytree(rounds[0], changed)
+    for name in ("projector.safetensors", "adapter/adapter_model.safetensors"):  # retrained: new weights
+        shutil.copy(rounds[1] / name, changed / name)
     before_refs, before_files = hub_online.refs(REPO), hub_online.files(REPO)
     hub_online.requests.clear()
-    done = push_cli(hub_online, rounds[0], "--repo-id", REPO)
-    assert done.returncode != 0 and "already has round-1" in done.stderr and "--force" in done.stderr
-    assert SECRET not in done.stdout + done.stderr
+    done = push_cli(hub_online, changed, "--repo-id", REPO)
+    assert done.returncode == 1 and "already has round-1" in done.stderr and "other files" in done.stderr
+    assert "--force" in done.stderr and SECRET not in done.stdout + done.stderr
     assert hub_online.refs(REPO) == before_refs and hub_online.files(REPO) == before_files
     assert commit_posts(hub_online) == []
     with pytest.raises(RoundExists):
         publish(plan_upload(rounds[1], REPO, number=1))
 
-    # --force: republish round 1, retrained (new weights, taken from round 2's folder), and move the tag.
-    again = tmp_path / "round-1-again"
-    shutil.copytree(rounds[0], again)
-    for name in ("projector.safetensors", "adapter/adapter_model.safetensors"):
-        shutil.copy(rounds[1] / name, again / name)
-    done = push_cli(hub_online, again, "--repo-id", REPO, "--force")
+    done = push_cli(hub_online, changed, "--repo-id", REPO, "--force")  # republish, move the tag
     assert done.returncode == 0, done.stderr
     refs = hub_online.refs(REPO)
     assert refs["tags"] == {"round-1": refs["branches"]["main"]} and refs["tags"]["round-1"] != first.commit_id
-    assert round_files(pull_round(REPO, "round-1")) == round_files(again)
+    assert round_files(pull_round(REPO, "round-1")) == round_files(changed)
+
+
+def test_a_push_interrupted_after_its_commit_completes_when_run_again(hub_online, rounds, monkeypatch):
+    def network_drops(*args, **kwargs):
+        raise ConnectionError("the connection dropped")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(HfApi, "create_tag", network_drops)
+        with pytest.raises(ConnectionError):
+            publish(plan_upload(rounds[0], REPO))
+    main = hub_online.refs(REPO)["branches"]["main"]
+    assert hub_online.refs(REPO)["tags"] == {}  # main is the new round, with no tag
+    hub_online.requests.clear()
+    done = push_cli(hub_online, rounds[0], "--repo-id", REPO)
+    assert done.returncode == 0, done.stderr
+    assert hub_online.refs(REPO) == {"branches": {"main": main}, "tags": {"round-1": main}}
+    assert commit_posts(hub_online) == []  # tagged the commit already there, no second one
+    assert [c.title for c in HfApi().list_repo_commits(REPO)] == ["Round 1", "initial commit"]
+
+
+def test_a_push_interrupted_after_its_tag_reports_already_published_when_run_again(hub_online, rounds):
+    first = publish(plan_upload(rounds[0], REPO))  # everything happened; the reply was lost
+    assert not first.already
+    before = hub_online.refs(REPO)
+    hub_online.requests.clear()
+    done = push_cli(hub_online, rounds[0], "--repo-id", REPO)
+    assert done.returncode == 0, done.stderr
+    assert "already published, identical" in done.stdout and f"commit:   {first.commit_id}" in done.stdout
+    assert hub_online.refs(REPO) == before and commit_posts(hub_online) == []
+    assert [r for r in hub_online.requests if r[0] != "GET"] == [("POST", "/api/repos/create")]
+
+
+def test_published_config_has_no_build_machine_paths(hub_online, rounds, tmp_path):
+    folder = tmp_path / "round"
+    shutil.copytree(rounds[0], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["round"]["data"].update(train_json="/tmp/tmpy9ihr99t/data/train.json",
+                                   feature_cache="/tmp/tmpy9ihr99t/cache-patch/", image_dir="images")
+    config["round"]["parent"] = {"round": 0, "source": "/home/me/runs/round-0"}
+    (folder / "config.json").write_text(json.dumps(config))
+    done = push_cli(hub_online, folder, "--repo-id", REPO)
+    assert done.returncode == 0, done.stderr
+    assert "warning: lm_model_id is the local path" in done.stderr and "vit_model_id" in done.stderr
+    published = json.loads(hub_online.files(REPO)["config.json"])
+    assert "/tmp/" not in json.dumps(published["round"]) and "/home/" not in json.dumps(published["round"])
+    data = published["round"]["data"]
+    assert (data["train_json"], data["feature_cache"], data["image_dir"]) == ("train.json", "cache-patch", "images")
+    assert published["round"]["parent"] == {"round": 0, "source": "round-0"}
+    assert published["mmft"] == config["mmft"]  # the model config travels as it is (the tiny models' paths: warned)
 
 
 def test_pulled_round_reproduces_the_local_round(hub_online, rounds):
@@ -259,7 +325,23 @@ def test_local_folder_is_returned_as_is(rounds):
     (lambda f: (f / "adapter/adapter_model.safetensors").write_bytes(b"\0" * 64), "not a readable safetensors"),
     (lambda f: (f / "config.json").write_text("{}"), "not a valid mmft config"),
     (lambda f: (f / "adapter/adapter_config.json").write_text("[1"), "not a PEFT adapter config"),
-    (lambda f: (f / "config.json").write_text(json.dumps({"mmft": {}, "round": {}})), "pass --round N"),
+    (lambda f: (f / "config.json").write_text(json.dumps({"mmft": json.loads((f / "config.json").read_text())["mmft"],
+                                                          "round": {}})), "pass --round N"),
+    (lambda f: (f / "config.json").write_text(json.dumps({"mmft": {"lora_r": 4}})), "does not match config.json"),
+    (lambda f: save_file({"linear_1.weight": torch.full((3, 3), float("nan"))}, f / "projector.safetensors"),
+     "NaN or Inf values in linear_1.weight"),
+    (lambda f: save_file({"linear_1.weight": torch.zeros(3, 3)}, f / "projector.safetensors"),
+     r"holds tensors \['linear_1.weight'\], but a projector of mp_depth=2 holds"),
+    (lambda f: _edit_tensors(f / "projector.safetensors", lambda t: {**t, "linear_2.bias": torch.zeros(5)}),
+     r"linear_2.bias has shape \(5,\), but config.json .* says \(64,\)"),
+    (lambda f: _edit_tensors(f / "adapter/adapter_model.safetensors",
+                             lambda t: {k.replace("o_proj", "dense"): v for k, v in t.items()}),
+     "unexpected tensor .*dense.lora_A.weight"),
+    (lambda f: _edit_tensors(f / "adapter/adapter_model.safetensors",
+                             lambda t: {k: v for k, v in t.items() if "layers.0.self_attn.o_proj.lora_B" not in k}),
+     "o_proj has lora_A but not its pair"),
+    (lambda f: _edit_tensors(f / "adapter/adapter_model.safetensors",
+                             lambda t: {k: v * float("inf") for k, v in t.items()}), "NaN or Inf"),
 ])
 def test_bad_folders_are_refused_before_any_request(hub_online, rounds, tmp_path, damage, message):
     folder = tmp_path / "round"
@@ -286,3 +368,66 @@ def test_cli_refuses_a_pickle_and_dry_run_sends_nothing(hub_online, rounds, tmp_
     assert sizes["projector.safetensors"] == f"{(folder / 'projector.safetensors').stat().st_size:,}"
     assert "library_name: peft" in done.stdout and "| round-2 |" in done.stdout
     assert SECRET not in done.stdout + done.stderr
+
+
+# -- deploying the app to a Space ----------------------------------------------------------------
+def _lfs_patterns(gitattributes: bytes) -> list[str]:
+    return [line.split()[0] for line in gitattributes.decode().splitlines()
+            if line.strip() and not line.startswith("#") and "filter=lfs" in line]
+
+
+def _is_binary(data: bytes) -> bool:
+    """What a Space refuses outside LFS: NUL bytes or not UTF-8 text."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return True
+    return b"\0" in data
+
+
+@pytest.mark.slow
+def test_space_deploy_uploads_what_the_app_needs_and_it_runs(hub_online, tmp_path):
+    from huggingface_hub import snapshot_download
+
+    from mmft.space import space_files
+
+    space = "user/mmft-space"
+    env = {**os.environ, "HF_ENDPOINT": hub_online.url, "HF_TOKEN": SECRET, "HF_HUB_OFFLINE": "0"}
+    done = subprocess.run([sys.executable, "-m", "mmft.space", space, "--variable", "MMFT_QUANTIZE=none",
+                           "--variable", "MMFT_THREADS=2"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert SECRET not in done.stdout + done.stderr
+    files = hub_online.files(space, repo_type="space")
+    assert set(files) == set(space_files(ROOT)) and "app.py" in files and "demo/round/projector.safetensors" in files
+    assert not [p for p in files if p.startswith(("tests/", "train/", "bench/", "docs/"))]
+    lfs = _lfs_patterns(files[".gitattributes"])  # every binary file is LFS on the Space
+    binaries = [p for p, data in files.items() if _is_binary(data)]
+    assert "demo/base/lm/model.safetensors" in binaries
+    assert all(any(fnmatch(Path(p).name, pat) for pat in lfs) for p in binaries), binaries
+    assert any(fnmatch("tokenizer.json", pat) for pat in lfs)
+    assert hub_online.space(space) == {"sdk": "gradio", "variables": {"MMFT_QUANTIZE": "none", "MMFT_THREADS": "2"}}
+    card = ModelCard(files["README.md"].decode())  # the front matter configures the Space
+    assert (card.data.sdk, card.data.app_file) == ("gradio", "app.py")
+
+    # the Space's files alone serve the demo (offline: nothing else to fetch)
+    here = Path(snapshot_download(space, repo_type="space", local_dir=tmp_path / "space"))
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MMFT_THREADS": "1", "GRADIO_SERVER_PORT": str(port)}
+    proc = subprocess.Popen([sys.executable, "app.py"], cwd=here, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        from gradio_client import Client
+
+        url = f"http://127.0.0.1:{port}/"
+        for _ in range(120):
+            assert proc.poll() is None, proc.stderr.read()
+            try:
+                client = Client(url, verbose=False, analytics_enabled=False)
+                break
+            except Exception:
+                time.sleep(1)
+        assert client.predict("Hello", api_name="/text")[0]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -164,3 +164,52 @@ def test_slot_count_mismatch_is_an_error(tiny_model):
         model.embed(batch["input_ids"], batch["image_mask"], torch.zeros(1, 3, model.cfg.mp_input_dim))
     with pytest.raises(ValueError, match="no image features"):
         model.embed(batch["input_ids"], batch["image_mask"], None)
+
+
+def test_adapter_toggle_never_asks_peft_for_the_model_status_or_a_repr(tiny_model, monkeypatch):
+    """PEFT's disable_adapter() repr()s every LoRA layer (get_model_status), and an int8 base layer's repr
+    unpacks its weight: ~21-24 s per refine at real size. The toggle must touch neither."""
+    import copy
+
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    model = tiny_model.eval()
+    ids = torch.tensor([model.tokenizer("the red circle")["input_ids"]])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        plain = copy.deepcopy(model.lm).unload()(input_ids=ids, attention_mask=mask).logits  # the bare base
+        with_adapter = model.lm(input_ids=ids, attention_mask=mask).logits
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the adapter toggle must not call this")
+
+    monkeypatch.setattr(PeftModel, "get_model_status", boom)
+    layers = [m for m in model.lm.modules() if isinstance(m, BaseTunerLayer)]
+    assert len(layers) == 4 * model.lm.config.num_hidden_layers  # the four Phi-3 targets per decoder layer
+    for layer in layers:
+        monkeypatch.setattr(layer, "extra_repr", boom)
+        monkeypatch.setattr(layer.base_layer, "extra_repr", boom)
+    batch = _prompt_batch(model, ["What colour is it?"])
+    with torch.no_grad():
+        with model.adapter(False):
+            off = model.lm(input_ids=ids, attention_mask=mask).logits
+            assert all(layer.disable_adapters for layer in layers)
+        on_again = model.lm(input_ids=ids, attention_mask=mask).logits
+        base_draft = model.generate(**batch, use_adapter=False, max_new_tokens=4)
+        lora_draft = model.generate(**batch, use_adapter=True, max_new_tokens=4)
+    assert torch.equal(off, plain)  # exact: the same weights, LoRA skipped
+    assert torch.equal(on_again, with_adapter) and not torch.equal(off, with_adapter)
+    assert not any(layer.disable_adapters for layer in layers)
+    assert base_draft.shape == lora_draft.shape == (1, 4)
+
+
+def test_adapter_contexts_nest_and_restore(tiny_model):
+    model = tiny_model.eval()
+    with model.adapter(False):
+        with model.adapter(True):
+            assert model.switch.enabled
+        with model.adapter(None):  # forward() uses this: keeps what the enclosing context set
+            assert not model.switch.enabled
+        assert not model.switch.enabled
+    assert model.switch.enabled and not model.lm._adapters_disabled

@@ -118,3 +118,27 @@ def test_refine_cuts_only_the_question_and_keeps_draft_and_instruction(pipeline,
     list(pipeline.stream_image(Image.new("RGB", (50, 50), "red"), question))
     assert streamed[1].endswith("Question: Which colour Which colour Which colour Which colour\n"
                                 f"Draft answer: red\n{instruction}<|end|> \n<|assistant|> \n")
+
+
+def test_an_abandoned_stream_stops_generating_and_the_next_draft_uses_the_adapter(pipeline, monkeypatch):
+    import threading
+
+    image = Image.new("RGB", (64, 64), "green")
+    want = pipeline.answer_image(image, QUESTION)
+    lm, runs, generate = pipeline.model.lm, [], pipeline.model.lm.generate
+
+    def watched(*args, **kwargs):  # runs inside the model's lock: what really happens on the weights
+        adapter_on = pipeline.model.switch.enabled
+        out = generate(*args, **kwargs)
+        runs.append((adapter_on, out.shape[1]))
+        return out
+
+    monkeypatch.setattr(lm, "generate", watched)
+    stream = pipeline.stream_text("Hello", max_new_tokens=200, min_new_tokens=200)  # long: base model, adapter off
+    next(stream)
+    stream.close()  # the consumer went away: generation stops at its next token, close() waits for it
+    assert not [t for t in threading.enumerate() if t.name == "mmft-generate"]
+    assert len(runs) == 1 and runs[0][0] is False and runs[0][1] < 200  # stopped well before its 200 tokens
+    assert pipeline.model.switch.enabled  # and the adapter is on again for whoever comes next
+    assert vars(pipeline.answer_image(image, QUESTION)) == vars(want)
+    assert [on for on, _ in runs[1:]] == [True, False]  # draft with LoRA, refine without

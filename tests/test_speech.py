@@ -193,7 +193,7 @@ def test_failure_is_retried_after_retry_after(offline_env, from_hparams_calls):
     transcriber = Transcriber(retry_after=0.0)
     prepared = prepare_audio((16_000, sine(16_000, 1.0)))
     for _ in range(2):
-        with pytest.raises(SpeechUnavailable, match="offline and not cached"):
+        with pytest.raises(SpeechUnavailable, match="runs offline .* no copy of it cached"):
             transcriber.transcribe(prepared)
     assert len(from_hparams_calls) == 2
 
@@ -208,13 +208,15 @@ def test_default_model_offline_fails_fast_and_is_remembered(offline_env, from_hp
     assert time.perf_counter() - start < 2.0
     message = str(first.value)
     assert message.startswith(
-        f"Speech recognition is unavailable: could not load {speech.DEFAULT_MODEL_ID} (offline"
+        f"Speech recognition is unavailable: it needs the speech model {speech.DEFAULT_MODEL_ID} from the Hub"
     )
+    assert "start the app with HF_HUB_OFFLINE=0" in message and "--repo" in message
+    assert "local_files_only" not in message  # the library's hint points the wrong way
     assert "\n" not in message
     assert len(from_hparams_calls) == 1
     assert from_hparams_calls[0]["fetch_config"].allow_network is False
 
-    with pytest.raises(SpeechUnavailable, match="could not load"):
+    with pytest.raises(SpeechUnavailable, match="HF_HUB_OFFLINE=0"):
         transcriber.transcribe(prepared)
     assert len(from_hparams_calls) == 1  # the failure is remembered, not retried
     transcriber.reset()

@@ -1,0 +1,94 @@
+"""The model card of a published round: Hub metadata, the models, the data it declared, every round so far.
+
+Rendered from `model_card.md` with `huggingface_hub.ModelCard`. The training data is what the run
+declared in `round.data.dataset`: only a Hub repo id becomes `datasets` metadata.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from huggingface_hub import ModelCard, ModelCardData
+
+from mmft.config import MMFTConfig
+
+CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "model_card.md"
+TAG_PREFIX = "round-"
+REPO_ID_RE = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # not "./lm", "../clip"
+LLAVA_DATASET = "liuhaotian/LLaVA-Instruct-150K"
+KNOWN_LICENSES = {"microsoft/Phi-3.5-mini-instruct": "mit"}  # base LM id -> its license
+FEATURE_MODE_TEXT = {
+    "pooled": "pooled: CLIP's projected image embedding (`get_image_features`), one image token",
+    "patch": "patch: CLIP's last hidden state, CLS and every patch (50 image tokens for ViT-B/32)",
+}
+
+
+def round_tag(number: int) -> str:
+    return f"{TAG_PREFIX}{number}"
+
+
+def _fmt(value) -> str:
+    if value is None or value == "":
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value).replace("|", "\\|")
+
+
+def _table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """One row per round; one column per metric any round recorded."""
+    metrics = sorted({name for row in rows for name in (row.get("metrics") or {})})
+    header = ["Round", "Date", "Steps", "Samples", "Train loss", "Eval loss",
+              *[m.replace("_", " ").capitalize() for m in metrics]]
+    cells = [[round_tag(row["round"]) if isinstance(row.get("round"), int) else _fmt(row.get("round")),
+              _fmt(str(row.get("created") or "")[:10]), _fmt(row.get("steps")), _fmt(row.get("samples")),
+              _fmt(row.get("train_loss")), _fmt(row.get("eval_loss")),
+              *[_fmt((row.get("metrics") or {}).get(m)) for m in metrics]] for row in rows]
+    return header, cells
+
+
+def _datasets(round_info: dict) -> tuple[list[str] | None, str]:
+    """(Hub dataset ids for the metadata, a sentence for the card), from what the run declared in
+    `data.dataset` (and `data.synthetic`); only a Hub repo id becomes metadata. Paths prove nothing."""
+    data = round_info.get("data") or {}
+    dataset = str(data.get("dataset") or "").strip()
+    if REPO_ID_RE.fullmatch(dataset):
+        if dataset == LLAVA_DATASET:
+            return [dataset], (f"Trained on [LLaVA-Instruct-150K](https://huggingface.co/datasets/{dataset}) "
+                               "(COCO images with GPT-written conversations).")
+        return [dataset], f"Trained on [{dataset}](https://huggingface.co/datasets/{dataset})."
+    if data.get("synthetic") or "mmft.shapes" in dataset:
+        return None, ("Trained on the **synthetic shapes demo data** (coloured shapes on plain backgrounds, "
+                      "generated locally by `mmft.shapes`; not a Hub dataset). It shows that the pipeline "
+                      "learns, not that the model understands real photos.")
+    if dataset:
+        return None, f"Trained on {dataset.replace('|', '/')} (as the training run declared it; not a Hub dataset)."
+    return None, "This round's config.json does not say what it was trained on."
+
+
+def render_card(cfg: MMFTConfig, round_info: dict, repo_id: str, number: int, has_loss_plot: bool,
+                template: str | Path = CARD_TEMPLATE) -> ModelCard:
+    """The round's README.md: Hub metadata + feature mode, models, every round so far, plot, usage."""
+    lm_is_hub_id = bool(REPO_ID_RE.fullmatch(cfg.lm_model_id)) and not Path(cfg.lm_model_id).exists()
+    datasets, data_text = _datasets(round_info)
+    data = ModelCardData(
+        base_model=cfg.lm_model_id if lm_is_hub_id else None,  # the Hub only accepts repo ids here
+        library_name="peft",
+        pipeline_tag="image-text-to-text",
+        datasets=datasets,
+        tags=["llava", "qlora", "clip", "phi3", "mmft", f"feature-mode-{cfg.vit_feature_mode}"],
+        license=round_info.get("license") or KNOWN_LICENSES.get(cfg.lm_model_id),
+    )
+    rows = list(round_info.get("history") or [])  # every round so far, this one last
+    if not rows or rows[-1].get("round") != number:
+        rows.append({**round_info, "round": number})
+    header, cells = _table(rows)
+    return ModelCard.from_template(
+        data, template_path=str(template), repo_id=repo_id, revision=round_tag(number), round=number,
+        lm_id=cfg.lm_model_id, lm_is_hub_id=lm_is_hub_id, vit_id=cfg.vit_model_id,
+        feature_mode=FEATURE_MODE_TEXT[cfg.vit_feature_mode], data_text=data_text,
+        parent=round_info.get("parent"), header=header, rows=cells, has_loss_plot=has_loss_plot,
+    )
+
+

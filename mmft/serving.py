@@ -1,0 +1,262 @@
+"""Serving: the rounds an app (or a script) answers with, kept loaded within a budget; no UI here.
+
+One base, many rounds. Every loaded round whose base is the same shares one copy of the base LM and
+of CLIP: a round is a PEFT *named* adapter on that base (`load_adapter`) plus its own projector, so a
+loaded round costs megabytes (Phi-3.5, LoRA r=16 on all linears: ~100 MB in fp32; a patch-mode
+projector ~47 MB), switching rounds is a flag flip, and the refine stage runs with every adapter off.
+
+Budget: `cache_size` counts *rounds* (adapter + projector each), `max_bases` counts *base models*
+(LM + CLIP: ~7.6 GB for Phi-3.5 in bf16). A round whose base differs — another LM or CLIP id or
+revision, feature mode or any other `lm_*`/`vit_*` field, or other device/dtype/quantization — cannot
+share: it loads a second base only while fewer than `max_bases` are loaded; otherwise the least
+recently used base is dropped with its rounds *before* the new one loads (never two bases over budget).
+
+Thread safety lives in the model layer (`mmft.model.AdapterSwitch`): adapter choice and generation
+hold the base's lock, and loading or deleting an adapter takes the same lock.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import warnings
+from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+
+from mmft.config import MMFTConfig
+from mmft.hub import RoundNotFound, list_rounds, pull_round
+from mmft.loading import load_round, round_config
+from mmft.pipeline import Pipeline
+from mmft.projector import Projector, load_projector
+from mmft.round import ADAPTER_DIR, PROJECTOR_NAME
+
+log = logging.getLogger(__name__)
+
+DEMO_KEY = "demo"  # the bundled shapes round
+MAIN_KEY = "main"  # a Hub repo's latest round
+CACHE_SIZE = 4  # rounds (adapter + projector each); they share their base
+MAX_BASES = 1  # base models (LM + CLIP); a free CPU Space (16 GB) holds one Phi-3.5
+
+
+def load_pipeline(source: str | Path, revision: str | None = None, **load_kwargs) -> Pipeline:
+    """A `Pipeline` for a local round folder or any Hub revision; kwargs go to `mmft.loading.load_round`
+    (the base LM and CLIP load at the `lm_revision` / `vit_revision` the round's config.json pins)."""
+    return Pipeline.from_round(pull_round(source, revision), **load_kwargs)
+
+
+def base_key(cfg: MMFTConfig, device=None, dtype=None, quantize=None) -> tuple:
+    """What must be equal for two rounds to share a base: every `lm_*` and `vit_*` field + how it is loaded.
+    On an int8 base, also the LoRA targets: PEFT cannot wrap a linear that int8 already converted."""
+    names = [f.name for f in fields(cfg) if f.name.startswith(("lm_", "vit_"))]
+    if quantize == "int8":
+        names.append("lora_target_modules")
+    return (*((n, repr(getattr(cfg, n))) for n in names), ("load", str(device), str(dtype), str(quantize)))
+
+
+def _skip_state(*args, **kwargs) -> None:
+    """An int8 base layer's `_load_from_state_dict` while an adapter loads: it has no keys in an adapter."""
+
+
+@contextmanager
+def _int8_bases_tolerated(lm):
+    """PEFT's `load_adapter` reads `base_layer.weight.device/.dtype` and then loads the adapter's keys with
+    `load_state_dict(strict=False)` over the whole model. torch.ao's dynamic int8 Linear has a `weight()`
+    method instead, and its `_load_from_state_dict` demands its own keys. For the load only, show it a
+    float stand-in (the dtype the LoRA weights already have) and let its state loading pass."""
+    stand_ins = []
+    for layer in (m for m in lm.modules() if isinstance(m, BaseTunerLayer)):
+        base = layer.get_base_layer()
+        if callable(getattr(base, "weight", None)) and len(layer.lora_A):
+            lora = next(iter(layer.lora_A.values())).weight
+            base.weight = torch.empty(0, dtype=lora.dtype, device=lora.device)
+            stand_ins.append(base)
+    quantized = [m for m in lm.modules() if type(m).__module__.startswith("torch.ao.nn.quantized")]
+    for module in quantized:
+        module._load_from_state_dict = _skip_state
+    try:
+        yield
+    finally:
+        for base in stand_ins:
+            del base.weight
+        for module in quantized:
+            del module._load_from_state_dict
+
+
+class RoundCache:
+    """Loaded rounds by key, least recently used dropped first; rounds on one base share it."""
+
+    def __init__(self, cache_size: int = CACHE_SIZE, max_bases: int = MAX_BASES):
+        if cache_size < 1 or max_bases < 1:
+            raise ValueError(f"cache_size and max_bases must be >= 1, got {cache_size} and {max_bases}")
+        self.cache_size, self.max_bases = cache_size, max_bases
+        self._rounds: OrderedDict[str, Pipeline] = OrderedDict()
+        self._base_of: dict[str, tuple] = {}
+        self._bases: OrderedDict[tuple, object] = OrderedDict()  # base key -> the MultimodalModel that loaded it
+        self._names = (f"round{i}" for i in itertools.count(1))  # adapter names; round keys may hold "/" or "."
+        self._lock = threading.RLock()
+
+    def get(self, key: str) -> Pipeline | None:
+        with self._lock:
+            pipe = self._rounds.get(key)
+            if pipe is not None:
+                self._rounds.move_to_end(key)
+                self._bases.move_to_end(self._base_of[key])
+            return pipe
+
+    def loaded(self) -> list[str]:
+        return list(self._rounds)
+
+    def bases(self) -> int:
+        return len(self._bases)
+
+    def load(self, key: str, folder: str | Path, device=None, dtype=None, quantize=None) -> Pipeline:
+        """The round in `folder` under `key`: onto its base if that is loaded, else onto a new base."""
+        with self._lock:
+            if (pipe := self.get(key)) is not None:
+                return pipe
+            folder = Path(folder)
+            cfg, _ = round_config(folder)
+            bkey = base_key(cfg, device, dtype, quantize)
+            if bkey in self._bases:
+                self._bases.move_to_end(bkey)
+                model = self._add_round(self._bases[bkey], folder, cfg)
+            else:
+                while len(self._bases) >= self.max_bases:  # drop first: never two bases over budget
+                    self._drop_base(next(iter(self._bases)))
+                model, _ = load_round(folder, device=device, dtype=dtype, quantize=quantize)
+                self._bases[bkey] = model
+                log.info("loaded a base (%s, %s) for round %s", cfg.lm_model_id, cfg.vit_model_id, key)
+            self._rounds[key], self._base_of[key] = Pipeline(model), bkey
+            while len(self._rounds) > self.cache_size:
+                self._drop_round(next(iter(self._rounds)))
+            return self._rounds[key]
+
+    def _add_round(self, base, folder: Path, cfg: MMFTConfig):
+        """Another named adapter on the base's PeftModel, and this round's own projector (strict)."""
+        feature_dim, lm_dim = base.cfg.mp_input_dim, base.cfg.mp_output_dim
+        for name, actual in (("mp_input_dim", feature_dim), ("mp_output_dim", lm_dim)):
+            stored = getattr(cfg, name)
+            if stored is not None and stored != actual:
+                raise ValueError(f"{folder}: config {name}={stored} but the loaded base gives {actual}")
+        cfg = replace(cfg, mp_input_dim=feature_dim, mp_output_dim=lm_dim, mp_hidden_dim=cfg.mp_hidden_dim or lm_dim)
+        projector = Projector(cfg.mp_input_dim, cfg.mp_output_dim, cfg.mp_hidden_dim, cfg.mp_depth)
+        load_projector(projector, folder / PROJECTOR_NAME)
+        projector.to(base.device).eval().requires_grad_(False)
+        name = next(self._names)
+        with base.switch.lock:  # no generation on this base while its adapters change
+            with _int8_bases_tolerated(base.lm):
+                base.lm.load_adapter(str(folder / ADAPTER_DIR), adapter_name=name, is_trainable=False)
+            return base.sibling(cfg, projector, name)
+
+    def _drop_round(self, key: str) -> None:
+        pipe, bkey = self._rounds.pop(key), self._base_of.pop(key)
+        if bkey not in self._bases:
+            return
+        if bkey not in self._base_of.values():  # its base's last round: the base goes too
+            self._drop_base(bkey)
+            return
+        base = self._bases[bkey]
+        with base.switch.lock, warnings.catch_warnings():  # "Adapter ... was active which is now deleted"
+            warnings.simplefilter("ignore", UserWarning)
+            base.lm.delete_adapter(pipe.model.adapter_name)
+            base.switch.refresh()
+        log.info("dropped round %s from the cache", key)
+
+    def _drop_base(self, bkey: tuple) -> None:
+        """Forget a base and its rounds; the memory is freed once no request still holds them."""
+        for key in [k for k, b in self._base_of.items() if b == bkey]:
+            del self._rounds[key], self._base_of[key]
+            log.info("dropped round %s from the cache (its base was dropped)", key)
+        del self._bases[bkey]
+
+
+@dataclass
+class Settings:
+    """Where the model comes from and how it is loaded (app.py fills this from flags and env)."""
+
+    demo_round: Path
+    repo: str | None = None  # Hub repo id (or a local round folder); None serves the demo
+    revision: str | None = None  # tag, branch or commit id; None = main
+    demo: bool = False  # serve the demo even if a repo is set
+    device: str | None = None  # None: CUDA when present
+    dtype: str | None = None  # None: mmft.loading.pick_dtype (the demo: float32, it is tiny)
+    quantize: str | None = None  # "nf4", "int8", "none"; None: the device's default
+    asr_model: str | None = None  # None: mmft.speech.DEFAULT_MODEL_ID
+    cache_size: int = CACHE_SIZE  # rounds kept loaded
+    max_bases: int = MAX_BASES  # base models kept loaded
+
+
+class Rounds:
+    """The rounds an app can serve, by picker key (`demo`, `main`, a tag or commit id), loaded on demand."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.repo = None if settings.demo else settings.repo
+        self.on_hub = self.repo is not None and not Path(self.repo).is_dir()  # else a local round folder
+        self.cache = RoundCache(max(settings.cache_size, 1), max(settings.max_bases, 1))
+        self._lock = threading.Lock()
+
+    def _locate(self, key: str) -> Path:
+        """The round's folder: cheap checks and, for the Hub, the download; raises before anything is dropped."""
+        if key == DEMO_KEY:
+            if not Path(self.settings.demo_round).is_dir():
+                raise FileNotFoundError(f"the bundled demo round {self.settings.demo_round} is missing: rebuild "
+                                        "it with `python -m train.build_demo`, or serve a Hub round with --repo")
+            return pull_round(self.settings.demo_round)
+        return pull_round(self.repo, None if key == MAIN_KEY else key)
+
+    def _options(self, key: str) -> dict:
+        s = self.settings
+        if key == DEMO_KEY:  # tiny: float32 reproduces its evaluation exactly, and 4-bit would gain nothing
+            return dict(device=s.device, dtype=s.dtype or "float32", quantize=s.quantize or "none")
+        return dict(device=s.device, dtype=s.dtype, quantize=s.quantize)
+
+    def get(self, key: str) -> Pipeline:
+        with self._lock:
+            pipe = self.cache.get(key)
+            if pipe is None:
+                pipe = self.cache.load(key, self._locate(key), **self._options(key))
+            return pipe
+
+    def loaded(self) -> list[str]:
+        return self.cache.loaded()
+
+    def start(self) -> tuple[str, str | None]:
+        """(key served at start-up, why the configured round could not be served or None); loads it."""
+        if self.repo is None:
+            self.get(DEMO_KEY)
+            return DEMO_KEY, None
+        key = self.settings.revision or MAIN_KEY
+        try:
+            self.get(key)
+            return key, None
+        except RoundNotFound as err:
+            log.warning("serving the demo round instead: %s", err)
+            try:
+                self.get(DEMO_KEY)
+            except FileNotFoundError as missing:
+                raise FileNotFoundError(f"{err} The fallback failed too: {missing}") from err
+            return DEMO_KEY, str(err)
+
+    def choices(self, current: str) -> list[tuple[str, str]]:
+        """(label, key) for the round picker: the repo's round-N tags, newest first, and what is served."""
+        if self.repo is None:
+            return [("shapes demo (bundled)", DEMO_KEY)]
+        options = [(f"{MAIN_KEY} (latest)" if self.on_hub else f"{self.repo} (local folder)", MAIN_KEY)]
+        if self.on_hub:
+            try:
+                options += [(f"{tag} ({sha[:7]})", tag) for tag, sha in reversed(list_rounds(self.repo))]
+            except Exception as err:  # the picker is a convenience: the app serves on without it
+                log.warning("could not list the rounds of %s: %s", self.repo, err)
+        keys = {key for _, key in options}
+        if self.settings.revision and self.settings.revision not in keys:
+            options.append((self.settings.revision, self.settings.revision))
+        if current == DEMO_KEY:
+            options.append(("shapes demo (bundled)", DEMO_KEY))
+        return options

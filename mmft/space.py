@@ -1,0 +1,75 @@
+"""Deploy the app to a Hugging Face Space: exactly the files the Space runs, in one commit.
+
+    python -m mmft.space OWNER/NAME [--private] [--dry-run] [--variable MMFT_REPO=OWNER/ROUND-REPO ...]
+
+The Space runs `app.py` (README.md's front matter says so) with `requirements.txt`, the `mmft`
+package and the bundled demo round with its tiny base models (the fallback when no round is
+configured or reachable). Files the Space does not need (tests, training, benchmarks, docs) stay
+home. `.gitattributes` travels too, so the Space's binaries (.safetensors, .png, tokenizer.json) are
+LFS. A file on the Space that is not in this list is deleted by the same commit. The token is the one
+huggingface_hub finds (HF_TOKEN, `hf auth login`) and is never printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from fnmatch import fnmatch
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SPACE_PATTERNS = ["README.md", ".gitattributes", "app.py", "requirements.txt", "model_card.md", "mmft/*.py",
+                  "demo/base/*/*", "demo/round/config.json", "demo/round/projector.safetensors",
+                  "demo/round/adapter/adapter_*"]
+
+
+def space_files(root: str | Path = ROOT) -> list[str]:
+    """The repo-relative paths the Space needs, sorted (no caches, no tests, no training data)."""
+    root = Path(root)
+    paths = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
+    return sorted(p for p in paths if any(fnmatch(p, pat) for pat in SPACE_PATTERNS) and "__pycache__" not in p)
+
+
+def deploy(space_id: str, root: str | Path = ROOT, private: bool = False, variables: dict[str, str] | None = None):
+    """Create the Space (Gradio SDK) if needed, make it hold exactly `space_files`, set its variables."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(space_id, repo_type="space", space_sdk="gradio", exist_ok=True, private=private)
+    info = api.upload_folder(repo_id=space_id, repo_type="space", folder_path=str(root),
+                             allow_patterns=space_files(root), delete_patterns="*",
+                             commit_message="Deploy the mmft app")
+    for key, value in (variables or {}).items():
+        api.add_space_variable(space_id, key, value)
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("space_id", help="the Space, OWNER/NAME (created with the Gradio SDK if it does not exist)")
+    parser.add_argument("--private", action="store_true", help="create the Space private")
+    parser.add_argument("--dry-run", action="store_true", help="list the files that would be uploaded; send nothing")
+    parser.add_argument("--variable", action="append", default=[], metavar="KEY=VALUE",
+                        help="a Space variable to set, e.g. MMFT_REPO=OWNER/NAME (repeatable)")
+    args = parser.parse_args(argv)
+    variables = dict(item.split("=", 1) for item in args.variable if "=" in item)
+    if len(variables) != len(args.variable):
+        print(f"error: --variable takes KEY=VALUE, got {args.variable}", file=sys.stderr)
+        return 2
+    files = space_files()
+    if args.dry_run:
+        for path in files:
+            print(f"  {path:<50} {(ROOT / path).stat().st_size:>10,} bytes")
+        print(f"Dry run, nothing sent: {len(files)} files for the Space {args.space_id}.")
+        return 0
+    try:
+        info = deploy(args.space_id, private=args.private, variables=variables)
+    except Exception as err:  # one line, no traceback (and so no token) on the console
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"deployed {len(files)} files: {info.commit_url}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

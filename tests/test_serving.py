@@ -1,0 +1,184 @@
+"""Serving: rounds share one base (named adapters + own projector), the cache budget, thread safety."""
+
+import threading
+
+import pytest
+import torch
+from PIL import Image
+
+from mmft.config import MMFTConfig, load_config, save_config
+from mmft.loading import build_model
+from mmft.pipeline import Pipeline
+from mmft.serving import RoundCache
+
+QUESTION = "What colour is the shape?"
+IMAGE = Image.new("RGB", (64, 64), "red")
+
+
+def make_round(tiny_dir, folder, seed, **cfg_changes):
+    """A round over the session's tiny models with its own LoRA B and projector (so rounds differ)."""
+    kwargs = dict(lm_model_id=str(tiny_dir / "lm"), vit_model_id=str(tiny_dir / "clip"), vit_feature_mode="patch",
+                  lora_r=8, lora_alpha=16, lora_dropout=0.0, gen_max_new_tokens=8,
+                  prompt_max_question_tokens=64, prompt_max_answer_tokens=64)
+    cfg = MMFTConfig(**{**kwargs, **cfg_changes})
+    torch.manual_seed(seed)
+    model = build_model(cfg, device="cpu", dtype=torch.float32, trainable=True)
+    with torch.no_grad():
+        for name, param in [*model.lm.named_parameters(), *model.projector.named_parameters(prefix="mp")]:
+            if "lora_B" in name or name.startswith("mp."):
+                param.normal_(0, 0.5)
+    return model.save_pretrained(folder, {"round": seed})
+
+
+@pytest.fixture(scope="module")
+def three_rounds(tiny_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("serving")
+    folders = [make_round(tiny_dir, root / f"round-{n}", n) for n in (1, 2)]
+    folders.append(make_round(tiny_dir, root / "round-3", 3, lora_target_modules=["qkv_proj"], lora_r=4))
+    return folders
+
+
+@pytest.fixture(scope="module")
+def alone(three_rounds):
+    """What each round answers when it is loaded on its own (the reference)."""
+    answers = []
+    for folder in three_rounds:
+        pipe = Pipeline.from_round(folder, device="cpu", dtype=torch.float32)
+        answers.append(vars(pipe.answer_image(IMAGE, QUESTION)))
+    return answers
+
+
+FP32 = dict(device="cpu", dtype=torch.float32)
+
+
+def test_rounds_share_one_base_and_answer_exactly_as_alone(three_rounds, alone):
+    cache = RoundCache(cache_size=3)
+    pipes = [cache.load(f"r{i}", folder, **FP32) for i, folder in enumerate(three_rounds)]
+    assert cache.bases() == 1
+    assert all(p.model.lm is pipes[0].model.lm and p.model.vision is pipes[0].model.vision for p in pipes)
+    assert len({id(p.model.projector) for p in pipes}) == 3  # each round its own projector
+    assert len({a["draft"] for a in alone}) > 1  # the rounds really differ
+    for _ in range(2):  # switching back and forth changes nothing
+        for pipe, want in zip(pipes, alone):
+            assert vars(pipe.answer_image(IMAGE, QUESTION)) == want
+    assert cache.load("r0", three_rounds[0]) is pipes[0]  # cached: not loaded again
+
+
+def test_cache_keeps_cache_size_rounds_and_deletes_dropped_adapters(three_rounds, alone):
+    cache = RoundCache(cache_size=2)
+    first = cache.load("a", three_rounds[0], **FP32)
+    cache.load("b", three_rounds[1], **FP32)
+    cache.get("a")  # used: "b" is now the least recently used
+    cache.load("c", three_rounds[2], **FP32)
+    assert cache.loaded() == ["a", "c"] and cache.bases() == 1
+    lm = first.model.lm
+    assert len(lm.peft_config) == 2  # b's adapter left the model
+    assert vars(cache.get("c").answer_image(IMAGE, QUESTION)) == alone[2]
+    assert vars(first.answer_image(IMAGE, QUESTION)) == alone[0]
+
+
+def test_a_round_on_another_base_drops_the_old_base_first_or_loads_a_second(three_rounds, tiny_dir, tmp_path, alone):
+    cfg, info = load_config(three_rounds[0])
+    other = tmp_path / "other"
+    import shutil
+
+    shutil.copytree(three_rounds[0], other)
+    cfg.vit_max_pixels = 1_000_000  # any vit_*/lm_* difference means another base
+    save_config(other, cfg, info)
+
+    one = RoundCache(cache_size=4, max_bases=1)
+    first = one.load("a", three_rounds[0], **FP32)
+    one.load("b", three_rounds[1], **FP32)
+    second = one.load("other", other, **FP32)
+    assert one.loaded() == ["other"] and one.bases() == 1 and second.model.lm is not first.model.lm
+    assert vars(second.answer_image(IMAGE, QUESTION)) == alone[0]
+
+    two = RoundCache(cache_size=4, max_bases=2)
+    two.load("a", three_rounds[0], **FP32)
+    two.load("other", other, **FP32)
+    assert two.loaded() == ["a", "other"] and two.bases() == 2
+    two.load("dtype", three_rounds[1], device="cpu", dtype=torch.bfloat16)  # another dtype: another base
+    assert two.loaded() == ["other", "dtype"] and two.bases() == 2
+
+
+def test_two_threads_on_different_rounds_get_the_single_threaded_answers(three_rounds, alone):
+    cache = RoundCache(cache_size=3)
+    pipes = [cache.load(f"r{i}", folder, **FP32) for i, folder in enumerate(three_rounds)]
+    results, errors = {i: [] for i in range(3)}, []
+    start = threading.Barrier(3)
+
+    def ask(i):
+        try:
+            start.wait()
+            for _ in range(3):
+                if i == 2:  # streaming too: the draft and the refine in two generate calls
+                    results[i].append(vars(list(pipes[i].stream_image(IMAGE, QUESTION))[-1]))
+                else:
+                    results[i].append(vars(pipes[i].answer_image(IMAGE, QUESTION)))
+        except Exception as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    for i in range(3):
+        assert results[i] == [alone[i]] * 3, i
+
+
+def test_int8_base_takes_more_rounds(three_rounds):
+    """load_adapter onto a dynamic-int8 base: each round answers as it does when loaded alone in int8."""
+    cache = RoundCache(cache_size=2)
+    shared = [cache.load(f"r{i}", f, device="cpu", dtype=torch.float32, quantize="int8")
+              for i, f in enumerate(three_rounds[:2])]
+    assert shared[0].model.lm is shared[1].model.lm
+    for folder, pipe in zip(three_rounds, shared):
+        own = Pipeline.from_round(folder, device="cpu", dtype=torch.float32, quantize="int8")
+        assert vars(pipe.answer_image(IMAGE, QUESTION)) == vars(own.answer_image(IMAGE, QUESTION))
+
+
+def test_a_dropped_round_says_so(three_rounds):
+    cache = RoundCache(cache_size=1)
+    old = cache.load("a", three_rounds[0], **FP32)
+    cache.load("b", three_rounds[1], **FP32)
+    with pytest.raises(RuntimeError, match="no longer loaded"):
+        old.answer_text("Hello")
+
+
+def test_a_round_loads_the_base_revisions_it_names(hub_online, tiny_dir, tmp_path):
+    """config.json pins the base LM's and CLIP's commits: serving loads exactly those, not the newest."""
+    from huggingface_hub import HfApi
+    from safetensors.torch import load_file, save_file
+
+    api = HfApi()
+    pinned = {}
+    for name in ("lm", "clip"):
+        repo = f"user/tiny-{name}"
+        api.create_repo(repo)
+        pinned[name] = api.upload_folder(repo_id=repo, folder_path=str(tiny_dir / name)).oid
+        newer = {k: v + 1.0 for k, v in load_file(str(tiny_dir / name / "model.safetensors")).items()}
+        save_file(newer, str(tmp_path / f"{name}.safetensors"), metadata={"format": "pt"})
+        api.upload_file(path_or_fileobj=str(tmp_path / f"{name}.safetensors"), path_in_repo="model.safetensors",
+                        repo_id=repo)  # main moves on: other weights
+    folder = make_round(tiny_dir, tmp_path / "round", 1)
+    cfg, info = load_config(folder)
+    cfg.lm_model_id, cfg.lm_revision = "user/tiny-lm", pinned["lm"]
+    cfg.vit_model_id, cfg.vit_revision = "user/tiny-clip", pinned["clip"]
+    save_config(folder, cfg, info)
+
+    model = RoundCache().load("pinned", folder, **FP32).model
+    want_lm = load_file(str(tiny_dir / "lm" / "model.safetensors"))
+    want_clip = load_file(str(tiny_dir / "clip" / "model.safetensors"))
+    lm_state = model.lm.get_base_model().state_dict()
+    embed = next(k for k in want_lm if "embed_tokens" in k)
+    assert torch.equal(lm_state[embed], want_lm[embed])  # the pinned commit, not main's +1
+    clip_key = next(k for k in want_clip if k.endswith("patch_embedding.weight"))
+    assert torch.equal(model.vision.state_dict()[next(k for k in model.vision.state_dict()
+                                                       if k.endswith("patch_embedding.weight"))], want_clip[clip_key])
+
+    cfg.lm_revision = None  # unpinned: main's newer weights (so the pin above is what made the difference)
+    save_config(folder, cfg, info)
+    unpinned = RoundCache().load("main", folder, **FP32).model
+    assert torch.equal(unpinned.lm.get_base_model().state_dict()[embed], want_lm[embed] + 1.0)
