@@ -7,8 +7,6 @@ No `trust_remote_code`: Phi-3 and CLIP are native to transformers.
 
 from __future__ import annotations
 
-import gc
-import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from mmft.config import MMFTConfig, load_config
 from mmft.model import MultimodalModel
 from mmft.projector import Projector, load_projector
+from mmft.quantize import pick_cpu_path, quantize_int8_
 from mmft.round import ADAPTER_DIR, PROJECTOR_NAME, check_round_folder
 from mmft.vision import VisionEncoder
 
@@ -51,11 +50,11 @@ def pick_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> 
 QUANTIZE_MODES = ("nf4", "int8", "none")
 
 
-def resolve_quantize(quantize: bool | str | None, device: torch.device) -> str:
-    """None: NF4 on CUDA, nothing on CPU (docs/benchmarks.md: NF4 is 40x slower than fp32 on CPU).
-    True/False: NF4 or nothing. "int8": dynamic int8, for CPU inference (opt-in until checked on real weights)."""
+def resolve_quantize(quantize: bool | str | None, device: torch.device, trainable: bool = False) -> str:
+    """None: NF4 on CUDA; on CPU `pick_cpu_path` (int8 for inference, nothing for training; NF4 is 40x
+    slower than fp32 on CPU: docs/benchmarks.md). True/False: NF4 or nothing. "int8": CPU inference."""
     if quantize is None:
-        return "nf4" if device.type == "cuda" else "none"
+        return "nf4" if device.type == "cuda" else pick_cpu_path(trainable).quantize
     if isinstance(quantize, bool):
         return "nf4" if quantize else "none"
     if quantize not in QUANTIZE_MODES:
@@ -115,14 +114,15 @@ def build_model(cfg: MMFTConfig, device=None, dtype=None, quantize=None, with_vi
     """Base LM (+ new LoRA, or the adapter at `adapter`) + CLIP + projector (random until loaded)."""
     device = pick_device(device)
     dtype = pick_dtype(device, dtype)
-    lm, tokenizer = load_lm(cfg, device, dtype, quantize)
+    mode = resolve_quantize(quantize, device, trainable)
+    # int8: load in the checkpoint's own dtype (bf16 for Phi-3.5: half of fp32's peak, lossless)
+    lm, tokenizer = load_lm(cfg, device, "auto" if mode == "int8" else dtype, mode)
     vision = load_vision(cfg, device, dtype) if with_vision else None
     if vision is not None:
         feature_dim = vision.feature_dim
     if feature_dim is None:
         raise ValueError("feature_dim is needed when the model is built without its vision encoder")
     cfg, projector = _assemble(cfg, lm, feature_dim)
-    mode = resolve_quantize(quantize, device)
     if mode == "int8" and (trainable or device.type != "cpu"):
         raise ValueError("int8 dynamic quantization is for CPU inference; train with quantize='nf4' (CUDA) or 'none'")
     if trainable and getattr(lm, "is_quantized", False):
@@ -132,31 +132,8 @@ def build_model(cfg: MMFTConfig, device=None, dtype=None, quantize=None, with_vi
     elif trainable:
         lm = get_peft_model(lm, lora_config(cfg))
     if mode == "int8":
-        quantize_int8_(lm)
+        quantize_int8_(lm, dtype)
     return MultimodalModel(cfg, lm, tokenizer, projector, vision)
-
-
-def quantize_int8_(lm) -> None:
-    """Dynamic int8 (per-channel weights) on the LM's linears, in place, after the adapter is attached:
-    LoRA's base layers and lm_head are converted, LoRA itself stays float so `disable_adapter()` works.
-    One decoder layer at a time, freeing each fp32 copy, so the peak stays near one model."""
-    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-    base = lm.get_base_model() if isinstance(lm, PeftModel) else lm
-
-    def convert(module):
-        spec = {name: per_channel_dynamic_qconfig for name, sub in module.named_modules()
-                if isinstance(sub, torch.nn.Linear) and "lora_" not in name}
-        with warnings.catch_warnings():  # torch.ao.quantization is deprecated in favour of torchao
-            warnings.simplefilter("ignore")
-            quantize_dynamic(module, spec, inplace=True)
-        gc.collect()
-
-    for layer in base.model.layers:
-        convert(layer)
-    holder = torch.nn.Sequential(base.lm_head)  # quantize_dynamic swaps children, never the root
-    convert(holder)
-    base.lm_head = holder[0]
 
 
 def load_round(folder: str | Path, device=None, dtype=None, quantize=None, trainable: bool = False,
