@@ -22,6 +22,7 @@ used through it.
 from __future__ import annotations
 
 import gc
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -43,7 +44,9 @@ class Int8Linear(nn.Linear):
         w = linear.weight.detach().float()  # [out, in]
         # per_channel_symmetric as torch's per-channel observer computes it: max|w| / 127.5
         scale = (w.abs().amax(dim=1) / 127.5).clamp(min=1e-8).double()
-        qweight = torch.quantize_per_channel(w, scale, torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8)
+        with warnings.catch_warnings():  # torch's quantized tensors are deprecated: docs/benchmarks.md
+            warnings.simplefilter("ignore")
+            qweight = torch.quantize_per_channel(w, scale, torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8)
         bias = None if linear.bias is None else linear.bias.detach().float()
         self._packed = torch.ops.quantized.linear_prepack(qweight, bias)
         # fbgemm's x86 kernels saturate int16 intermediates without VNNI: 7-bit activations avoid
