@@ -7,8 +7,6 @@ No `trust_remote_code`: Phi-3 and CLIP are native to transformers.
 
 from __future__ import annotations
 
-import gc
-import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from mmft.config import QUANTIZE_MODES, MMFTConfig, load_config
 from mmft.model import MultimodalModel
 from mmft.projector import Projector, load_projector
+from mmft.quantize import pick_cpu_path, quantize_int8_
 from mmft.round import ADAPTER_DIR, PROJECTOR_NAME, check_round_folder
 from mmft.vision import VisionEncoder
 
@@ -48,12 +47,12 @@ def pick_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> 
     return torch.bfloat16 if cpu_has_bf16() else torch.float32
 
 
-def resolve_quantize(quantize: str | None, device: torch.device) -> str:
-    """One spelling everywhere: "nf4" (4-bit, QLoRA), "int8" (dynamic int8, CPU inference; opt-in until
-    checked on real weights), "none"; None = the device's default: NF4 on CUDA, nothing on CPU
-    (docs/benchmarks.md: NF4 is 40x slower than fp32 on CPU)."""
+def resolve_quantize(quantize: str | None, device: torch.device, trainable: bool = False) -> str:
+    """One spelling everywhere: "nf4" (4-bit, QLoRA), "int8" (int8 weights, CPU inference), "none";
+    None = the device's default: NF4 on CUDA; on CPU `pick_cpu_path` (int8 for inference, nothing for
+    training; NF4 is 40x slower than fp32 on CPU: docs/benchmarks.md)."""
     if quantize is None:
-        return "nf4" if device.type == "cuda" else "none"
+        return "nf4" if device.type == "cuda" else pick_cpu_path(trainable).quantize
     if not isinstance(quantize, str) or quantize not in QUANTIZE_MODES:
         raise ValueError(f"quantize must be one of {QUANTIZE_MODES} or None (the device's default), got {quantize!r}")
     return quantize
@@ -113,10 +112,11 @@ def build_model(cfg: MMFTConfig, device=None, dtype=None, quantize=None, with_vi
     model carries a copy with the projector sizes filled in (`model.cfg`)."""
     device = pick_device(device)
     dtype = pick_dtype(device, dtype)
-    mode = resolve_quantize(quantize, device)
+    mode = resolve_quantize(quantize, device, trainable)
     if mode == "int8" and (trainable or device.type != "cpu"):
         raise ValueError("int8 dynamic quantization is for CPU inference; train with quantize='nf4' (CUDA) or 'none'")
-    lm, tokenizer = load_lm(cfg, device, dtype, mode)
+    # int8: load in the checkpoint's own dtype (bf16 for Phi-3.5: half of fp32's peak, lossless)
+    lm, tokenizer = load_lm(cfg, device, "auto" if mode == "int8" else dtype, mode)
     vision = load_vision(cfg, device, dtype) if with_vision else None
     if vision is not None:
         feature_dim = vision.feature_dim
@@ -130,31 +130,8 @@ def build_model(cfg: MMFTConfig, device=None, dtype=None, quantize=None, with_vi
     elif trainable:
         lm = get_peft_model(lm, lora_config(cfg))
     if mode == "int8":
-        quantize_int8_(lm)
+        quantize_int8_(lm, dtype)
     return MultimodalModel(cfg, lm, tokenizer, projector, vision)
-
-
-def quantize_int8_(lm) -> None:
-    """Dynamic int8 (per-channel weights) on the LM's linears, in place, after the adapter is attached:
-    LoRA's base layers and lm_head are converted, LoRA itself stays float so `disable_adapter()` works.
-    One decoder layer at a time, freeing each fp32 copy, so the peak stays near one model."""
-    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-    base = lm.get_base_model() if isinstance(lm, PeftModel) else lm
-
-    def convert(module):
-        spec = {name: per_channel_dynamic_qconfig for name, sub in module.named_modules()
-                if isinstance(sub, torch.nn.Linear) and "lora_" not in name}
-        with warnings.catch_warnings():  # torch.ao.quantization is deprecated in favour of torchao
-            warnings.simplefilter("ignore")
-            quantize_dynamic(module, spec, inplace=True)
-        gc.collect()
-
-    for layer in base.model.layers:
-        convert(layer)
-    holder = torch.nn.Sequential(base.lm_head)  # quantize_dynamic swaps children, never the root
-    convert(holder)
-    base.lm_head = holder[0]
 
 
 def round_config(folder: str | Path) -> tuple[MMFTConfig, dict]:

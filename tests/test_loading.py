@@ -35,12 +35,11 @@ def test_cpu_default_is_unquantized_and_4bit_is_available_on_request(tiny_config
 
 
 def test_int8_dynamic_on_request_for_cpu_inference(tiny_model, tmp_path):
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
-
     from mmft.pipeline import Pipeline
+    from mmft.quantize import Int8Linear as DynamicLinear
 
     tiny_model.save_pretrained(tmp_path / "r")
-    fp32, _ = loading.load_round(tmp_path / "r", device="cpu", dtype=torch.float32)
+    fp32, _ = loading.load_round(tmp_path / "r", device="cpu", dtype=torch.float32, quantize="none")
     int8, _ = loading.load_round(tmp_path / "r", device="cpu", dtype=torch.float32, quantize="int8")
     quantized = [n for n, m in int8.lm.named_modules() if isinstance(m, DynamicLinear)]
     assert any(n.endswith("qkv_proj.base_layer") for n in quantized) and any(n.endswith("lm_head") for n in quantized)

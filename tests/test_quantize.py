@@ -1,0 +1,168 @@
+"""int8 CPU quantization under LoRA, and the CPU path the loading defaults pick.
+
+Tolerances: symmetric per-channel int8 rounds each weight by at most half a step, scale/2 =
+max|w_row| / 255, and activations are quantized per call to 7 bits (fbgemm's reduce_range):
+step = (max - min) / 127. For one linear the output error is therefore a small fraction of the
+largest output; through a whole (toy) model the errors add up over layers, so the model-level
+check is looser and says so. Exactness is asserted where it holds: the adapter toggle, the same
+base seen from several adapters, int8 against itself.
+"""
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+
+from mmft import loading, quantize
+from mmft.quantize import Int8Linear, int8_linears, quantize_int8_
+
+LORA = LoraConfig(r=4, lora_alpha=8, target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+                  task_type="CAUSAL_LM")
+
+
+def toy_lm(dtype=torch.float32, seed=0):
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Phi3Config(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                        intermediate_size=256, vocab_size=300, max_position_embeddings=64, pad_token_id=0,
+                        bos_token_id=1, eos_token_id=2)
+    return Phi3ForCausalLM(config).to(dtype).eval()
+
+
+def with_lora(lm, seed=1):
+    peft = get_peft_model(lm, LORA)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:  # zero B would make the adapter the identity
+                p.copy_(torch.empty(p.shape).uniform_(-0.05, 0.05, generator=generator).to(p.dtype))
+    return peft.eval()
+
+
+IDS = torch.tensor([[5, 17, 42, 99, 7, 250, 3, 64]])
+
+
+def test_one_linear_close_to_float_within_the_int8_bound():
+    torch.manual_seed(0)
+    linear = nn.Linear(512, 256)
+    x = torch.randn(3, 7, 512)
+    ref = linear(x)
+    q = Int8Linear(linear)
+    got = q(x)
+    assert got.shape == ref.shape and got.dtype == torch.float32
+    # Activations dominate: 7 bits over randn's range (~7) is a step of ~0.055, rounding error std ~0.016;
+    # summed over 512 inputs times weights of std ~0.026 that is an output error std ~0.009, whose max
+    # over 5376 outputs (~4 sigma) is ~2.5 % of the largest output (~1.5). Measured 1.9 %; bound 5 %.
+    assert (got - ref).abs().max() < 0.05 * ref.abs().max()
+    assert not torch.equal(got, ref)  # it really is quantized
+    assert q.weight.dtype == torch.qint8 and tuple(q.weight.shape) == (256, 512)
+    assert torch.equal(q.bias, linear.bias.detach())
+    assert isinstance(q, nn.Linear) and q.in_features == 512 and q.out_features == 256
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_every_float_dtype_in_and_out(dtype):
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 32).to(dtype)
+    q = Int8Linear(linear)
+    x = torch.randn(2, 64).to(dtype)
+    y = q(x)
+    assert y.dtype == dtype
+    # int8's error as above (< 5 %), plus the input's and output's own rounding in bf16/fp16 (2^-8, 2^-11)
+    assert (y.float() - linear(x).float()).abs().max() < 0.06 * linear(x).float().abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantized_under_lora_toggle_exact_and_lora_untouched(dtype):
+    ref_lm = toy_lm(dtype)
+    with torch.no_grad():
+        ref = ref_lm(input_ids=IDS).logits.float()
+    peft = with_lora(toy_lm(dtype))
+    lora_before = {n: p.detach().clone() for n, p in peft.named_parameters() if "lora_" in n}
+    count = quantize_int8_(peft, dtype)
+
+    names = int8_linears(peft)
+    assert count == len(names) == 2 * 4 + 1  # 4 linears per layer + lm_head
+    assert all(n.endswith("base_layer") for n in names if "layers" in n) and any(n.endswith("lm_head") for n in names)
+    assert not any("lora_" in n for n in names)
+    assert not any(type(m) is nn.Linear and "lora_" not in n for n, m in peft.named_modules())
+    for n, p in peft.named_parameters():
+        if "lora_" in n:  # LoRA itself: float, unchanged
+            assert p.is_floating_point() and torch.equal(p, lora_before[n])
+    assert peft.get_base_model().model.embed_tokens.weight.dtype == dtype
+
+    with torch.no_grad():
+        on = peft(input_ids=IDS).logits
+        with peft.disable_adapter():
+            off = peft(input_ids=IDS).logits
+        off_again = quantize_module_reference(peft)
+    assert on.dtype == dtype
+    assert torch.equal(off, off_again)  # adapter off is exactly the quantized base, every time
+    assert not torch.allclose(on, off)  # and on really adds the adapter
+    # Toy model, two layers: the per-linear error above compounds through attention, the MLP and
+    # lm_head; measured 3.7 % (fp32) and 3.9 % (bf16) of the largest logit; bound 10 %.
+    assert (off.float() - ref).abs().max() < 0.10 * ref.abs().max()
+
+
+def quantize_module_reference(peft):
+    with peft.disable_adapter():
+        return peft(input_ids=IDS).logits
+
+
+def test_adapters_attach_after_quantization_and_share_one_base(tmp_path):
+    """Rounds loaded later (PEFT named adapters) wrap the int8 base: one base, several adapters."""
+    first = with_lora(toy_lm(), seed=1)
+    first.save_pretrained(tmp_path / "a")
+    second = with_lora(toy_lm(), seed=2)
+    second.save_pretrained(tmp_path / "b")
+
+    base = toy_lm()
+    quantize_int8_(base)
+    peft = PeftModel.from_pretrained(base, str(tmp_path / "a"), adapter_name="a")
+    peft.load_adapter(str(tmp_path / "b"), adapter_name="b")
+    layer = peft.get_base_model().model.layers[0].self_attn.qkv_proj
+    assert isinstance(layer.base_layer, Int8Linear) and set(layer.lora_A) == {"a", "b"}
+    with torch.no_grad():
+        peft.set_adapter("a")
+        on_a = peft(input_ids=IDS).logits
+        with peft.disable_adapter():
+            off_a = peft(input_ids=IDS).logits
+        peft.set_adapter("b")
+        on_b = peft(input_ids=IDS).logits
+        with peft.disable_adapter():
+            off_b = peft(input_ids=IDS).logits
+    assert torch.equal(off_a, off_b)  # one base under both
+    assert not torch.allclose(on_a, on_b)
+
+    # The same adapter attached before quantization gives the same model (order does not matter).
+    before = PeftModel.from_pretrained(toy_lm(), str(tmp_path / "a"))
+    quantize_int8_(before)
+    with torch.no_grad():
+        assert torch.equal(before(input_ids=IDS).logits, on_a)
+
+
+def test_cpu_path_defaults(monkeypatch):
+    cpu = torch.device("cpu")
+    for native in (True, False):  # the same path on CPUs with and without native bf16
+        monkeypatch.setattr(loading, "cpu_has_bf16", lambda native=native: native)
+        assert loading.resolve_quantize(None, cpu) == "int8"
+        assert loading.resolve_quantize(None, cpu, trainable=True) == "none"
+    assert loading.resolve_quantize(None, torch.device("cuda")) == "nf4"
+    assert loading.resolve_quantize("none", cpu) == "none"
+    assert quantize.pick_cpu_path().quantize == "int8" and quantize.pick_cpu_path(trainable=True).quantize == "none"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_load_round_int8_with_every_dtype(tiny_model, tmp_path, dtype):
+    """`quantize="int8"` (and the CPU default) with each dtype: no 'expected scalar type' error."""
+    from mmft.pipeline import Pipeline
+
+    tiny_model.save_pretrained(tmp_path / "r")
+    model, _ = loading.load_round(tmp_path / "r", device="cpu", dtype=dtype)  # the CPU default: int8
+    assert int8_linears(model.lm)
+    assert model.lm.get_input_embeddings().weight.dtype == dtype
+    answer = Pipeline(model).answer_text("Hello")
+    assert isinstance(answer.final, str)
+    trained = loading.build_model(model.cfg, device="cpu", dtype=torch.float32, trainable=True)
+    assert not int8_linears(trained.lm)  # training on CPU stays float
