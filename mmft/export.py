@@ -208,6 +208,8 @@ def export_llava(round_dir: str | Path, out: str | Path, dtype=None, text_model:
     image_id = _add_image_token(tokenizer, lm)
     template = chat_template(tokenizer.chat_template, cfg.prompt_system)
     tokenizer.chat_template = template
+    for key in ("is_local", "local_files_only"):  # how *this* machine loaded it, not part of the model
+        tokenizer.init_kwargs.pop(key, None)
 
     vision_config = vision.vision_model.config
     n_patches = (vision_config.image_size // vision_config.patch_size) ** 2

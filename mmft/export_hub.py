@@ -9,6 +9,7 @@ like the round it came from.
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -80,6 +81,14 @@ def render_export_card(cfg: MMFTConfig, round_info: dict, repo: str, num_tokens:
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{content}")
 
 
+def check_round_exportable(round_dir: str | Path) -> None:
+    """Raise `ExportError` (before any upload) if the round cannot become a Llava model."""
+    from mmft.config import load_config
+    from mmft.export import check_exportable
+
+    check_exportable(load_config(round_dir)[0])
+
+
 def plan_export_upload(round_dir: str | Path, repo_id: str, number: int, workdir: str | Path):
     """Export the round under `workdir` and describe the upload (a `RoundUpload` for `mmft.hub.publish`)."""
     from mmft.config import load_config
@@ -89,8 +98,6 @@ def plan_export_upload(round_dir: str | Path, repo_id: str, number: int, workdir
     target = export_repo_id(repo_id)
     folder = export_llava(round_dir, Path(workdir) / "llava", force=True)
     cfg, round_info = load_config(round_dir)
-    import json
-
     num_tokens = json.loads((folder / "config.json").read_text())["image_seq_length"]
     card = render_export_card(cfg, round_info, target, num_tokens, revision=round_tag(number))
     files = {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*"))

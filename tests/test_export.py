@@ -10,6 +10,7 @@ logits by >1e-2).
 """
 
 import hashlib
+import os
 import random
 import subprocess
 import sys
@@ -193,3 +194,45 @@ def test_cli_refuses_an_existing_folder_and_reruns_after_an_interruption(kit_rou
     assert pooled.returncode == 1 and "Traceback" not in pooled.stderr
     assert pooled.stderr.strip().splitlines() == [pooled.stderr.strip()]
     assert pooled.stderr.startswith("error: this round uses vit_feature_mode='pooled'")
+
+
+# -- publishing (local Hub server, real huggingface_hub client) ---------------------------------
+def _push(hub, *args):
+    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_secret_test_token", "HF_HUB_OFFLINE": "0"}
+    return subprocess.run([sys.executable, str(ROOT / "push_to_hub.py"), *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_push_with_export_publishes_a_loadable_llava_repo(hub_online, kit_round, tmp_path):
+    from huggingface_hub import ModelCard, snapshot_download
+
+    round_dir, folder = kit_round
+    done = _push(hub_online, round_dir, "--repo-id", "user/shapes", "--export", "llava")
+    assert done.returncode == 0, done.stderr
+    assert "hf_secret_test_token" not in done.stdout + done.stderr
+    assert done.stdout.strip().splitlines()[-3] == "revision: round-3"  # the round's own lines stay last
+    assert set(hub_online.refs("user/shapes")["tags"]) == {"round-3"}
+    refs = hub_online.refs("user/shapes-llava")
+    assert set(refs["tags"]) == {"round-3"} and refs["tags"]["round-3"] == refs["branches"]["main"]
+    assert "config.json" in hub_online.files("user/shapes") and "adapter/adapter_config.json" not in \
+        hub_online.files("user/shapes-llava")
+
+    pulled = Path(snapshot_download("user/shapes-llava", revision="round-3"))
+    local = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.name != "README.md"}
+    remote = {p.relative_to(pulled).as_posix(): p.read_bytes() for p in pulled.rglob("*")
+              if p.is_file() and p.name not in ("README.md", ".gitattributes")}
+    assert remote == local  # byte for byte the local export
+    _assert_same_model(round_dir, pulled, _photo(3))
+    card = ModelCard.load("user/shapes-llava")
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "image-text-to-text"
+    assert 'LlavaForConditionalGeneration.from_pretrained("user/shapes-llava", revision="round-3")' in card.text
+    assert "is not** mmft's staged pipeline" in card.text and "CLS token kept" in card.text
+    code = [line.strip() for line in card.text.splitlines()]
+    assert not [line for line in code if line.startswith(("import mmft", "from mmft"))]  # no mmft needed
+
+
+def test_push_with_export_refuses_a_pooled_round_before_sending(hub_online):
+    done = _push(hub_online, ROOT / "demo" / "round-pooled", "--repo-id", "user/pooled", "--export", "llava")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("error: this round uses vit_feature_mode='pooled'")
+    assert not [r for r in hub_online.requests if r[0] == "POST"]  # nothing created, nothing committed
