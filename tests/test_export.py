@@ -236,3 +236,18 @@ def test_push_with_export_refuses_a_pooled_round_before_sending(hub_online):
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("error: this round uses vit_feature_mode='pooled'")
     assert not [r for r in hub_online.requests if r[0] == "POST"]  # nothing created, nothing committed
+
+
+def test_gpu_check_finetune_and_export_path_runs_tiny_on_cpu(capsys):
+    """bench.gpu_check's prepared GPU script, in its tiny CPU mode: QLoRA through train.finetune, then
+    the export it serves with vLLM (vLLM itself is only tried where it imports)."""
+    import json
+
+    from bench import gpu_check
+
+    gpu_check.main(["--tiny", "--checks", "finetune,vllm", "--finetune-steps", "1"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["finetune"]["ok"] is True and result["finetune"]["steps"] == 1
+    assert result["finetune"]["quantize"] == "nf4" and result["finetune"]["activation_checkpointing"] is True
+    assert "transformers" in result["vllm"] and "transformers_error" not in result["vllm"]
+    assert "vllm" in result["vllm"] or "vllm_error" in result["vllm"]
