@@ -129,13 +129,15 @@ def transformers_answer(folder: Path, image, n: int) -> tuple[list[int], str]:
     return new, processor.decode(new, skip_special_tokens=False)
 
 
-def legacy_mmproj(llava_dir: Path, clip_dir: Path, out: Path, llama_cpp: Path, env) -> subprocess.CompletedProcess:
-    """llama.cpp's LLaVA-1.5 route: a CLIPModel folder (its config naming the feature layer) + the projector.
+def mmproj_inputs(llava_dir: str | Path, clip_dir: str | Path, out: str | Path) -> Path:
+    """What llama.cpp's LLaVA-1.5 converter reads: `out/clip/` (a CLIPModel folder whose config.json
+    names the feature layer, with the export's vision weights) and `out/llava.projector`.
 
     The converter's `--clip-model-is-vision` path fails on transformers 5 (CLIPVisionModel has no
     `.vision_model` any more), so it is given the full CLIPModel the round names, as its docs do."""
     from transformers import CLIPModel, CLIPTokenizer, LlavaForConditionalGeneration
 
+    llava_dir, clip_dir, out = Path(llava_dir), Path(clip_dir), Path(out)
     llava = LlavaForConditionalGeneration.from_pretrained(llava_dir, dtype=torch.float32)
     clip = CLIPModel.from_pretrained(clip_dir, dtype=torch.float32)
     tower = llava.model.vision_tower
@@ -147,14 +149,23 @@ def legacy_mmproj(llava_dir: Path, clip_dir: Path, out: Path, llama_cpp: Path, e
         (vit / "vocab.json").write_text(json.dumps({"<|startoftext|>": 0, "<|endoftext|>": 1, "a</w>": 2}))
         (vit / "merges.txt").write_text("#version: 0.2\n")
         CLIPTokenizer(str(vit / "vocab.json"), str(vit / "merges.txt")).save_pretrained(vit)
+    else:
+        for name in ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if (clip_dir / name).exists():
+                shutil.copy(clip_dir / name, vit)
     config = json.loads((vit / "config.json").read_text())
     config["vision_feature_layer"] = llava.config.vision_feature_layer  # read by the converter
     (vit / "config.json").write_text(json.dumps(config, indent=2))
     projector = {f"multi_modal_projector.{k}": v.contiguous() for k, v in
                  llava.model.multi_modal_projector.state_dict().items()}
     torch.save(projector, out / "llava.projector")  # the converter torch.load()s it (tensors only)
-    return sh([sys.executable, llama_cpp / "tools/mtmd/legacy-models/convert_image_encoder_to_gguf.py", "-m", vit,
-               "--llava-projector", out / "llava.projector", "--output-dir", out, "--use-f32",
+    return out
+
+
+def legacy_mmproj(llava_dir: Path, clip_dir: Path, out: Path, llama_cpp: Path, env) -> subprocess.CompletedProcess:
+    mmproj_inputs(llava_dir, clip_dir, out)
+    return sh([sys.executable, llama_cpp / "tools/mtmd/legacy-models/convert_image_encoder_to_gguf.py", "-m",
+               out / "clip", "--llava-projector", out / "llava.projector", "--output-dir", out, "--use-f32",
                "--projector-type", "mlp"], env=env)
 
 
