@@ -2,6 +2,12 @@
 
     python -m bench.gpu_check            # on a CUDA machine: Phi-3.5-mini shapes + ViT-B/32-sized CLIP
     python -m bench.gpu_check --tiny     # anywhere (CPU here): the tiny kit, same code path
+    python -m bench.gpu_check --checks finetune,vllm   # QLoRA through train.finetune; serve its Llava export
+
+`--checks` picks what runs (default `bench`): `bench` = the timed steps below; `finetune` = a few QLoRA
+steps through the real entry point `train.finetune` (4-bit, activation checkpointing, shapes data,
+patch mode) on the same random real-size checkpoint, writing a round; `vllm` = that round exported
+with `mmft.export` (bf16) and served by vLLM if it imports, its greedy answer next to transformers'.
 
 Self-contained: random weights are written as a real checkpoint (bf16 safetensors) and loaded back
 through the project's own `mmft.loading.build_model(cfg, quantize="nf4", trainable=True)`: 4-bit NF4
@@ -19,6 +25,7 @@ checkpointing's recomputed forward is not counted (that would be hardware FLOPs)
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -114,6 +121,77 @@ def _lm_linear_weights(model):
             yield name, torch.empty(module.out_features, module.in_features, device="meta")
 
 
+def finetune_check(cfg, work: Path, steps: int, tiny: bool) -> dict:
+    """A few QLoRA steps through `train.finetune` itself: 4-bit NF4, activation checkpointing, patch mode."""
+    from mmft.shapes import write_dataset
+    from train import finetune as entry
+
+    data = write_dataset(work / "shapes", n=32, seed=0)
+    out = work / "runs"
+    argv = ["--lm_model_id", cfg.lm_model_id, "--vit_model_id", cfg.vit_model_id, "--vit_feature_mode", "patch",
+            "--train_json", str(data), "--image_dir", str(work / "shapes" / "images"), "--output_dir", str(out),
+            "--max_steps", str(steps), "--per_device_train_batch_size", "4", "--quantize", "yes",
+            "--eval_strategy", "no", "--save_strategy", "no", "--logging_steps", "1", "--eval_fraction", "0"]
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    try:
+        entry.main(argv)
+    except Exception as err:  # recorded, not raised: the other checks still run
+        return dict(ok=False, error=f"{type(err).__name__}: {err}", argv=argv)
+    folder = out / "round-1"
+    info = json.loads((folder / "config.json").read_text())["round"]
+    row = dict(ok=True, round=str(folder), steps=info.get("steps"), train_loss=info.get("train_loss"),
+               seconds=round(time.perf_counter() - t, 1), activation_checkpointing=True, quantize="nf4")
+    if torch.cuda.is_available():
+        row["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / common.GB, 2)
+    return row
+
+
+def vllm_check(round_dir: Path, work: Path, device) -> dict:
+    """Export the round (bf16) and, if vLLM imports, serve it; its greedy answer beside transformers'."""
+    from PIL import Image
+
+    from mmft.export import export_llava
+
+    t = time.perf_counter()
+    folder = export_llava(round_dir, work / "llava", dtype="bfloat16", force=True)
+    row = dict(export=str(folder), export_s=round(time.perf_counter() - t, 1))
+    image = Image.new("RGB", (224, 224), "red")
+    question = "What colour is the shape?"
+    try:
+        from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+        processor = AutoProcessor.from_pretrained(folder)
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+        llava = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.bfloat16).to(device)
+        inputs = processor(images=image, text=prompt, return_tensors="pt").to(device)
+        out = llava.generate(**inputs, max_new_tokens=16, do_sample=False)
+        row["transformers"] = processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        del llava
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    except Exception as err:
+        row["transformers_error"] = f"{type(err).__name__}: {err}"
+    try:
+        from vllm import LLM, SamplingParams
+    except Exception as err:  # not installed (pip install vllm) or no CUDA build
+        row["vllm"] = f"not available: {type(err).__name__}: {err}"
+        return row
+    try:
+        t = time.perf_counter()
+        llm = LLM(model=str(folder), dtype="bfloat16", max_model_len=2048, gpu_memory_utilization=0.5,
+                  limit_mm_per_prompt={"image": 1})
+        outs = llm.generate({"prompt": prompt, "multi_modal_data": {"image": image}},
+                            SamplingParams(temperature=0.0, max_tokens=16))
+        row.update(vllm=outs[0].outputs[0].text, vllm_s=round(time.perf_counter() - t, 1))
+        row["same_as_transformers"] = row["vllm"].strip() == row.get("transformers", "").strip()
+    except Exception as err:
+        row["vllm_error"] = f"{type(err).__name__}: {err}"
+    return row
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -127,7 +205,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=10, help="timed training steps (after 2 warm-up steps)")
     parser.add_argument("--gen-tokens", type=int, default=64)
     parser.add_argument("--budget-s", type=float, default=270, help="stop timed steps early past this wall time")
+    parser.add_argument("--checks", default="bench", help="comma list of bench, finetune, vllm (vllm needs finetune)")
+    parser.add_argument("--finetune-steps", type=int, default=4)
     args = parser.parse_args(argv)
+    checks = {c.strip() for c in args.checks.split(",") if c.strip()}
+    if not checks <= {"bench", "finetune", "vllm"} or ("vllm" in checks and "finetune" not in checks):
+        raise SystemExit(f"--checks takes bench, finetune, vllm (vllm needs finetune), got {args.checks!r}")
     wall = time.perf_counter()
 
     from mmft.loading import build_model
@@ -155,6 +238,14 @@ def main(argv=None) -> dict:
             cfg = MMFTConfig(lm_model_id=str(Path(tmp) / "lm"), vit_model_id=str(Path(tmp) / "clip"),
                              vit_feature_mode="patch")
         phases["write_checkpoint_s"] = round(time.perf_counter() - t, 1)
+        if "finetune" in checks:
+            result["finetune"] = finetune_check(cfg, Path(tmp), args.finetune_steps, args.tiny)
+            if "vllm" in checks:
+                result["vllm"] = vllm_check(Path(result["finetune"]["round"]), Path(tmp), device)
+        if "bench" not in checks:
+            print(json.dumps({k: result.get(k) for k in ("finetune", "vllm")}, indent=1), file=sys.stderr)
+            common.emit(result)
+            return result
         t = time.perf_counter()
         torch.manual_seed(0)
         model = build_model(cfg, device=device, quantize="nf4", trainable=True)

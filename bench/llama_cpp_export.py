@@ -1,0 +1,241 @@
+"""llama.cpp check of the Llava export: convert a tiny exported round with llama.cpp's own converters
+and compare llama.cpp's greedy tokens with transformers' on the same prompt.
+
+    PYTHONPATH=/tmp/gguf-pkg python -m bench.llama_cpp_export --llama-cpp PATH/TO/llama.cpp [--work DIR]
+
+Needs: a built llama.cpp (`build/bin/llama-mtmd-cli`, `llama-completion`), the `gguf` package for
+transformers to read the real Phi-3 vocab from /work/shared/phi3-tokenizer (pip install --target
+/tmp/gguf-pkg gguf; its converters use their own `gguf-py`), sentencepiece + protobuf (the Phi-3
+converter reads `tokenizer.model`). Not in the default test run: it needs a llama.cpp build.
+
+What it does, on a tiny round with Phi-3's real 32,064-id vocabulary (LoRA + projector random,
+lm_head scaled so greedy choices have clear margins):
+1. `python -m mmft.export ROUND OUT --text-model TEXT` (the Llava folder + the merged LM alone)
+2. text half:   convert_hf_to_gguf.py TEXT --outfile text.gguf --outtype f32; llama-completion vs
+   transformers' Phi3ForCausalLM, greedy, on the same prompt
+3. vision half: convert_hf_to_gguf.py OUT --mmproj (recorded: does it take a CLIP Llava?), then the
+   LLaVA-1.5 route llama.cpp documents (tools/mtmd/legacy-models/convert_image_encoder_to_gguf.py
+   on the vision tower + projector); llama-mtmd-cli vs transformers' Llava for the feature choices
+   (-1, "full"), (-1, "default"), (-2, "default")
+Prints a table and one JSON line last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+SHARED = Path("/work/shared/phi3-tokenizer")
+QUESTION = "What colour is the shape?"
+VARIANTS = [(-1, "full"), (-1, "default"), (-2, "default")]
+
+
+def sh(cmd: list[str], env=None, timeout=900) -> subprocess.CompletedProcess:
+    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def real_phi3_tokenizer(folder: Path):
+    """The real Phi-3 tokenizer from the vocab-only GGUF (+ the Phi-3.5 chat template) and a
+    `tokenizer.model` built from the same vocabulary, which llama.cpp's Phi-3 converter reads."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(SHARED, gguf_file="ggml-vocab-phi-3.gguf")
+    tok.chat_template = (SHARED / "microsoft-Phi-3.5-mini-instruct.jinja").read_text()
+    tok.save_pretrained(folder)
+    return tok
+
+
+def write_sentencepiece(vocab_gguf: Path, out: Path, gguf_py: Path) -> None:
+    """tokenizer.model (SentencePiece protobuf) with the GGUF's pieces, scores and types."""
+    sys.path.insert(0, str(gguf_py))
+    import gguf  # llama.cpp's own reader
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    reader = gguf.GGUFReader(str(vocab_gguf))
+    field = lambda name: reader.fields[name]  # noqa: E731
+    tokens = [bytes(field("tokenizer.ggml.tokens").parts[i]).decode() for i in field("tokenizer.ggml.tokens").data]
+    scores = [float(field("tokenizer.ggml.scores").parts[i][0]) for i in field("tokenizer.ggml.scores").data]
+    types = [int(field("tokenizer.ggml.token_type").parts[i][0]) for i in field("tokenizer.ggml.token_type").data]
+    # GGUF token types: 1 normal, 2 unknown, 3 control, 4 user defined, 5 unused, 6 byte
+    sp_type = {1: pb.ModelProto.SentencePiece.NORMAL, 2: pb.ModelProto.SentencePiece.UNKNOWN,
+               3: pb.ModelProto.SentencePiece.CONTROL, 4: pb.ModelProto.SentencePiece.USER_DEFINED,
+               5: pb.ModelProto.SentencePiece.UNUSED, 6: pb.ModelProto.SentencePiece.BYTE}
+    model = pb.ModelProto()
+    model.trainer_spec.model_type = pb.TrainerSpec.BPE
+    model.trainer_spec.byte_fallback = True
+    model.normalizer_spec.add_dummy_prefix = True
+    for text, score, kind in zip(tokens[:32000], scores, types):  # the base SentencePiece vocab
+        model.pieces.add(piece=text, score=score, type=sp_type.get(kind, pb.ModelProto.SentencePiece.NORMAL))
+    out.write_bytes(model.SerializeToString())
+
+
+def build_round(work: Path) -> Path:
+    from mmft.config import MMFTConfig
+    from mmft.loading import build_model
+    from mmft.testing import make_clip, make_lm
+
+    tok = real_phi3_tokenizer(work / "lm")
+    lm = make_lm(tok)
+    with torch.no_grad():
+        lm.lm_head.weight.mul_(30.0)  # clear greedy margins: a conversion check, not a language model
+    lm.save_pretrained(work / "lm")
+    clip, processor = make_clip()
+    clip.save_pretrained(work / "clip")
+    processor.save_pretrained(work / "clip")
+    cfg = MMFTConfig(lm_model_id=str(work / "lm"), vit_model_id=str(work / "clip"), vit_feature_mode="patch",
+                     lora_r=8, lora_alpha=16, lora_dropout=0.0, gen_max_new_tokens=8)
+    torch.manual_seed(0)
+    model = build_model(cfg, device="cpu", dtype=torch.float32, trainable=True)
+    with torch.no_grad():
+        for name, param in model.lm.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    return model.save_pretrained(work / "round", {"round": 1})
+
+
+def llava_variant(export: Path, dest: Path, layer: int, strategy: str) -> Path:
+    """The export with another feature choice written in (what a round trained with it exports as)."""
+    shutil.copytree(export, dest)
+    config = json.loads((dest / "config.json").read_text())
+    n_patches = (config["vision_config"]["image_size"] // config["vision_config"]["patch_size"]) ** 2
+    config.update(vision_feature_layer=layer, vision_feature_select_strategy=strategy,
+                  image_seq_length=n_patches + (strategy == "full"))
+    (dest / "config.json").write_text(json.dumps(config, indent=2))
+    proc = json.loads((dest / "processor_config.json").read_text())
+    proc["vision_feature_select_strategy"] = strategy
+    (dest / "processor_config.json").write_text(json.dumps(proc, indent=2))
+    return dest
+
+
+def transformers_answer(folder: Path, image, n: int) -> tuple[list[int], str]:
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(folder)
+    llava = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=image, text=prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = llava.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, suppress_tokens=None)
+    new = out[0, inputs["input_ids"].shape[1]:].tolist()
+    return new, processor.decode(new, skip_special_tokens=False)
+
+
+def mmproj_inputs(llava_dir: str | Path, clip_dir: str | Path, out: str | Path) -> Path:
+    """What llama.cpp's LLaVA-1.5 converter reads: `out/clip/` (a CLIPModel folder whose config.json
+    names the feature layer, with the export's vision weights) and `out/llava.projector`.
+
+    The converter's `--clip-model-is-vision` path fails on transformers 5 (CLIPVisionModel has no
+    `.vision_model` any more), so it is given the full CLIPModel the round names, as its docs do."""
+    from transformers import CLIPModel, CLIPTokenizer, LlavaForConditionalGeneration
+
+    llava_dir, clip_dir, out = Path(llava_dir), Path(clip_dir), Path(out)
+    llava = LlavaForConditionalGeneration.from_pretrained(llava_dir, dtype=torch.float32)
+    clip = CLIPModel.from_pretrained(clip_dir, dtype=torch.float32)
+    tower = llava.model.vision_tower
+    clip.vision_model.load_state_dict(getattr(tower, "vision_model", tower).state_dict())  # the export's weights
+    vit = out / "clip"
+    clip.save_pretrained(vit)
+    shutil.copy(clip_dir / "preprocessor_config.json", vit)
+    if not (clip_dir / "vocab.json").exists():  # the tiny CLIP has no tokenizer; CLIPProcessor wants one
+        (vit / "vocab.json").write_text(json.dumps({"<|startoftext|>": 0, "<|endoftext|>": 1, "a</w>": 2}))
+        (vit / "merges.txt").write_text("#version: 0.2\n")
+        CLIPTokenizer(str(vit / "vocab.json"), str(vit / "merges.txt")).save_pretrained(vit)
+    else:
+        for name in ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if (clip_dir / name).exists():
+                shutil.copy(clip_dir / name, vit)
+    config = json.loads((vit / "config.json").read_text())
+    config["vision_feature_layer"] = llava.config.vision_feature_layer  # read by the converter
+    (vit / "config.json").write_text(json.dumps(config, indent=2))
+    projector = {f"multi_modal_projector.{k}": v.contiguous() for k, v in
+                 llava.model.multi_modal_projector.state_dict().items()}
+    torch.save(projector, out / "llava.projector")  # the converter torch.load()s it (tensors only)
+    return out
+
+
+def legacy_mmproj(llava_dir: Path, clip_dir: Path, out: Path, llama_cpp: Path, env) -> subprocess.CompletedProcess:
+    mmproj_inputs(llava_dir, clip_dir, out)
+    return sh([sys.executable, llama_cpp / "tools/mtmd/legacy-models/convert_image_encoder_to_gguf.py", "-m",
+               out / "clip", "--llava-projector", out / "llava.projector", "--output-dir", out, "--use-f32",
+               "--projector-type", "mlp"], env=env)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--llama-cpp", type=Path, default=Path("/work/llama/llama_cpp_python-0.3.36/vendor/llama.cpp"))
+    parser.add_argument("--work", type=Path, help="keep the files here (default: a temporary folder)")
+    parser.add_argument("--tokens", type=int, default=8)
+    args = parser.parse_args(argv)
+    llama_cpp = args.llama_cpp.resolve()
+    bins = llama_cpp / "build" / "bin"
+    env = {**os.environ, "PYTHONPATH": f"{llama_cpp / 'gguf-py'}:{os.environ.get('PYTHONPATH', '')}"}
+    work = args.work or Path(tempfile.mkdtemp(prefix="llama-export-"))
+    work.mkdir(parents=True, exist_ok=True)
+    result = dict(bench="llama_cpp_export", llama_cpp=str(llama_cpp))
+
+    import random
+
+    from mmft.export import export_llava
+    from mmft.shapes import draw
+
+    round_dir = build_round(work)
+    export = export_llava(round_dir, work / "llava", dtype="float32", text_model=work / "text", force=True)
+    write_sentencepiece(SHARED / "ggml-vocab-phi-3.gguf", work / "text" / "tokenizer.model", llama_cpp / "gguf-py")
+    image_path = work / "shape.png"
+    image = draw("red", "circle", random.Random(0), size=56)  # 56 px: no resize on either side
+    image.save(image_path)
+
+    # text half
+    done = sh([sys.executable, llama_cpp / "convert_hf_to_gguf.py", work / "text", "--outfile", work / "text.gguf",
+               "--outtype", "f32"], env=env)
+    result["text_convert"] = dict(rc=done.returncode, tail=done.stderr.strip().splitlines()[-1:] if done.returncode else [])
+    # vision half, the documented modern route first
+    done = sh([sys.executable, llama_cpp / "convert_hf_to_gguf.py", export, "--mmproj", "--outfile",
+               work / "mmproj-hf.gguf", "--outtype", "f32"], env=env)
+    error = [line for line in (done.stderr + done.stdout).splitlines() if "Error" in line or "error" in line]
+    result["mmproj_convert_hf_to_gguf"] = dict(rc=done.returncode, error=error[-1:] if done.returncode else [])
+    result["variants"] = []
+    for layer, strategy in VARIANTS:
+        name = f"layer{layer}-{strategy}"
+        folder = llava_variant(export, work / name, layer, strategy)
+        row = dict(vision_feature_layer=layer, strategy=strategy)
+        conv = legacy_mmproj(folder, work / "clip", work / f"{name}-gguf", llama_cpp, env)
+        row["legacy_convert_rc"] = conv.returncode
+        if conv.returncode:
+            row["error"] = (conv.stderr.strip().splitlines() or ["?"])[-1]
+            result["variants"].append(row)
+            continue
+        mmproj = work / f"{name}-gguf" / "mmproj-model-f32.gguf"
+        ours, text = transformers_answer(folder, image, args.tokens)
+        row["transformers"] = text
+        if (bins / "llama-mtmd-cli").exists() and (work / "text.gguf").exists():
+            run = sh([bins / "llama-mtmd-cli", "-m", work / "text.gguf", "--mmproj", mmproj, "--image", image_path,
+                      "-p", QUESTION, "-n", str(args.tokens), "--temp", "0", "--top-k", "1", "-t", "2",
+                      "--no-warmup"])
+            row["llama_cpp"] = run.stdout.strip()
+            row["llama_cpp_rc"] = run.returncode
+            row["llama_cpp_log_tail"] = run.stderr.strip().splitlines()[-3:]
+            row["same_answer"] = run.returncode == 0 and run.stdout.strip() == text.strip()
+        result["variants"].append(row)
+    print(f"text model -> GGUF: rc {result['text_convert']['rc']}; convert_hf_to_gguf.py --mmproj on the Llava "
+          f"folder: rc {result['mmproj_convert_hf_to_gguf']['rc']} {result['mmproj_convert_hf_to_gguf']['error']}")
+    print(f"{'feature choice':<16} {'converts':<9} {'same greedy answer':<19} transformers | llama.cpp")
+    for row in result["variants"]:
+        choice = f"({row['vision_feature_layer']}, {row['strategy']})"
+        print(f"{choice:<16} {str(row['legacy_convert_rc'] == 0):<9} {str(row.get('same_answer')):<19} "
+              f"{row.get('transformers', row.get('error'))!r} | {row.get('llama_cpp')!r}")
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

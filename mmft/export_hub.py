@@ -1,0 +1,113 @@
+"""The Llava export's model card, and publishing the export to its own Hub repo.
+
+An export is published to `OWNER/NAME-llava`, not as a revision of the round's repo: that repo's
+`main` is then a plain transformers model, so `from_pretrained("OWNER/NAME-llava")`, the Hub's
+widgets and `vllm serve OWNER/NAME-llava` work without a revision, and the round repo keeps
+holding rounds only (its `main` is exactly one round). Each export is one commit tagged `round-N`,
+like the round it came from.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from huggingface_hub import ModelCard, ModelCardData
+
+from mmft.config import MMFTConfig
+
+EXPORT_SUFFIX = "-llava"
+
+CARD = """
+# {title}
+
+A [mmft](https://github.com/) round exported as a plain **`LlavaForConditionalGeneration`**: CLIP
+(`{vit_id}`) -> projector (Linear -> GELU -> Linear) -> `{lm_id}` with the round's LoRA adapter
+merged in. It loads with transformers alone, no mmft import.
+
+```python
+from PIL import Image
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+model = LlavaForConditionalGeneration.from_pretrained("{repo}"{revision_arg})
+processor = AutoProcessor.from_pretrained("{repo}"{revision_arg})
+messages = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "What is in the picture?"}}]}}]
+prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+inputs = processor(images=Image.open("picture.jpg"), text=prompt, return_tensors="pt")
+out = model.generate(**inputs, max_new_tokens={max_new_tokens}, do_sample=False)
+print(processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+```
+
+or `pipeline("image-text-to-text", model="{repo}")` with the same `messages` (the picture as
+`{{"type": "image", "image": ...}}`).
+
+## What this model is, and is not
+
+- **It is mmft's draft stage**: image + question -> a short answer. Image features: CLIP's hidden
+  state at layer {layer}, {strategy_text} ({num_tokens} image tokens); the chat template puts them
+  at the start of the first user turn, where mmft puts them. Checked: logits equal mmft's (fp32)
+  and greedy answers are the same tokens.
+- **It is not** mmft's staged pipeline: mmft rewrites each draft with the *base* model (adapter
+  off) into a clean sentence and tidies the text; this export has the adapter merged in, so there
+  is no base model inside it. Use the round repo with mmft for that.
+- llama.cpp: {llama_cpp}
+{source}
+"""
+
+
+def export_repo_id(repo_id: str) -> str:
+    return repo_id + EXPORT_SUFFIX
+
+
+def render_export_card(cfg: MMFTConfig, round_info: dict, repo: str, num_tokens: int,
+                       revision: str | None = None) -> ModelCard:
+    from mmft.export import feature_choice  # no cycle at import time: export imports this lazily too
+
+    layer, strategy = feature_choice(cfg)
+    strategy_text = "CLS token kept (`full`)" if strategy == "full" else "CLS token dropped (`default`)"
+    llama_cpp = ("converts and runs (see the mmft README, \"Use a round without mmft\")." if strategy == "default"
+                 else "llama.cpp's LLaVA image encoder always drops CLIP's CLS token, so this export "
+                      "(CLS kept) is not the same model there; rounds trained with the `default` strategy are.")
+    number = round_info.get("round")
+    source = f"\nExported from mmft round {number}." if isinstance(number, int) else ""
+    data = ModelCardData(library_name="transformers", pipeline_tag="image-text-to-text",
+                         tags=["llava", "mmft", "clip", "phi3", f"feature-strategy-{strategy}"],
+                         license=round_info.get("license"))
+    content = CARD.format(title=repo.rsplit("/", 1)[-1], vit_id=cfg.vit_model_id, lm_id=cfg.lm_model_id, repo=repo,
+                          revision_arg=f', revision="{revision}"' if revision else "",
+                          max_new_tokens=cfg.gen_max_new_tokens, layer=layer, strategy_text=strategy_text,
+                          num_tokens=num_tokens, llama_cpp=llama_cpp, source=source)
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{content}")
+
+
+def check_round_exportable(round_dir: str | Path) -> None:
+    """Raise `ExportError` (before any upload) if the round cannot become a Llava model."""
+    from mmft.config import load_config
+    from mmft.export import check_exportable
+
+    check_exportable(load_config(round_dir)[0])
+
+
+def plan_export_upload(round_dir: str | Path, repo_id: str, number: int, workdir: str | Path):
+    """Export the round under `workdir` and describe the upload (a `RoundUpload` for `mmft.hub.publish`)."""
+    from mmft.config import load_config
+    from mmft.export import export_llava
+    from mmft.hub import RoundUpload, round_tag
+
+    target = export_repo_id(repo_id)
+    folder = export_llava(round_dir, Path(workdir) / "llava", force=True)
+    cfg, round_info = load_config(round_dir)
+    num_tokens = json.loads((folder / "config.json").read_text())["image_seq_length"]
+    card = render_export_card(cfg, round_info, target, num_tokens, revision=round_tag(number))
+    files = {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*"))
+             if p.is_file() and p.name != "README.md"}
+    return RoundUpload(target, number, files, card)
+
+
+def publish_export(round_dir: str | Path, repo_id: str, number: int, force: bool = False, private: bool = False):
+    """Export and publish to `OWNER/NAME-llava` as one commit tagged `round-N`; returns `Published`."""
+    from mmft.hub import publish
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return publish(plan_export_upload(round_dir, repo_id, number, tmp), force=force, private=private)

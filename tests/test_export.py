@@ -1,0 +1,253 @@
+"""Exporting a round as a plain transformers Llava model: same model, same prompt, same answers.
+
+Everything numeric runs in float32 on CPU (`pick_dtype` would pick bf16 on CPUs that have it).
+Tolerance for logits, 1e-4: the export computes the same functions in the same order except for
+the LoRA merge (W + s*B@A applied once, instead of W@x + s*B@(A@x)), which only re-associates
+float32 sums: differences of a few ulps of the ~1-10 sized activations (~1e-6), through 2 tiny
+layers. 1e-4 leaves room for BLAS kernels that block sums differently on other CPUs and still
+catches any real difference (a wrong weight, a missing CLS token or a shifted image slot moves
+logits by >1e-2).
+"""
+
+import hashlib
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoProcessor, LlavaForConditionalGeneration, pipeline
+
+from mmft.config import MMFTConfig
+from mmft.export import IMAGE_TOKEN, ExportError, export_llava, feature_choice
+from mmft.loading import build_model, load_round
+from mmft.pipeline import Pipeline
+from mmft.prompt import encode_chat
+from mmft.shapes import draw
+from mmft.text import tidy
+
+ROOT = Path(__file__).resolve().parent.parent
+QUESTION = "What colour is the shape?"
+LOGIT_TOL = 1e-4  # see the module docstring
+
+
+def _photo(seed: int = 0, size=(80, 64)) -> Image.Image:
+    """A non-square noise picture: resize and centre crop both matter."""
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def _make_round(lm_dir: Path, clip_dir: Path, out: Path, mode: str = "patch") -> Path:
+    cfg = MMFTConfig(lm_model_id=str(lm_dir), vit_model_id=str(clip_dir), vit_feature_mode=mode, lora_r=8,
+                     lora_alpha=16, lora_dropout=0.0, gen_max_new_tokens=12)
+    torch.manual_seed(0)
+    model = build_model(cfg, device="cpu", dtype=torch.float32, trainable=True)
+    with torch.no_grad():  # LoRA B starts at zero (an identity adapter): make the merge matter
+        for name, param in model.lm.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    return model.save_pretrained(out, {"round": 3})
+
+
+@pytest.fixture(scope="module")
+def kit_round(tiny_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    round_dir = _make_round(tiny_dir / "lm", tiny_dir / "clip", root / "round")
+    return round_dir, export_llava(round_dir, root / "llava", dtype="float32")
+
+
+def _mmft_side(round_dir, image, question=QUESTION):
+    model, _ = load_round(round_dir, device="cpu", dtype=torch.float32)
+    enc = encode_chat(model.tokenizer, model.cfg, [("user", question)], num_image_tokens=model.vision.num_tokens)
+    pixels = model.vision.preprocess([image])
+    ids = torch.tensor([enc.input_ids])
+    mask = torch.tensor([enc.image_mask])
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), image_mask=mask,
+                       pixel_values=pixels).logits
+        new = model.generate(ids, torch.ones_like(ids), mask, pixel_values=pixels)
+    draft = model.tokenizer.decode(new[0], skip_special_tokens=True)
+    return dict(model=model, ids=ids, mask=mask, pixels=pixels, logits=logits, new=new[0].tolist(), draft=draft)
+
+
+def _llava_side(folder, image, question=QUESTION):
+    processor = AutoProcessor.from_pretrained(folder)
+    llava = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=image, text=prompt, return_tensors="pt")
+    with torch.no_grad():
+        logits = llava(**inputs).logits
+        out = llava.generate(**inputs, do_sample=False)
+    return dict(processor=processor, llava=llava, inputs=inputs, logits=logits,
+                new=out[0, inputs["input_ids"].shape[1]:].tolist())
+
+
+def _assert_same_model(round_dir, folder, image):
+    ours, theirs = _mmft_side(round_dir, image), _llava_side(folder, image)
+    image_id = theirs["llava"].config.image_token_id
+    ids = theirs["inputs"]["input_ids"]
+    # Same prompt: the processor's ids are mmft's encode_chat ids, image token where mmft has slots.
+    assert ids.shape == ours["ids"].shape
+    assert torch.equal(ids == image_id, ours["mask"])
+    assert torch.equal(ids[~ours["mask"]], ours["ids"][~ours["mask"]])
+    assert torch.equal(theirs["inputs"]["pixel_values"], ours["pixels"])  # the same CLIP processor
+    vocab = ours["logits"].shape[-1]
+    diff = (theirs["logits"][..., :vocab] - ours["logits"]).abs().max().item()
+    assert diff <= LOGIT_TOL, diff
+    print(f"max abs logit diff {diff:.2e}")
+    assert theirs["new"] == ours["new"]  # greedy: token for token
+    return ours, theirs
+
+
+def test_kit_round_exports_as_the_same_llava_model(kit_round, tiny_dir):
+    round_dir, folder = kit_round
+    _assert_same_model(round_dir, folder, _photo())
+    config = LlavaForConditionalGeneration.from_pretrained(folder).config
+    assert (config.vision_feature_layer, config.vision_feature_select_strategy) == (-1, "full")
+    assert config.image_seq_length == 50 and config.vision_config.patch_size == 8
+    processor = AutoProcessor.from_pretrained(folder)
+    assert processor.image_token == IMAGE_TOKEN and processor.num_additional_image_tokens == 1
+
+
+def test_image_token_grows_the_vocab_only_when_needed(kit_round, tiny_dir, tmp_path):
+    """A tokenizer filling the LM's vocab gets one new row; one with spare rows (Phi-3: 32,064 rows for
+    fewer ids) gets none. Both export the same model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir / "lm")
+    n_ids = len(tokenizer)
+    for name, rows in (("tight", n_ids), ("roomy", n_ids + 8)):
+        lm = AutoModelForCausalLM.from_pretrained(tiny_dir / "lm", dtype=torch.float32)
+        lm.resize_token_embeddings(rows, mean_resizing=False)
+        lm.save_pretrained(tmp_path / name / "lm")
+        tokenizer.save_pretrained(tmp_path / name / "lm")
+        round_dir = _make_round(tmp_path / name / "lm", tiny_dir / "clip", tmp_path / name / "round")
+        folder = export_llava(round_dir, tmp_path / name / "llava", dtype="float32")
+        config = LlavaForConditionalGeneration.from_pretrained(folder).config
+        assert config.image_token_id == n_ids
+        assert config.text_config.vocab_size == (n_ids + 1 if name == "tight" else rows), name
+        _assert_same_model(round_dir, folder, _photo(1))
+
+
+def test_pipeline_gives_the_draft_stages_greedy_answer(kit_round):
+    round_dir, folder = kit_round
+    image = _photo(2)
+    ours = _mmft_side(round_dir, image)
+    pipe = pipeline("image-text-to-text", model=str(folder), dtype=torch.float32)
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": QUESTION}]}]
+    out = pipe(text=messages, return_full_text=False, generate_kwargs={"do_sample": False})
+    assert out[0]["generated_text"] == ours["draft"]
+    assert tidy(out[0]["generated_text"], QUESTION, capitalize=False) == \
+        Pipeline(ours["model"]).draft([image], [QUESTION])[0]
+
+
+def test_demo_round_exports_and_answers_like_mmft(tmp_path):
+    """Whatever demo/round is in the tree: a trained round, so answers are real words."""
+    round_dir = ROOT / "demo" / "round"
+    folder = export_llava(round_dir, tmp_path / "llava", dtype="float32")
+    image = draw("red", "circle", random.Random(0))
+    ours, theirs = _assert_same_model(round_dir, folder, image)
+    processor = theirs["processor"]
+    answer = processor.decode(theirs["new"], skip_special_tokens=True)
+    assert answer == ours["draft"] and answer.strip()
+    layer, strategy = feature_choice(ours["model"].cfg)
+    assert (theirs["llava"].config.vision_feature_layer, theirs["llava"].config.vision_feature_select_strategy) == \
+        (layer, strategy)
+
+
+def test_base_model_on_disk_is_not_changed(kit_round, tiny_dir, tmp_path):
+    round_dir, _ = kit_round
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (tiny_dir / "lm").iterdir()}
+    export_llava(round_dir, tmp_path / "again", dtype="float32")
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (tiny_dir / "lm").iterdir()} == before
+
+
+def test_pooled_round_is_refused_with_the_reason(tmp_path):
+    with pytest.raises(ExportError, match="pooled.*projected embedding.*--vit_feature_mode patch"):
+        export_llava(ROOT / "demo" / "round-pooled", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_an_existing_folder_and_reruns_after_an_interruption(kit_round, tmp_path, capsys):
+    from mmft.export import main
+
+    round_dir, _ = kit_round
+    out = tmp_path / "out"
+    (tmp_path / "out.partial").mkdir()  # what an interrupted export leaves
+    (tmp_path / "out.partial" / "junk").write_text("x")
+    argv = [str(round_dir), str(out), "--dtype", "float32"]
+    assert main(argv) == 0
+    assert not (tmp_path / "out.partial").exists() and not (out / "junk").exists()
+    assert (out / "model.safetensors").is_file() and (out / "processor_config.json").is_file()
+    capsys.readouterr()
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "already exists and is not empty" in err and "Traceback" not in err
+    # The real entry point; a pooled round is refused before torch is imported, in one line.
+    pooled = subprocess.run([sys.executable, "-m", "mmft.export", str(ROOT / "demo" / "round-pooled"),
+                             str(tmp_path / "p")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert pooled.returncode == 1 and "Traceback" not in pooled.stderr
+    assert pooled.stderr.strip().splitlines() == [pooled.stderr.strip()]
+    assert pooled.stderr.startswith("error: this round uses vit_feature_mode='pooled'")
+
+
+# -- publishing (local Hub server, real huggingface_hub client) ---------------------------------
+def _push(hub, *args):
+    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_secret_test_token", "HF_HUB_OFFLINE": "0"}
+    return subprocess.run([sys.executable, str(ROOT / "push_to_hub.py"), *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_push_with_export_publishes_a_loadable_llava_repo(hub_online, kit_round, tmp_path):
+    from huggingface_hub import ModelCard, snapshot_download
+
+    round_dir, folder = kit_round
+    done = _push(hub_online, round_dir, "--repo-id", "user/shapes", "--export", "llava")
+    assert done.returncode == 0, done.stderr
+    assert "hf_secret_test_token" not in done.stdout + done.stderr
+    assert done.stdout.strip().splitlines()[-3] == "revision: round-3"  # the round's own lines stay last
+    assert set(hub_online.refs("user/shapes")["tags"]) == {"round-3"}
+    refs = hub_online.refs("user/shapes-llava")
+    assert set(refs["tags"]) == {"round-3"} and refs["tags"]["round-3"] == refs["branches"]["main"]
+    assert "config.json" in hub_online.files("user/shapes") and "adapter/adapter_config.json" not in \
+        hub_online.files("user/shapes-llava")
+
+    pulled = Path(snapshot_download("user/shapes-llava", revision="round-3"))
+    local = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.name != "README.md"}
+    remote = {p.relative_to(pulled).as_posix(): p.read_bytes() for p in pulled.rglob("*")
+              if p.is_file() and p.name not in ("README.md", ".gitattributes")}
+    assert remote == local  # byte for byte the local export
+    _assert_same_model(round_dir, pulled, _photo(3))
+    card = ModelCard.load("user/shapes-llava")
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "image-text-to-text"
+    assert 'LlavaForConditionalGeneration.from_pretrained("user/shapes-llava", revision="round-3")' in card.text
+    assert "is not** mmft's staged pipeline" in card.text and "CLS token kept" in card.text
+    code = [line.strip() for line in card.text.splitlines()]
+    assert not [line for line in code if line.startswith(("import mmft", "from mmft"))]  # no mmft needed
+
+
+def test_push_with_export_refuses_a_pooled_round_before_sending(hub_online):
+    done = _push(hub_online, ROOT / "demo" / "round-pooled", "--repo-id", "user/pooled", "--export", "llava")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("error: this round uses vit_feature_mode='pooled'")
+    assert not [r for r in hub_online.requests if r[0] == "POST"]  # nothing created, nothing committed
+
+
+def test_gpu_check_finetune_and_export_path_runs_tiny_on_cpu(capsys):
+    """bench.gpu_check's prepared GPU script, in its tiny CPU mode: QLoRA through train.finetune, then
+    the export it serves with vLLM (vLLM itself is only tried where it imports)."""
+    import json
+
+    from bench import gpu_check
+
+    gpu_check.main(["--tiny", "--checks", "finetune,vllm", "--finetune-steps", "1"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["finetune"]["ok"] is True and result["finetune"]["steps"] == 1
+    assert result["finetune"]["quantize"] == "nf4" and result["finetune"]["activation_checkpointing"] is True
+    assert "transformers" in result["vllm"] and "transformers_error" not in result["vllm"]
+    assert "vllm" in result["vllm"] or "vllm_error" in result["vllm"]
