@@ -66,9 +66,9 @@ def encode_chat(
 
     The ids are exactly `tokenizer.apply_chat_template(messages, tokenize=True)["input_ids"]` of those
     messages (with `config.prompt_system` first, if set). The image: `num_image_tokens` slots are
-    inserted right before the first token of the first user message's content — for Phi-3.5 after
-    `<|user|>`, `▁`, `<0x0A>` — and the content tokenizes as in the plain chat (no `▁` on its first
-    word). Labels are the ids of each answer's tokens *in context* (tokens starting inside the
+    inserted before the whitespace that leads the first user message — for Phi-3.5 right after
+    `<|user|>`, before its `▁`, `<0x0A>` — so every other id is the plain chat's (the question's first
+    word has no `▁`), and it is where an exported Llava model's `<|user|><image>\n` puts the image. Labels are the ids of each answer's tokens *in context* (tokens starting inside the
     answer's characters) and of the end-of-turn tokens right after it; -100 everywhere else.
     """
     if not turns or turns[0][0] != "user":
@@ -132,10 +132,15 @@ def encode_chat(
 
     out = Encoded(input_ids=ids, labels=labels, image_mask=[False] * len(ids), truncated=truncated)
     if image_at is not None:
+        # The image goes before the whitespace that separates the user tag from the message: right
+        # after `<|user|>`, so the text after it is `\n{question}` exactly as in the plain chat, and a
+        # Llava processor rendering `<|user|><image>\n{question}` tokenizes it the same way (text
+        # right after a special token gets a `▁` prefix: `\n` has one here either way).
+        image_at = len(text[:image_at].rstrip())
         at = next((k for k, (s, _) in enumerate(offsets) if s >= image_at), len(ids))
         if any(e > image_at for _, e in offsets[:at]):
-            raise ValueError("the tokenizer merges the text before the image with the question; "
-                             "expected a token boundary where the first user message starts")
+            raise ValueError("the tokenizer merges the user tag with the text after it; expected a token "
+                             "boundary where the first user message (and its leading whitespace) starts")
         n = num_image_tokens
         out.input_ids = ids[:at] + [tokenizer.pad_token_id] * n + ids[at:]
         out.labels = labels[:at] + [IGNORE_INDEX] * n + labels[at:]

@@ -148,9 +148,9 @@ def test_the_image_slots_sit_after_the_user_tag_and_leave_the_chat_ids_intact(to
             assert enc.labels[at : at + 5] == [IGNORE_INDEX] * 5
             assert [t for t, m in zip(enc.input_ids, enc.image_mask) if not m] == chat == plain.input_ids
             assert [l for l, m in zip(enc.labels, enc.image_mask) if not m] == plain.labels
-            # "where the image goes": right after the first "<|user|>", "▁", "\n"
-            assert enc.input_ids[at - 3 : at] == [32010, 29871, 13]
-            assert 32010 not in enc.input_ids[: at - 3]
+            # "where the image goes": right after the first "<|user|>", before its "▁", "\n"
+            assert enc.input_ids[at - 1] == 32010 and enc.input_ids[at + 5 : at + 7] == [29871, 13]
+            assert 32010 not in enc.input_ids[: at - 1]
 
 
 def test_nul_and_sentinel_lookalikes_in_text_do_not_break_the_builder(tokenizer):
@@ -162,7 +162,7 @@ def test_nul_and_sentinel_lookalikes_in_text_do_not_break_the_builder(tokenizer)
         messages = _messages(cfg, turns, False)
         assert [t for t, m in zip(enc.input_ids, enc.image_mask) if not m] == _chat_ids(tokenizer, messages, False)
         assert [l for l, m in zip(enc.labels, enc.image_mask) if not m] == _expected_labels(tokenizer, messages)
-        assert sum(enc.image_mask) == 2 and enc.input_ids[enc.image_mask.index(True) - 1] == 13
+        assert sum(enc.image_mask) == 2 and enc.input_ids[enc.image_mask.index(True) - 1] == 32010
 
 
 def test_training_prompt_starts_with_the_inference_prompt(tokenizer):
@@ -177,8 +177,31 @@ def test_training_prompt_starts_with_the_inference_prompt(tokenizer):
     assert sum(infer.image_mask) == 50
     after_image = infer.input_ids[infer.image_mask.index(True) + 50 :]
     tail = tokenizer("\n" + question + "<|end|>\n<|assistant|>\n", add_special_tokens=False)["input_ids"]
-    assert tail[:2] == [29871, 13] and after_image == tail[2:]
-    assert tokenizer.convert_ids_to_tokens(after_image[:2]) == ["What", "▁colour"]  # no "▁" after the newline
+    assert tail[:2] == [29871, 13] and after_image == tail
+    assert tokenizer.convert_ids_to_tokens(after_image[2:4]) == ["What", "▁colour"]  # no "▁" after the newline
+
+
+@pytest.mark.parametrize("system", ["", "Answer briefly."])
+def test_the_image_sits_where_a_llava_processor_puts_its_image_token(tokenizer, system, tmp_path):
+    """Independent of encode_chat's offsets: render the chat, write an `<image>` special token right after
+    the first `<|user|>` (as mmft.export's chat template does), tokenize, and expand it to the slots."""
+    from tokenizers import AddedToken
+    from transformers import AutoTokenizer
+
+    tokenizer.save_pretrained(tmp_path)
+    llava_tok = AutoTokenizer.from_pretrained(tmp_path)
+    llava_tok.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
+    image_id = llava_tok.convert_tokens_to_ids("<image>")
+    cfg = MMFTConfig(prompt_system=system, prompt_clean_answers=False)
+    for question in TRICKY:
+        for turns in ([("user", question)], [("user", question), ("assistant", "A red circle.")]):
+            rendered = tokenizer.apply_chat_template(_messages(cfg, turns, False), tokenize=False,
+                                                     add_generation_prompt=len(turns) == 1)
+            rendered = rendered.replace("<|user|>", "<|user|><image>", 1)
+            ids = llava_tok(rendered, add_special_tokens=False)["input_ids"]
+            at = ids.index(image_id)
+            expected = ids[:at] + [tokenizer.pad_token_id] * 4 + ids[at + 1 :]
+            assert encode_chat(tokenizer, cfg, turns, num_image_tokens=4).input_ids == expected
 
 
 def test_answers_are_cleaned_by_default_and_not_when_switched_off(tokenizer):
