@@ -15,7 +15,7 @@ busy machine:
         int8 weights, activations quantized per call (fbgemm). torch.ao.quantization is deprecated
         (it points to torchao, not installed here); in torch 2.14 it still works.
 - nf4:  bitsandbytes Linear4bit (NF4, double quant, bf16 compute) on every decoder linear, lm_head
-        kept fp32, as `mmft.loading.load_lm(quantize=True)` asks transformers for.
+        kept fp32, as `mmft.loading.load_lm(quantize="nf4")` asks transformers for.
 
 Decode tokens/s is measured after a `--prompt-tokens` prefill (text ids: the precision study is about
 the LM's weights; the image prompt's length is matched). The bandwidth limit for a precision is

@@ -85,3 +85,35 @@ def test_collator_pads_to_the_longest_in_the_batch_not_a_global_maximum():
     assert batch["image_mask"].sum().item() == 2
     assert batch["image_features"].shape == (2, 1, 4)
     assert Collator(pad_token_id=0, pad_to=8)(examples)["input_ids"].shape == (2, 8)
+
+
+def test_missing_empty_or_cut_data_file_is_one_clear_error(tmp_path):
+    import pytest
+
+    from mmft.data import DataError
+
+    path = tmp_path / "llava.json"
+    with pytest.raises(DataError, match=f"^{path}: data file not found$"):
+        read_llava(path, tmp_path)
+    path.write_text("  \n")
+    with pytest.raises(DataError, match=f"^{path}: the data file is empty"):
+        read_llava(path, tmp_path)
+    path.write_text('[{"id": "1", "image": "ok.jpg", "conversations": [{"from": "human", "val')
+    with pytest.raises(DataError, match=rf"^{path}: not valid JSON at line 1, column \d+ .*is the file truncated\?"):
+        read_llava(path, tmp_path)
+    path.write_text('{"id": "1"}')
+    with pytest.raises(DataError, match="expected a JSON list of conversations, got dict"):
+        read_llava(path, tmp_path)
+
+
+def test_image_check_can_come_from_a_feature_cache_without_any_file(tmp_path):
+    path = tmp_path / "llava.json"
+    path.write_text(json.dumps([
+        {"id": "1", "image": "cached.jpg", "conversations": _conv(("<image>\nQ?", "A."))},
+        {"id": "2", "image": "other.jpg", "conversations": _conv(("<image>\nQ?", "A."))},
+        {"id": "3", "conversations": _conv(("Text only?", "Yes."))},
+    ]))
+    cached = {"cached.jpg"}  # no image folder exists at all
+    got, report = read_llava(path, None, image_problem=lambda n: None if n in cached else "image not in the feature cache")
+    assert [r.id for r in got] == ["1", "3"] and got[1].image is None
+    assert dict(report.skipped) == {"image not in the feature cache": 1}

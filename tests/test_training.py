@@ -340,3 +340,20 @@ def test_fresh_projector_starts_at_the_text_embedding_scale(tiny_model):
     image_rms = tiny_model.projector(features).pow(2).mean().sqrt()
     text_rms = tiny_model.lm.get_input_embeddings().weight.pow(2).mean().sqrt()
     assert factor < 1 and image_rms.item() == pytest.approx(text_rms.item(), rel=1e-4)
+
+
+def test_checkpoint_weights_load_strictly(tiny_model):
+    """The Trainer resumes through `load_state_dict(state, False)`: every trained weight, nothing else."""
+    state = {k: v.detach().clone() + 1 for k, v in tiny_model.trained_state_dict().items()}
+    assert any(k.startswith("projector.") for k in state) and any(".lora_B." in k for k in state)
+    result = tiny_model.load_state_dict(state, False)
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    for key, value in tiny_model.trained_state_dict().items():
+        assert torch.equal(value, state[key])
+    partial = {k: v for k, v in state.items() if k != "projector.linear_2.bias"}
+    with pytest.raises(ValueError, match=r"missing \['projector.linear_2.bias'\]"):
+        tiny_model.load_state_dict(partial, False)
+    with pytest.raises(ValueError, match=r"unexpected \['projector.extra'\]"):
+        tiny_model.load_state_dict({**state, "projector.extra": torch.zeros(1)}, False)
+    with pytest.raises(ValueError, match=r"wrong shape \['projector.linear_1.bias'\]"):
+        tiny_model.load_state_dict({**state, "projector.linear_1.bias": torch.zeros(1)}, False)
