@@ -1,14 +1,14 @@
 """llama.cpp check of the Llava export: convert a tiny exported round with llama.cpp's own converters
 and compare llama.cpp's greedy tokens with transformers' on the same prompt.
 
-    PYTHONPATH=/tmp/gguf-pkg python -m bench.llama_cpp_export --llama-cpp PATH/TO/llama.cpp [--work DIR]
+    python -m bench.llama_cpp_export --llama-cpp PATH/TO/llama.cpp [--work DIR] [--vocab-gguf FILE]
 
-Needs: a built llama.cpp (`build/bin/llama-mtmd-cli`, `llama-completion`), the `gguf` package for
-transformers to read the real Phi-3 vocab from /work/shared/phi3-tokenizer (pip install --target
-/tmp/gguf-pkg gguf; its converters use their own `gguf-py`), sentencepiece + protobuf (the Phi-3
-converter reads `tokenizer.model`). Not in the default test run: it needs a llama.cpp build.
+Needs: a built llama.cpp (`build/bin/llama-mtmd-cli`; its converters bring their own `gguf-py`),
+`sentencepiece` + `protobuf` (the Phi-3 converter reads `tokenizer.model`, written here from
+llama.cpp's vocab-only `models/ggml-vocab-phi-3.gguf`). Not in the default test run: it needs a
+llama.cpp build.
 
-What it does, on a tiny round with Phi-3's real 32,064-id vocabulary (LoRA + projector random,
+What it does, on a tiny round with Phi-3's real 32,064-id vocabulary (the kit's tokenizer) (LoRA + projector random,
 lm_head scaled so greedy choices have clear margins):
 1. `python -m mmft.export ROUND OUT --text-model TEXT` (the Llava folder + the merged LM alone)
 2. text half:   convert_hf_to_gguf.py TEXT --outfile text.gguf --outtype f32; llama-completion vs
@@ -33,24 +33,12 @@ from pathlib import Path
 
 import torch
 
-SHARED = Path("/work/shared/phi3-tokenizer")
 QUESTION = "What colour is the shape?"
 VARIANTS = [(-1, "full"), (-1, "default"), (-2, "default")]
 
 
 def sh(cmd: list[str], env=None, timeout=900) -> subprocess.CompletedProcess:
     return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env, timeout=timeout)
-
-
-def real_phi3_tokenizer(folder: Path):
-    """The real Phi-3 tokenizer from the vocab-only GGUF (+ the Phi-3.5 chat template) and a
-    `tokenizer.model` built from the same vocabulary, which llama.cpp's Phi-3 converter reads."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(SHARED, gguf_file="ggml-vocab-phi-3.gguf")
-    tok.chat_template = (SHARED / "microsoft-Phi-3.5-mini-instruct.jinja").read_text()
-    tok.save_pretrained(folder)
-    return tok
 
 
 def write_sentencepiece(vocab_gguf: Path, out: Path, gguf_py: Path) -> None:
@@ -80,14 +68,18 @@ def write_sentencepiece(vocab_gguf: Path, out: Path, gguf_py: Path) -> None:
 def build_round(work: Path) -> Path:
     from mmft.config import MMFTConfig
     from mmft.loading import build_model
-    from mmft.testing import make_clip, make_lm
+    from mmft.testing import make_clip, make_lm, make_tokenizer
 
-    tok = real_phi3_tokenizer(work / "lm")
+    tok = make_tokenizer()  # the real Phi-3 tokenizer (32,064 ids) and Phi-3.5 chat template
+    tok.save_pretrained(work / "lm")
     lm = make_lm(tok)
     with torch.no_grad():
         lm.lm_head.weight.mul_(30.0)  # clear greedy margins: a conversion check, not a language model
     lm.save_pretrained(work / "lm")
     clip, processor = make_clip()
+    with torch.no_grad():  # llama.cpp stores the patch convolution in f16 whatever --use-f32 says: start there
+        conv = clip.vision_model.embeddings.patch_embedding.weight
+        conv.copy_(conv.half().float())
     clip.save_pretrained(work / "clip")
     processor.save_pretrained(work / "clip")
     cfg = MMFTConfig(lm_model_id=str(work / "lm"), vit_model_id=str(work / "clip"), vit_feature_mode="patch",
@@ -115,7 +107,8 @@ def llava_variant(export: Path, dest: Path, layer: int, strategy: str) -> Path:
     return dest
 
 
-def transformers_answer(folder: Path, image, n: int) -> tuple[list[int], str]:
+def transformers_answer(folder: Path, image, n: int) -> tuple[list[int], str, list[float], object]:
+    """Greedy tokens, their text and the top-2 logit margin at each step (how close a tie was)."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     processor = AutoProcessor.from_pretrained(folder)
@@ -124,9 +117,20 @@ def transformers_answer(folder: Path, image, n: int) -> tuple[list[int], str]:
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     inputs = processor(images=image, text=prompt, return_tensors="pt")
     with torch.no_grad():
-        out = llava.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, suppress_tokens=None)
-    new = out[0, inputs["input_ids"].shape[1]:].tolist()
-    return new, processor.decode(new, skip_special_tokens=False)
+        out = llava.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, suppress_tokens=None,
+                             output_scores=True, return_dict_in_generate=True)
+    new = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+    margins = [float(top[0] - top[1]) for top in (s[0].topk(2).values for s in out.scores)]
+    return new, processor.decode(new, skip_special_tokens=False), margins, processor.tokenizer
+
+
+def first_divergence(ours: list[int], text: str, tokenizer) -> int | None:
+    """Index of the first token where llama.cpp's answer (re-tokenized) leaves ours; None if it never does."""
+    theirs = tokenizer(text, add_special_tokens=False)["input_ids"]
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        if a != b:
+            return i
+    return None if len(theirs) >= len(ours) else len(theirs)
 
 
 def mmproj_inputs(llava_dir: str | Path, clip_dir: str | Path, out: str | Path) -> Path:
@@ -174,6 +178,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--llama-cpp", type=Path, default=Path("/work/llama/llama_cpp_python-0.3.36/vendor/llama.cpp"))
     parser.add_argument("--work", type=Path, help="keep the files here (default: a temporary folder)")
     parser.add_argument("--tokens", type=int, default=8)
+    parser.add_argument("--vocab-gguf", type=Path, help="Phi-3 vocab GGUF (default: LLAMA_CPP/models/ggml-vocab-phi-3.gguf)")
     args = parser.parse_args(argv)
     llama_cpp = args.llama_cpp.resolve()
     bins = llama_cpp / "build" / "bin"
@@ -189,10 +194,14 @@ def main(argv=None) -> dict:
 
     round_dir = build_round(work)
     export = export_llava(round_dir, work / "llava", dtype="float32", text_model=work / "text", force=True)
-    write_sentencepiece(SHARED / "ggml-vocab-phi-3.gguf", work / "text" / "tokenizer.model", llama_cpp / "gguf-py")
-    image_path = work / "shape.png"
-    image = draw("red", "circle", random.Random(0), size=56)  # 56 px: no resize on either side
-    image.save(image_path)
+    vocab = args.vocab_gguf or llama_cpp / "models" / "ggml-vocab-phi-3.gguf"
+    write_sentencepiece(vocab, work / "text" / "tokenizer.model", llama_cpp / "gguf-py")
+    pictures = []  # 56 px: neither side resizes
+    for i, (colour, shape) in enumerate([("red", "circle"), ("blue", "square"), ("green", "triangle"),
+                                         ("purple", "circle"), ("orange", "square"), ("yellow", "triangle")]):
+        path = work / f"shape-{i}.png"
+        draw(colour, shape, random.Random(i), size=56).save(path)
+        pictures.append(path)
 
     # text half
     done = sh([sys.executable, llama_cpp / "convert_hf_to_gguf.py", work / "text", "--outfile", work / "text.gguf",
@@ -215,24 +224,34 @@ def main(argv=None) -> dict:
             result["variants"].append(row)
             continue
         mmproj = work / f"{name}-gguf" / "mmproj-model-f32.gguf"
-        ours, text = transformers_answer(folder, image, args.tokens)
-        row["transformers"] = text
-        if (bins / "llama-mtmd-cli").exists() and (work / "text.gguf").exists():
-            run = sh([bins / "llama-mtmd-cli", "-m", work / "text.gguf", "--mmproj", mmproj, "--image", image_path,
-                      "-p", QUESTION, "-n", str(args.tokens), "--temp", "0", "--top-k", "1", "-t", "2",
-                      "--no-warmup"])
-            row["llama_cpp"] = run.stdout.strip()
-            row["llama_cpp_rc"] = run.returncode
-            row["llama_cpp_log_tail"] = run.stderr.strip().splitlines()[-3:]
-            row["same_answer"] = run.returncode == 0 and run.stdout.strip() == text.strip()
+        row["pictures"] = []
+        for path in pictures:
+            from PIL import Image
+
+            ours, text, margins, tokenizer = transformers_answer(folder, Image.open(path), args.tokens)
+            one = dict(picture=path.name, transformers=text)
+            if (bins / "llama-mtmd-cli").exists() and (work / "text.gguf").exists():
+                run = sh([bins / "llama-mtmd-cli", "-m", work / "text.gguf", "--mmproj", mmproj, "--image", path,
+                          "-p", QUESTION, "-n", str(args.tokens), "--temp", "0", "--top-k", "1", "-t", "2",
+                          "--no-warmup"])
+                one.update(llama_cpp=run.stdout.strip(), rc=run.returncode)
+                one["same"] = run.returncode == 0 and run.stdout.strip() == text.strip()
+                at = None if one["same"] else first_divergence(ours, run.stdout.strip(), tokenizer)
+                one["diverges_at"] = at
+                one["transformers_margin_there"] = round(margins[at], 3) if at is not None and at < len(margins) else None
+            row["pictures"].append(one)
+        row["same_answers"] = sum(bool(p.get("same")) for p in row["pictures"])
+        gaps = [p["transformers_margin_there"] for p in row["pictures"] if p.get("transformers_margin_there") is not None]
+        row["largest_margin_overruled"] = max(gaps) if gaps else None
         result["variants"].append(row)
     print(f"text model -> GGUF: rc {result['text_convert']['rc']}; convert_hf_to_gguf.py --mmproj on the Llava "
           f"folder: rc {result['mmproj_convert_hf_to_gguf']['rc']} {result['mmproj_convert_hf_to_gguf']['error']}")
-    print(f"{'feature choice':<16} {'converts':<9} {'same greedy answer':<19} transformers | llama.cpp")
+    print(f"{'feature choice':<16} {'converts':<9} {'same greedy answers':<20} largest transformers top-2 margin "
+          "where llama.cpp chose otherwise")
     for row in result["variants"]:
         choice = f"({row['vision_feature_layer']}, {row['strategy']})"
-        print(f"{choice:<16} {str(row['legacy_convert_rc'] == 0):<9} {str(row.get('same_answer')):<19} "
-              f"{row.get('transformers', row.get('error'))!r} | {row.get('llama_cpp')!r}")
+        same = f"{row.get('same_answers')}/{len(row.get('pictures', []))}"
+        print(f"{choice:<16} {str(row['legacy_convert_rc'] == 0):<9} {same:<20} {row.get('largest_margin_overruled')}")
     print(json.dumps(result))
     return result
 

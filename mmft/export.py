@@ -247,15 +247,28 @@ def export_llava(round_dir: str | Path, out: str | Path, dtype=None, text_model:
         num_additional_image_tokens=1,
     )
     processor.save_pretrained(tmp)
+    _record_bos_eos(tokenizer, tmp)
     _copy_sentencepiece(cfg, folder, tmp)
     (tmp / "README.md").write_text(str(render_export_card(cfg, round_info, str(out), num_image_tokens)))
     if text_tmp is not None:
         lm.generation_config = llava.generation_config
         lm.to(dtype).save_pretrained(text_tmp)
         tokenizer.save_pretrained(text_tmp)
+        _record_bos_eos(tokenizer, text_tmp)
         _copy_sentencepiece(cfg, folder, text_tmp)
         _publish_folder(text_tmp, Path(text_model))
     return _publish_folder(tmp, out)
+
+
+def _record_bos_eos(tokenizer, folder: Path) -> None:
+    """Write down whether the tokenizer adds BOS / EOS (transformers 5 does not save it): llama.cpp's
+    converter reads `add_bos_token`, and without it llama.cpp adds a BOS that mmft's prompts never had."""
+    probe = tokenizer("a")["input_ids"]
+    path = folder / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    config["add_bos_token"] = bool(probe) and probe[0] == tokenizer.bos_token_id
+    config["add_eos_token"] = bool(probe) and probe[-1] == tokenizer.eos_token_id
+    path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _generation_config(lm, tokenizer, cfg, image_id: int):

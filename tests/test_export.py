@@ -108,8 +108,11 @@ def test_kit_round_exports_as_the_same_llava_model(kit_round, tiny_dir):
     round_dir, folder = kit_round
     _assert_same_model(round_dir, folder, _photo())
     config = LlavaForConditionalGeneration.from_pretrained(folder).config
-    assert (config.vision_feature_layer, config.vision_feature_select_strategy) == (-1, "full")
-    assert config.image_seq_length == 50 and config.vision_config.patch_size == 8
+    from mmft.config import load_config
+
+    layer, strategy = feature_choice(load_config(round_dir)[0])  # (-1, "full") for rounds without the keys
+    assert (config.vision_feature_layer, config.vision_feature_select_strategy) == (layer, strategy)
+    assert config.image_seq_length == (50 if strategy == "full" else 49) and config.vision_config.patch_size == 8
     processor = AutoProcessor.from_pretrained(folder)
     assert processor.image_token == IMAGE_TOKEN and processor.num_additional_image_tokens == 1
 
