@@ -130,7 +130,7 @@ def finetune_check(cfg, work: Path, steps: int, tiny: bool) -> dict:
     out = work / "runs"
     argv = ["--lm_model_id", cfg.lm_model_id, "--vit_model_id", cfg.vit_model_id, "--vit_feature_mode", "patch",
             "--train_json", str(data), "--image_dir", str(work / "shapes" / "images"), "--output_dir", str(out),
-            "--max_steps", str(steps), "--per_device_train_batch_size", "4", "--quantize", "yes",
+            "--max_steps", str(steps), "--per_device_train_batch_size", "4", "--quantize", "nf4",
             "--eval_strategy", "no", "--save_strategy", "no", "--logging_steps", "1", "--eval_fraction", "0"]
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()

@@ -67,8 +67,9 @@ def chat_template(base_template: str, system: str = "") -> str:
     """The LM's own chat template behind a preamble that flattens multimodal content the way mmft does.
 
     Content given as a list of parts ({"type": "image"}, {"type": "text", "text": ...}) becomes one
-    string: one `<image>` per image part at the start, then the text (stripped, as mmft strips).
-    mmft's system prompt (`prompt_system`) is added when the conversation brings none.
+    string: one `<image>` per image part at the start, then the text (stripped, as mmft strips); the
+    image then moves before the whitespace that leads the message. mmft's system prompt
+    (`prompt_system`) is added when the conversation brings none.
     """
     system_msg = "{'role': 'system', 'content': " + json.dumps(system) + "}"
     preamble = (
@@ -87,7 +88,10 @@ def chat_template(base_template: str, system: str = "") -> str:
         "{%- endfor -%}"
         "{%- set messages = ns.messages -%}"
     )
-    return preamble + base_template
+    # mmft splices the image before the whitespace that leads the user message (mmft.prompt.encode_chat):
+    # `<|user|><image>\n{question}`, so the text after the image tokenizes as in the plain chat.
+    move = "".join(f" | replace('{ws}{IMAGE_TOKEN}', '{IMAGE_TOKEN}{ws}')" for ws in ("\\n", " ") * 2)
+    return preamble + "{%- set rendered -%}" + base_template + "{%- endset -%}{{ rendered" + move + " }}"
 
 
 def _resolve(folder: Path, model_id: str) -> str:

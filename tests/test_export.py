@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration, pipeline
 
-from mmft.config import MMFTConfig
+from mmft.config import load_config, MMFTConfig
 from mmft.export import IMAGE_TOKEN, ExportError, export_llava, feature_choice
 from mmft.loading import build_model, load_round
 from mmft.pipeline import Pipeline
@@ -61,7 +61,7 @@ def kit_round(tiny_dir, tmp_path_factory):
 
 
 def _mmft_side(round_dir, image, question=QUESTION):
-    model, _ = load_round(round_dir, device="cpu", dtype=torch.float32)
+    model, _ = load_round(round_dir, device="cpu", dtype=torch.float32, quantize="none")
     enc = encode_chat(model.tokenizer, model.cfg, [("user", question)], num_image_tokens=model.vision.num_tokens)
     pixels = model.vision.preprocess([image])
     ids = torch.tensor([enc.input_ids])
@@ -229,7 +229,9 @@ def test_push_with_export_publishes_a_loadable_llava_repo(hub_online, kit_round,
     card = ModelCard.load("user/shapes-llava")
     assert card.data.library_name == "transformers" and card.data.pipeline_tag == "image-text-to-text"
     assert 'LlavaForConditionalGeneration.from_pretrained("user/shapes-llava", revision="round-3")' in card.text
-    assert "is not** mmft's staged pipeline" in card.text and "CLS token kept" in card.text
+    kept = load_config(round_dir)[0].vit_feature_select_strategy == "full"
+    assert "is not** mmft's staged pipeline" in card.text
+    assert ("CLS token kept" if kept else "CLS token dropped") in card.text
     code = [line.strip() for line in card.text.splitlines()]
     assert not [line for line in code if line.startswith(("import mmft", "from mmft"))]  # no mmft needed
 
