@@ -67,7 +67,7 @@ def pretrain_clip(clip_dir: Path, steps: int, batch_size: int = 48, lr: float = 
 
 def build_base(folder: Path, lm_steps: int, clip_steps: int, seed: int = 0) -> MMFTConfig:
     """Tiny models under `folder/lm`, `folder/clip`; the LM taught shapes language, CLIP shapes captions."""
-    cfg = build_tiny_models(folder, mode="patch", corpus=shapes.corpus_sentences(MMFTConfig()))
+    cfg = build_tiny_models(folder, mode="patch")
     if clip_steps:
         pretrain_clip(folder / "clip", clip_steps, seed=seed)
     pretrain_text(folder / "lm", cfg, shapes.text_corpus(cfg, 4000, seed), steps=lm_steps, seed=seed)

@@ -2,73 +2,62 @@
 
 No weights can be downloaded here, so tests, benchmarks and the bundled shapes demo run on these:
 a real `CLIPModel` (56 px images, 8 px patches -> 7x7 + CLS = 50 tokens, like ViT-B/32 at 224/32),
-a real `Phi3ForCausalLM`, and a byte-level BPE tokenizer trained locally with `tokenizers` that
-carries Phi-3.5's special tokens and chat template. Everything is written with `save_pretrained`
-and read back through `from_pretrained(path)`, so the real loading code is what runs.
+a real `Phi3ForCausalLM` (Phi-3.5's 32,064-id vocabulary, everything else tiny), and the *real*
+Phi-3.5 tokenizer + chat template, vendored in `mmft/assets/phi3-tokenizer/` (see PROVENANCE.md
+there). Everything is written with `save_pretrained` and read back through `from_pretrained(path)`,
+so the real loading code is what runs.
 """
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import CLIPConfig, CLIPModel, Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, CLIPConfig, CLIPModel, Phi3Config, Phi3ForCausalLM
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from mmft.config import MMFTConfig
 
-# Phi-3.5-mini-instruct's chat template, verbatim.
-PHI3_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' and message['content'] %}"
-    "{{'<|system|>\n' + message['content'] + '<|end|>\n'}}"
-    "{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
-    "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}"
-    "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
-)
-SPECIAL_TOKENS = ["<unk>", "<s>", "<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"]
-
-_CORPUS = [
-    "What is the colour of the shape in the image? The shape is red.",
-    "What shape is shown? It is a circle. It is a square. It is a triangle.",
-    "Describe the image. A blue square on a light background. A green triangle. A yellow circle.",
-    "Which colour? red green blue yellow purple orange. Which shape? circle square triangle.",
-    "Question: Draft answer: Rewrite the draft answer as one clear sentence that answers the question.",
-    "The picture shows a small purple triangle near the top left and an orange circle at the bottom.",
-    "What is the man doing? He is riding a bike down the street next to a bus and a car.",
-    "There are two people sitting at a table with food, plates, cups and a laptop in the room.",
-]
+PHI3_TOKENIZER_DIR = Path(__file__).parent / "assets" / "phi3-tokenizer"
+PHI3_VOCAB_SIZE = 32064  # rows of Phi-3.5-mini's embedding matrix = the tokenizer's ids
 
 
-def make_tokenizer(corpus: list[str] | None = None, vocab_size: int = 512) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer (any text encodes) with Phi-3.5's special tokens and template."""
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    backend.train_from_iterator((corpus or []) + _CORPUS * 4, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<s>",
-        eos_token="<|endoftext|>",
-        unk_token="<unk>",
-        pad_token="<|endoftext|>",
-        additional_special_tokens=["<|assistant|>", "<|system|>", "<|end|>", "<|user|>"],
-        chat_template=PHI3_CHAT_TEMPLATE,
-        padding_side="right",
-    )
+def make_tokenizer():
+    """The real Phi-3.5-mini tokenizer (32,064 ids, chat template), from the vendored files."""
+    return AutoTokenizer.from_pretrained(PHI3_TOKENIZER_DIR)
+
+
+def convert_phi3_tokenizer(source: str | Path, out: str | Path = PHI3_TOKENIZER_DIR) -> None:
+    """Regenerate the vendored tokenizer from llama.cpp's vocab-only GGUF (needs `pip install gguf`).
+
+    `python -m mmft.testing SOURCE_DIR` with SOURCE_DIR holding `ggml-vocab-phi-3.gguf`, its `.inp`/
+    `.out` reference tokenizations and `microsoft-Phi-3.5-mini-instruct.jinja`. Only this conversion
+    reads GGUF; the result is a plain `tokenizer.json` folder. Settings as in Phi-3.5-mini-instruct's
+    tokenizer_config.json: no BOS added, left padding, 131,072-token context.
+    """
+    import shutil
+
+    source, out = Path(source), Path(out)
+    tok = AutoTokenizer.from_pretrained(source, gguf_file="ggml-vocab-phi-3.gguf", padding_side="left",
+                                        model_max_length=131072)
+    tok.add_bos_token = False  # the setter rewrites the post-processor (the kwarg alone does not)
+    tok.chat_template = (source / "microsoft-Phi-3.5-mini-instruct.jinja").read_text()
+    tok.save_pretrained(out)
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    for key in ("is_local", "local_files_only"):  # about this load, not about the tokenizer
+        config.pop(key, None)
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    for name in ("ggml-vocab-phi-3.gguf.inp", "ggml-vocab-phi-3.gguf.out"):
+        shutil.copyfile(source / name, out / name)
 
 
 def make_lm(tokenizer, hidden: int = 64, layers: int = 2, heads: int = 4, seed: int = 0) -> Phi3ForCausalLM:
+    """A tiny Phi-3 with Phi-3.5's vocabulary size, so every id the tokenizer makes has a row."""
     torch.manual_seed(seed)
     config = Phi3Config(
-        vocab_size=len(tokenizer),
+        vocab_size=max(PHI3_VOCAB_SIZE, len(tokenizer)),
         hidden_size=hidden,
         intermediate_size=hidden * 2,
         num_hidden_layers=layers,
@@ -103,11 +92,10 @@ def make_clip(hidden: int = 32, layers: int = 2, projection_dim: int = 16, seed:
     return CLIPModel(config), processor
 
 
-def build_tiny_models(folder: str | Path, mode: str = "patch", corpus: list[str] | None = None,
-                      **config_overrides) -> MMFTConfig:
-    """Write a tiny LM (+ tokenizer) and CLIP under `folder`; return an MMFTConfig naming them."""
+def build_tiny_models(folder: str | Path, mode: str = "patch", **config_overrides) -> MMFTConfig:
+    """Write a tiny LM (+ the real tokenizer) and CLIP under `folder`; return an MMFTConfig naming them."""
     folder = Path(folder)
-    tokenizer = make_tokenizer(corpus)
+    tokenizer = make_tokenizer()
     lm = make_lm(tokenizer)
     lm.save_pretrained(folder / "lm")
     tokenizer.save_pretrained(folder / "lm")
@@ -119,3 +107,8 @@ def build_tiny_models(folder: str | Path, mode: str = "patch", corpus: list[str]
     defaults.update(config_overrides)
     return MMFTConfig(lm_model_id=str(folder / "lm"), vit_model_id=str(folder / "clip"),
                       vit_feature_mode=mode, **defaults)
+
+
+if __name__ == "__main__":
+    convert_phi3_tokenizer(sys.argv[1], *sys.argv[2:3])
+    print(f"wrote {sys.argv[2] if len(sys.argv) > 2 else PHI3_TOKENIZER_DIR}")
