@@ -11,8 +11,8 @@ from transformers import AutoTokenizer
 
 from mmft.config import MMFTConfig
 from mmft.prompt import IGNORE_INDEX, encode_chat, refine_prompt
-from mmft.text import clean_answer
 from mmft.testing import PHI3_TOKENIZER_DIR
+from mmft.text import clean_answer
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,6 @@ def test_the_kit_tokenizer_has_phi3s_special_tokens_and_settings(tokenizer):
     # ... but after a special token and a newline, "Hi" has none: [..., "▁", "<0x0A>", "Hi", ...]
     assert tokenizer("<|user|>\nHi<|end|>", add_special_tokens=False)["input_ids"] == [32010, 29871, 13, 18567, 32007]
     assert (PHI3_TOKENIZER_DIR / "chat_template.jinja").read_text() == tokenizer.chat_template
-
 
 
 # -- exactly the chat format's ids ------------------------------------------------------------------
