@@ -22,12 +22,9 @@ import logging
 import threading
 import warnings
 from collections import OrderedDict
-from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-import torch
-from peft.tuners.tuners_utils import BaseTunerLayer
 
 from mmft.config import MMFTConfig
 from mmft.hub import RoundNotFound, list_rounds, pull_round
@@ -52,40 +49,9 @@ def load_pipeline(source: str | Path, revision: str | None = None, **load_kwargs
 
 def base_key(cfg: MMFTConfig, device=None, dtype=None, quantize=None) -> tuple:
     """What must be equal for two rounds to share a base: every `lm_*` and `vit_*` field + how it is loaded.
-    On an int8 base, also the LoRA targets: PEFT cannot wrap a linear that int8 already converted."""
+    (An int8 base takes any LoRA targets: `mmft.quantize.Int8Linear` is an `nn.Linear` that PEFT wraps.)"""
     names = [f.name for f in fields(cfg) if f.name.startswith(("lm_", "vit_"))]
-    if quantize == "int8":
-        names.append("lora_target_modules")
     return (*((n, repr(getattr(cfg, n))) for n in names), ("load", str(device), str(dtype), str(quantize)))
-
-
-def _skip_state(*args, **kwargs) -> None:
-    """An int8 base layer's `_load_from_state_dict` while an adapter loads: it has no keys in an adapter."""
-
-
-@contextmanager
-def _int8_bases_tolerated(lm):
-    """PEFT's `load_adapter` reads `base_layer.weight.device/.dtype` and then loads the adapter's keys with
-    `load_state_dict(strict=False)` over the whole model. torch.ao's dynamic int8 Linear has a `weight()`
-    method instead, and its `_load_from_state_dict` demands its own keys. For the load only, show it a
-    float stand-in (the dtype the LoRA weights already have) and let its state loading pass."""
-    stand_ins = []
-    for layer in (m for m in lm.modules() if isinstance(m, BaseTunerLayer)):
-        base = layer.get_base_layer()
-        if callable(getattr(base, "weight", None)) and len(layer.lora_A):
-            lora = next(iter(layer.lora_A.values())).weight
-            base.weight = torch.empty(0, dtype=lora.dtype, device=lora.device)
-            stand_ins.append(base)
-    quantized = [m for m in lm.modules() if type(m).__module__.startswith("torch.ao.nn.quantized")]
-    for module in quantized:
-        module._load_from_state_dict = _skip_state
-    try:
-        yield
-    finally:
-        for base in stand_ins:
-            del base.weight
-        for module in quantized:
-            del module._load_from_state_dict
 
 
 class RoundCache:
@@ -150,8 +116,7 @@ class RoundCache:
         projector.to(base.device).eval().requires_grad_(False)
         name = next(self._names)
         with base.switch.lock:  # no generation on this base while its adapters change
-            with _int8_bases_tolerated(base.lm):
-                base.lm.load_adapter(str(folder / ADAPTER_DIR), adapter_name=name, is_trainable=False)
+            base.lm.load_adapter(str(folder / ADAPTER_DIR), adapter_name=name, is_trainable=False)
             return base.sibling(cfg, projector, name)
 
     def _drop_round(self, key: str) -> None:

@@ -129,11 +129,12 @@ def test_two_threads_on_different_rounds_get_the_single_threaded_answers(three_r
 
 
 def test_int8_base_takes_more_rounds(three_rounds):
-    """load_adapter onto a dynamic-int8 base: each round answers as it does when loaded alone in int8."""
-    cache = RoundCache(cache_size=2)
+    """load_adapter onto an int8 base, round 3 with other LoRA targets and rank too: each round answers
+    as it does when loaded alone in int8."""
+    cache = RoundCache(cache_size=3)
     shared = [cache.load(f"r{i}", f, device="cpu", dtype=torch.float32, quantize="int8")
-              for i, f in enumerate(three_rounds[:2])]
-    assert shared[0].model.lm is shared[1].model.lm
+              for i, f in enumerate(three_rounds)]
+    assert shared[0].model.lm is shared[1].model.lm is shared[2].model.lm and cache.bases() == 1
     for folder, pipe in zip(three_rounds, shared):
         own = Pipeline.from_round(folder, device="cpu", dtype=torch.float32, quantize="int8")
         assert vars(pipe.answer_image(IMAGE, QUESTION)) == vars(own.answer_image(IMAGE, QUESTION))
