@@ -109,7 +109,16 @@ def pin_revisions(cfg: MMFTConfig) -> MMFTConfig:
     return replace(cfg, **pins)
 
 
-def prepare_model(cfg: MMFTConfig, run: RunArguments, device, feature_dim: int | None
+def training_dtype(targs: TrainingArguments) -> torch.dtype | None:
+    """The weights' dtype for a run: on CUDA the device's default (bf16, QLoRA's compute dtype); on a CPU
+    float32 unless `--bf16` asks for it, so a run computes the same on CPUs with and without native bf16
+    (`pick_dtype` would pick bf16 on the former: fine for inference, not for reproducible training)."""
+    if targs.device.type == "cuda":
+        return None
+    return torch.bfloat16 if targs.bf16 else torch.float32
+
+
+def prepare_model(cfg: MMFTConfig, run: RunArguments, device, feature_dim: int | None, dtype=None
                   ) -> tuple[MultimodalModel, dict]:
     """New model (`cfg`), or the previous round's (`run.resume_round`, whose config wins); returns the
     model and the round info it continues. Always with a LoRA adapter: the projector-only stage
@@ -118,12 +127,12 @@ def prepare_model(cfg: MMFTConfig, run: RunArguments, device, feature_dim: int |
     if run.resume_round:
         folder = check_round_folder(run.resume_round)
         cfg, parent = load_config(folder)
-        model = build_model(cfg, device, quantize=run.quantize, with_vision=with_vision, feature_dim=feature_dim,
-                            adapter=folder / ADAPTER_DIR, trainable=True)
+        model = build_model(cfg, device, dtype, quantize=run.quantize, with_vision=with_vision,
+                            feature_dim=feature_dim, adapter=folder / ADAPTER_DIR, trainable=True)
         load_projector(model.projector, folder / PROJECTOR_NAME)
     else:
-        model, parent = build_model(pin_revisions(cfg), device, quantize=run.quantize, with_vision=with_vision,
-                                    feature_dim=feature_dim, trainable=True), {}
+        model, parent = build_model(pin_revisions(cfg), device, dtype, quantize=run.quantize,
+                                    with_vision=with_vision, feature_dim=feature_dim, trainable=True), {}
         if run.init_projector:
             load_projector(model.projector, Path(run.init_projector) / PROJECTOR_NAME)
     if run.projector_only:
@@ -239,7 +248,7 @@ def finetune(cfg: MMFTConfig, run: RunArguments, targs: TrainingArguments, callb
     # Data errors surface before any model is loaded.
     records, eval_records, report = read_data(run, cache, targs.seed)
     set_seed(targs.seed)  # LoRA and projector initialisation, before the Trainer seeds itself
-    model, parent = prepare_model(cfg, run, targs.device, cache.feature_dim if cache else None)
+    model, parent = prepare_model(cfg, run, targs.device, cache.feature_dim if cache else None, training_dtype(targs))
     train_set, eval_set = make_datasets(records, eval_records, report, run, model, cache)
     print(report.summary())
     if not (run.resume_round or run.init_projector):

@@ -13,7 +13,7 @@ QUESTION = "What colour is the shape?"
 @pytest.fixture
 def pipeline(tiny_model, tmp_path):
     tiny_model.save_pretrained(tmp_path / "round", {"round": 1})
-    model, info = load_round(tmp_path / "round", device="cpu", dtype=torch.float32)
+    model, info = load_round(tmp_path / "round", device="cpu", dtype=torch.float32, quantize="none")
     assert info == {"round": 1}
     return Pipeline(model)
 
@@ -87,7 +87,7 @@ def test_long_question_gets_a_note(pipeline):
 
 def test_round_folder_reloads_to_the_same_model(tiny_model, tmp_path):
     tiny_model.save_pretrained(tmp_path / "r")
-    model, _ = load_round(tmp_path / "r", device="cpu", dtype=torch.float32)
+    model, _ = load_round(tmp_path / "r", device="cpu", dtype=torch.float32, quantize="none")
     for (k, a), (_, b) in zip(tiny_model.projector.state_dict().items(), model.projector.state_dict().items()):
         assert torch.equal(a, b), k
     lora = {k: v for k, v in tiny_model.lm.state_dict().items() if "lora_" in k}

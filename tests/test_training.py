@@ -357,3 +357,16 @@ def test_checkpoint_weights_load_strictly(tiny_model):
         tiny_model.load_state_dict({**state, "projector.extra": torch.zeros(1)}, False)
     with pytest.raises(ValueError, match=r"wrong shape \['projector.linear_1.bias'\]"):
         tiny_model.load_state_dict({**state, "projector.linear_1.bias": torch.zeros(1)}, False)
+
+
+def test_cpu_training_is_float32_unless_bf16_is_asked_for(tiny_dir, shapes_data, tmp_path, monkeypatch):
+    """pick_dtype picks bf16 on CPUs with native bf16: training must not inherit that silently."""
+    from mmft import training
+
+    monkeypatch.setattr(loading, "cpu_has_bf16", lambda: True)
+    cfg, run, targs = _args(tiny_dir, shapes_data, tmp_path)
+    assert training.training_dtype(targs) == torch.float32
+    model, _ = training.prepare_model(cfg, run, targs.device, None, training.training_dtype(targs))
+    assert {p.dtype for p in model.lm.parameters()} == {torch.float32}
+    _, _, bf16 = _args(tiny_dir, shapes_data, tmp_path, bf16=True)
+    assert training.training_dtype(bf16) == torch.bfloat16
