@@ -22,12 +22,11 @@ from transformers import Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from mmft.config import MMFTConfig, load_config
-from mmft.data import Collator, ConversationDataset, pad_batch, read_llava
+from mmft.data import Collator, ConversationDataset, read_llava
 from mmft.features import FeatureCache
-from mmft.loading import build_model, load_vision
+from mmft.loading import build_model
 from mmft.model import MultimodalModel
 from mmft.projector import load_projector
-from mmft.prompt import encode_chat
 from mmft.round import ADAPTER_DIR, PROJECTOR_NAME, check_round_folder
 
 logger = logging.getLogger(__name__)
@@ -73,7 +72,6 @@ class DataArguments:
     pad_to_length: int | None = field(default=None, metadata={"help": "pad every batch to this length "
                                                                       "(only to measure what dynamic padding saves)"})
     dataset_name: str = field(default="liuhaotian/LLaVA-Instruct-150K", metadata={"help": "for the model card"})
-    eval_shapes_accuracy: int = field(default=0, metadata={"help": "shapes world: N fresh images for accuracy"})
 
 
 class MMFTTrainer(Trainer):
@@ -184,20 +182,6 @@ def match_projector_scale(model: MultimodalModel, dataset: ConversationDataset, 
     return factor
 
 
-def evaluate_shapes(model: MultimodalModel, n: int) -> dict:
-    """Shapes-world accuracy through the full staged pipeline on `n` fresh images."""
-    from mmft.pipeline import Pipeline
-    from mmft.shapes import evaluate
-
-    if model.vision is None:  # trained from cached features: load CLIP now, for the pipeline
-        model.vision = load_vision(model.cfg, model.device, torch.float32)
-    model.eval()
-    with torch.no_grad():
-        metrics = evaluate(Pipeline(model), n=n)
-    model.train()
-    return {k: v for k, v in metrics.items() if k != "examples"}
-
-
 def plot_loss(log_history: list[dict], path: Path) -> Path:
     import matplotlib
 
@@ -259,8 +243,6 @@ def finetune(margs: ModelArguments, dargs: DataArguments, targs: TrainingArgumen
                  "seed": targs.seed, "skipped": dict(report.skipped), "feature_cache": dargs.feature_cache},
         "parent": {"round": parent["round"], "source": str(margs.resume_round)} if parent else None,
     }
-    if dargs.eval_shapes_accuracy and trainer.is_world_process_zero():
-        info["metrics"] = evaluate_shapes(model, dargs.eval_shapes_accuracy)
     info["history"] = parent.get("history", []) + [
         {k: info[k] for k in ("round", "created", "steps", "samples", "train_loss", "eval_loss", "metrics")}
     ]
@@ -287,32 +269,3 @@ def default_training_args(**overrides) -> dict:
                     ddp_find_unused_parameters=False)
     defaults.update(overrides)
     return defaults
-
-
-def pretrain_text(lm_dir: str | Path, cfg: MMFTConfig, conversations: list, steps: int, lr: float = 3e-3,
-                  batch_size: int = 32, seed: int = 0) -> list[float]:
-    """Full fine-tuning of a (tiny) base LM on text conversations, saved back to `lm_dir`.
-
-    Only for the shapes demo: it gives the tiny stand-in LM a language, as pre-training gave
-    Phi-3.5 one. Answers are not cleaned here: this is how the base model should talk.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    set_seed(seed)
-    tokenizer = AutoTokenizer.from_pretrained(lm_dir)
-    lm = AutoModelForCausalLM.from_pretrained(lm_dir, dtype=torch.float32).train()
-    examples = [vars(encode_chat(tokenizer, cfg, c, clean_answers=False)) for c in conversations]
-    optimizer = torch.optim.AdamW(lm.parameters(), lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
-    rng, losses = random.Random(seed), []
-    for _ in range(steps):
-        batch = pad_batch(rng.sample(examples, batch_size), tokenizer.pad_token_id)
-        loss = lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    lm.save_pretrained(lm_dir)
-    return losses
