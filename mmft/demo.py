@@ -146,7 +146,7 @@ def pretrain_clip(clip_dir: Path, steps: int, batch_size: int = 64, lr: float = 
 
     A random CLIP keeps colour in its pooled token but loses shape; CLIP ViT-B/32 learnt both from
     400M captioned images, so the stand-in gets a (tiny) version of that. Captions are word ids:
-    bos, colour, shape, eos. Images: a pool drawn once in the training style, preprocessed once.
+    bos, colour, shape, eos. Images: a pool drawn once in `shapes.CLIP_STYLE`, preprocessed once.
     """
     rng = random.Random(seed)
     torch.manual_seed(seed)
@@ -154,7 +154,8 @@ def pretrain_clip(clip_dir: Path, steps: int, batch_size: int = 64, lr: float = 
     processor = CLIPImageProcessorPil.from_pretrained(clip_dir)
     colors = list(shapes.COLORS)
     pairs = [shapes.sample(rng) for _ in range(pool)]
-    pixels = processor(images=[shapes.draw(c, s, rng) for c, s in pairs], return_tensors="pt")["pixel_values"]
+    images = [shapes.draw(c, s, rng, style=shapes.CLIP_STYLE) for c, s in pairs]
+    pixels = processor(images=images, return_tensors="pt")["pixel_values"]  # [pool, 3, 56, 56]
     ids = torch.tensor([[0, 2 + colors.index(c), 2 + len(colors) + shapes.SHAPES.index(s), 1] for c, s in pairs])
     optimizer = torch.optim.AdamW(clip.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
@@ -216,13 +217,13 @@ def train_round(base: Path, work: Path, mode: str, samples: int, steps: int, see
     names = [r["image"] for r in json.loads(train_json.read_text())]
     build_cache(vision, cfg.vit_model_id, data / "images", names, work / f"cache-{mode}")
     margs = ModelArguments(lm_model_id=cfg.lm_model_id, vit_model_id=cfg.vit_model_id, vit_feature_mode=mode,
-                           lora_r=8, lora_alpha=16, lora_dropout=0.0, projector_lr=3e-3, quantize="no")
+                           lora_r=16, lora_alpha=32, lora_dropout=0.0, projector_lr=3e-3, quantize="no")
     dargs = DataArguments(train_json=str(train_json), image_dir=str(data / "images"), eval_fraction=0.05,
                           feature_cache=str(work / f"cache-{mode}"), dataset_name="synthetic shapes world (mmft.shapes)")
     targs = TrainingArguments(**default_training_args(
         output_dir=str(work / f"runs-{mode}"), max_steps=steps, learning_rate=3e-3, per_device_train_batch_size=16,
         eval_steps=max(steps // 4, 1), save_steps=steps, logging_steps=max(steps // 20, 1), seed=seed,
-        disable_tqdm=True, activation_checkpointing=False))
+        disable_tqdm=True, activation_checkpointing=False, prediction_loss_only=True))
     folder, _ = finetune(margs, dargs, targs)
     return folder
 
@@ -265,8 +266,8 @@ def evaluate_round(folder: Path, n: int, n_indist: int, seed: int) -> dict:
     return {"heldout": heldout, "in_distribution": indist}
 
 
-def build_demo(out: Path = DEMO_DIR, modes=("patch", "pooled"), samples: int = 3000, steps: int = 600,
-               lm_steps: int = 500, clip_steps: int = 400, eval_n: int = 300, indist_n: int = 100,
+def build_demo(out: Path = DEMO_DIR, modes=("patch", "pooled"), samples: int = 4000, steps: int = 700,
+               lm_steps: int = 600, clip_steps: int = 500, eval_n: int = 300, indist_n: int = 100,
                seed: int = 0) -> dict:
     """The whole rebuild; returns metrics per mode and stage times. `out/round` is the first mode's."""
     start = time.time()

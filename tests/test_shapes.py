@@ -83,6 +83,7 @@ def test_render(content, sentence):
 def test_dataset_is_llava_instruct_format_with_cleaned_answers_that_keep_no(tmp_path):
     from mmft.prompt import encode_chat
     from mmft.testing import make_tokenizer
+    from mmft.text import clean_answer
 
     path = shapes.write_dataset(tmp_path, 40, seed=1)
     raw = json.loads(path.read_text())
@@ -95,7 +96,8 @@ def test_dataset_is_llava_instruct_format_with_cleaned_answers_that_keep_no(tmp_
     tokenizer, cfg = make_tokenizer(), MMFTConfig()
     encoded = encode_chat(tokenizer, cfg, no_answers[0].turns[:2], num_image_tokens=4)
     labelled = tokenizer.decode([t for t, l in zip(encoded.input_ids, encoded.labels) if l != -100])
-    assert labelled.split()[-2:] == ["no<|end|>"] or labelled.endswith("no<|end|>"), labelled
+    draft = clean_answer(no_answers[0].turns[1][1])
+    assert draft.endswith(" no") and labelled.strip() == f"{draft}<|end|>", (draft, labelled)
 
 
 def test_images_vary_as_each_style_says():
