@@ -141,7 +141,7 @@ def pretrain_text(lm_dir: str | Path, cfg: MMFTConfig, conversations: list, step
 
 
 def pretrain_clip(clip_dir: Path, steps: int, batch_size: int = 64, lr: float = 3e-3, seed: int = 0,
-                  pool: int = 3000) -> list[float]:
+                  pool: int = 6000) -> list[float]:
     """Brief contrastive pre-training of the tiny CLIP on shapes captions ("red circle").
 
     A random CLIP keeps colour in its pooled token but loses shape; CLIP ViT-B/32 learnt both from
@@ -267,7 +267,7 @@ def evaluate_round(folder: Path, n: int, n_indist: int, seed: int) -> dict:
 
 
 def build_demo(out: Path = DEMO_DIR, modes=("patch", "pooled"), samples: int = 4000, steps: int = 700,
-               lm_steps: int = 600, clip_steps: int = 500, eval_n: int = 300, indist_n: int = 100,
+               lm_steps: int = 600, clip_steps: int = 800, eval_n: int = 300, indist_n: int = 100,
                seed: int = 0) -> dict:
     """The whole rebuild; returns metrics per mode and stage times. `out/round` is the first mode's."""
     start = time.time()

@@ -53,8 +53,8 @@ TRAIN_STYLE = Style(canvas=(48, 160), max_aspect=1.5, non_square=0.25, side=(0.2
 # The CLIP stand-in's contrastive pre-training (only) sees a broad style, as CLIP ViT-B/32 saw shapes of
 # every size, tilt and rendering of "red" in 400M web images; projector + LoRA fine-tuning sees
 # TRAIN_STYLE only.
-CLIP_STYLE = Style(canvas=(40, 320), max_aspect=2.0, non_square=0.4, side=(0.12, 0.95), jitter=20, pastel=0.3,
-                   rotation=20.0, rotated=0.7, named=0.5)
+CLIP_STYLE = Style(canvas=(40, 256), max_aspect=2.0, non_square=0.4, side=(0.15, 0.9), jitter=20, pastel=0.3,
+                   rotation=15.0, rotated=0.5, named=0.5)
 HELDOUT_STYLE = Style(canvas=(32, 1024), max_aspect=2.0, non_square=0.6, side=(0.15, 0.95), jitter=25, pastel=0.5,
                       rotation=15.0, rotated=1.0)
 

@@ -134,7 +134,7 @@ def test_refine_corpus_targets_keep_the_drafts_content():
     corpus = refine_corpus(MMFTConfig(), 400, seed=0)
     drafts = [(turns[0][1].split("Draft answer: ")[1].split("\n")[0], turns[1][1]) for turns in corpus
               if "Draft answer:" in turns[0][1]]
-    assert len(drafts) > 300
+    assert len(drafts) > 250  # the rest: reading comprehension and plain Q&A
     values = set(questions.COLORS) | set(questions.SHAPES) | {"yes", "no", "not"}
     for draft, target in drafts:
         assert shapes.words_of(draft) & values == shapes.words_of(target) & values, (draft, target)

@@ -24,7 +24,7 @@ def main(argv=None):
     parser.add_argument("--samples", type=int, default=4000)
     parser.add_argument("--steps", type=int, default=700)
     parser.add_argument("--lm_steps", type=int, default=600)
-    parser.add_argument("--clip_steps", type=int, default=500)
+    parser.add_argument("--clip_steps", type=int, default=800)
     parser.add_argument("--eval_n", type=int, default=300, help="fresh held-out images (each asked every kind)")
     parser.add_argument("--indist_n", type=int, default=100, help="fresh in-distribution images")
     parser.add_argument("--seed", type=int, default=0)
