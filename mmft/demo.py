@@ -154,7 +154,7 @@ def pretrain_clip(clip_dir: Path, steps: int, batch_size: int = 64, lr: float = 
     processor = CLIPImageProcessorPil.from_pretrained(clip_dir)
     colors = list(shapes.COLORS)
     pairs = [shapes.sample(rng) for _ in range(pool)]
-    images = [shapes.draw(c, s, rng, style=shapes.CLIP_STYLE) for c, s in pairs]
+    images = [shapes.draw(c, s, rng, size=None, style=shapes.CLIP_STYLE) for c, s in pairs]
     pixels = processor(images=images, return_tensors="pt")["pixel_values"]  # [pool, 3, 56, 56]
     ids = torch.tensor([[0, 2 + colors.index(c), 2 + len(colors) + shapes.SHAPES.index(s), 1] for c, s in pairs])
     optimizer = torch.optim.AdamW(clip.parameters(), lr=lr, weight_decay=0.0)

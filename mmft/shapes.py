@@ -66,9 +66,9 @@ def _background(rng: random.Random, style: Style) -> tuple[int, int, int]:
     return (shade, shade, min(255, max(210, shade + rng.randint(-12, 8))))
 
 
-def draw(color: str, shape: str, rng: random.Random, size: int | None = None,
+def draw(color: str, shape: str, rng: random.Random, size: int | None = 64,
          style: Style = TRAIN_STYLE) -> Image.Image:
-    """One `color` `shape`; `size` fixes a square canvas, else the style picks the canvas."""
+    """One `color` `shape`; `size` fixes a square canvas (the app's examples), `None` lets the style pick."""
     if size is None:
         short = int(math.exp(rng.uniform(math.log(style.canvas[0]), math.log(style.canvas[1]))))
         long = int(short * rng.uniform(1.0, style.max_aspect)) if rng.random() < style.non_square else short
@@ -126,7 +126,7 @@ def write_dataset(folder: str | Path, n: int, seed: int, name: str = "train") ->
     for i in range(n):
         color, shape = sample(rng)
         file = f"{name}-{i:05d}.png"
-        draw(color, shape, rng).save(folder / "images" / file)
+        draw(color, shape, rng, size=None).save(folder / "images" / file)
         records.append({"id": f"{name}-{i}", "image": file, "conversations": conversation(color, shape, rng)})
     path = folder / f"{name}.json"
     path.write_text(json.dumps(records))
@@ -167,7 +167,7 @@ def evaluate(pipeline, n: int = 300, seed: int = 10_000, split: str = "heldout",
     rng = random.Random(seed)
     style = HELDOUT_STYLE if split == "heldout" else TRAIN_STYLE
     truths = [sample(rng) for _ in range(n)]
-    images = [draw(color, shape, rng, style=style) for color, shape in truths]
+    images = [draw(color, shape, rng, size=None, style=style) for color, shape in truths]
     out = {"split": split, "images": n, "kinds": {}, "examples": []}
     damaged = calls = 0
     for kind in kinds:

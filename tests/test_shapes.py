@@ -105,10 +105,10 @@ def test_images_vary_as_each_style_says():
     image = shapes.draw("blue", "square", rng, size=64)
     pixels = list(image.getdata())
     assert image.size == (64, 64) and min(sum(p) for p in pixels) < 400 and sum(pixels[0]) > 600
-    sizes = [shapes.draw("red", "circle", rng, style=shapes.HELDOUT_STYLE).size for _ in range(200)]
+    sizes = [shapes.draw("red", "circle", rng, size=None, style=shapes.HELDOUT_STYLE).size for _ in range(200)]
     assert min(min(s) for s in sizes) < 64 and max(min(s) for s in sizes) > 512
     assert any(max(s) / min(s) > 1.5 for s in sizes)
-    train = [shapes.draw("red", "circle", rng).size for _ in range(200)]
+    train = [shapes.draw("red", "circle", rng, size=None).size for _ in range(200)]
     assert 48 <= min(min(s) for s in train) and max(max(s) for s in train) <= 240
 
 
