@@ -130,7 +130,6 @@ class RunArguments:
     pad_to_length: int | None = field(default=None, metadata={
         "help": "pad every batch to this length (only to measure what dynamic padding saves)"})
     dataset_name: str = field(default="liuhaotian/LLaVA-Instruct-150K", metadata={"help": "for the model card"})
-    eval_shapes_accuracy: int = field(default=0, metadata={"help": "shapes world: N fresh images for accuracy"})
     quantize: str | None = field(default=None, metadata={
         "help": f"base LM precision: {'|'.join(QUANTIZE_MODES)} (default: nf4 on CUDA, none on CPU)"})
     projector_lr: float = field(default=1e-4, metadata={"help": "learning rate of the projector"})

@@ -1,10 +1,13 @@
 """Rebuild the bundled shapes demo from nothing, through the same fine-tuning path as the real model.
 
-1. tiny CLIP + tiny Phi-3 + tokenizer (mmft.testing), the tokenizer trained on shapes text;
-2. the tiny base LM learns a language (refining drafts, plain Q&A) — Phi-3.5's pre-training, in small;
+1. tiny CLIP + tiny Phi-3 + tokenizer (mmft.testing);
+2. the tiny CLIP learns shapes captions, the tiny base LM a language: rewriting imperfect drafts into
+   sentences and plain Q&A (`pretrain_text`) — Phi-3.5's pre-training, in small;
 3. a shapes data set in the LLaVA-Instruct format, CLIP features cached once;
 4. projector + LoRA trained by `mmft.training.finetune` (HF Trainer), exactly as for LLaVA-Instruct;
-5. held-out accuracy through the full staged pipeline (draft + refine) on fresh images.
+5. accuracy per question kind through the full staged pipeline (draft + refine) on fresh images,
+   in-distribution and held-out (phrasings and image styles training never saw).
+Everything here exists only for the demo; `mmft.training` knows nothing of it.
 """
 
 from __future__ import annotations
@@ -17,80 +20,211 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import CLIPModel, TrainingArguments
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPModel, Phi3ForCausalLM, TrainingArguments, set_seed
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from mmft import shapes
+from mmft import questions, shapes
 from mmft.config import MMFTConfig, RunArguments, load_config, save_config
+from mmft.data import pad_batch
 from mmft.features import build_cache
 from mmft.loading import load_round
 from mmft.pipeline import Pipeline
-from mmft.testing import build_tiny_models
-from mmft.training import default_training_args, finetune, pretrain_text
+from mmft.prompt import encode_chat, refine_prompt
+from mmft.testing import make_clip, make_lm, make_tokenizer
+from mmft.text import clean_answer
+from mmft.training import default_training_args, finetune
 from mmft.vision import VisionEncoder
 
 DEMO_DIR = Path(__file__).resolve().parents[1] / "demo"
+TEXT_QA = [
+    ("What colours can a shape have?", "A shape can be red, green, blue, yellow, purple or orange."),
+    ("Which shapes do you know?", "I know circles, squares and triangles."),
+    ("Hello", "Hello! Show me a picture of a shape and ask about its colour or shape."),
+    ("What can you do?", "I can tell the colour and the shape in a picture."),
+    ("How many sides does a triangle have?", "A triangle has three sides."),
+    ("How many sides does a square have?", "A square has four sides."),
+    ("Is a circle round?", "Yes, a circle is round."),
+    ("Does a circle have corners?", "No, a circle has no corners."),
+]
+FILLERS = ("shape", "object", "it", "is", "the", "colour", "color", "image", "answer", "a", "picture", "this")
 
 
-def pretrain_clip(clip_dir: Path, steps: int, batch_size: int = 48, lr: float = 3e-3, seed: int = 0) -> list[float]:
+def noisy_draft(polarity: str | None, color: str | None, shape: str | None, rng: random.Random) -> str:
+    """A draft as an imperfect LoRA model might write it: the content words (canonical order
+    `colour shape polarity`, as cleaning leaves them), sometimes shuffled, re-cased, repeated,
+    with extra words or stray punctuation."""
+    words = [w for w in (color, shape) if w] + ([polarity] if polarity else [])
+    if polarity == "not" or (polarity and rng.random() < 0.15):
+        words = [polarity] + [w for w in words if w != polarity]  # "no red", "not red"
+    if rng.random() < 0.3:
+        rng.shuffle(words)
+    for _ in range(rng.choice([0, 0, 1, 2])):
+        words.insert(rng.randrange(len(words) + 1), rng.choice(FILLERS))
+    if words and rng.random() < 0.25:
+        words.insert(rng.randrange(len(words) + 1), rng.choice(words))
+    cased = []
+    for w in words:
+        r = rng.random()
+        cased.append(w.capitalize() if r < 0.15 else w.upper() if r < 0.2 else w)
+    text = " ".join(cased)
+    return text + rng.choice(["", "", "", ".", ",", " ."]) if text else text
+
+
+def refine_corpus(cfg: MMFTConfig, n: int, seed: int) -> list[list[tuple[str, str]]]:
+    """Conversations that teach the tiny base LM its language: rewriting drafts, and plain Q&A.
+
+    The target sentence is `questions.render` of the draft's content words, whatever the question
+    and however messy the draft: the refine stage must keep the draft's content, never invent."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        r = rng.random()
+        if r < 0.08:
+            question, reply = rng.choice(TEXT_QA)
+            out.append([("user", question), ("assistant", reply)])
+            continue
+        color, shape = shapes.sample(rng)
+        if r < 0.3:  # reading comprehension: the skill a yes/no draft needs, learnt from text
+            question, facts = questions.ask(rng.choice(("yesno", "yesno", "choice", "color", "shape")), color, shape, rng)
+            seen = questions.render(None, color, shape) if rng.random() < 0.5 else f"I see {questions.article(color + ' ' + shape)}."
+            reply = questions.answer(facts)
+            out.append([("user", f"{seen} {question}"), ("assistant", clean_answer(reply) if rng.random() < 0.5 else reply)])
+            continue
+        kind = rng.choice(questions.KINDS)
+        question, facts = questions.ask(kind, color, shape, rng, "train")
+        content = dict(polarity=None, color=None, shape=None)
+        content[facts["attr"] if kind != "describe" else "color"] = facts["truth"] if kind != "describe" else color
+        if kind == "describe":
+            content["shape"] = shape
+        if kind == "yesno":
+            content["polarity"] = facts["polarity"]
+        r = rng.random()
+        if r < 0.12:  # a draft that does not match the question's kind: keep what it says
+            content = dict(polarity=rng.choice([None, None, "yes", "no"]), color=rng.choice([None, color]),
+                           shape=rng.choice([None, shape]))
+        elif r < 0.15:
+            content["polarity"] = "not"
+        draft = noisy_draft(content["polarity"], content["color"], content["shape"], rng)
+        out.append([("user", refine_prompt(cfg, question, draft)), ("assistant", questions.render(**content))])
+    return out
+
+
+def pretrain_text(lm_dir: str | Path, cfg: MMFTConfig, conversations: list, steps: int, lr: float = 3e-3,
+                  batch_size: int = 32, seed: int = 0, save_dtype: torch.dtype = torch.float16) -> list[float]:
+    """Full fine-tuning of the tiny base LM on text conversations, saved back to `lm_dir`.
+
+    Answers are not cleaned here: this is how the base model should talk. The loss is computed on
+    answer positions only (the LM head over 32k ids on every prompt token would be most of the cost).
+    Saved in `save_dtype`, so the LoRA round trains on exactly the weights that are shipped."""
+    set_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(lm_dir)
+    lm = AutoModelForCausalLM.from_pretrained(lm_dir, dtype=torch.float32).train()
+    examples = [vars(encode_chat(tokenizer, cfg, c, clean_answers=False)) for c in conversations]
+    optimizer = torch.optim.AdamW(lm.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    rng, losses = random.Random(seed), []
+    for _ in range(steps):
+        batch = pad_batch(rng.sample(examples, batch_size), tokenizer.pad_token_id)
+        hidden = lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        targets = batch["labels"][:, 1:]  # [B, T-1]: position t predicts token t+1
+        keep = targets != -100
+        loss = F.cross_entropy(lm.lm_head(hidden[:, :-1][keep]), targets[keep])  # [N, V] vs [N]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    lm.to(save_dtype).save_pretrained(lm_dir)
+    return losses
+
+
+def pretrain_clip(clip_dir: Path, steps: int, batch_size: int = 64, lr: float = 3e-3, seed: int = 0,
+                  pool: int = 6000) -> list[float]:
     """Brief contrastive pre-training of the tiny CLIP on shapes captions ("red circle").
 
     A random CLIP keeps colour in its pooled token but loses shape; CLIP ViT-B/32 learnt both from
     400M captioned images, so the stand-in gets a (tiny) version of that. Captions are word ids:
-    bos, colour, shape, eos.
+    bos, colour, shape, eos. Images: a pool drawn once in `shapes.CLIP_STYLE`, preprocessed once.
     """
     rng = random.Random(seed)
     torch.manual_seed(seed)
     clip = CLIPModel.from_pretrained(clip_dir, dtype=torch.float32).train()
     processor = CLIPImageProcessorPil.from_pretrained(clip_dir)
     colors = list(shapes.COLORS)
+    pairs = [shapes.sample(rng) for _ in range(pool)]
+    images = [shapes.draw(c, s, rng, size=None, style=shapes.CLIP_STYLE) for c, s in pairs]
+    pixels = processor(images=images, return_tensors="pt")["pixel_values"]  # [pool, 3, 56, 56]
+    ids = torch.tensor([[0, 2 + colors.index(c), 2 + len(colors) + shapes.SHAPES.index(s), 1] for c, s in pairs])
     optimizer = torch.optim.AdamW(clip.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
     losses = []
     for _ in range(steps):
-        pairs = [shapes.sample(rng) for _ in range(batch_size)]
-        pixels = processor(images=[shapes.draw(c, s, rng) for c, s in pairs], return_tensors="pt")["pixel_values"]
-        ids = torch.tensor([[0, 2 + colors.index(c), 2 + len(colors) + shapes.SHAPES.index(s), 1] for c, s in pairs])
+        pick = torch.tensor(rng.sample(range(pool), batch_size))
+        batch_ids = ids[pick]
         # identical captions in a batch are true positives too: soft targets over equal captions
-        same = (ids[:, None, 1:3] == ids[None, :, 1:3]).all(-1).float()
-        out = clip(input_ids=ids, pixel_values=pixels)
+        same = (batch_ids[:, None, 1:3] == batch_ids[None, :, 1:3]).all(-1).float()
+        out = clip(input_ids=batch_ids, pixel_values=pixels[pick])
         targets = same / same.sum(1, keepdim=True)
         loss = (torch.sum(-targets * out.logits_per_image.log_softmax(-1), -1).mean()
                 + torch.sum(-targets * out.logits_per_text.log_softmax(-1), -1).mean()) / 2
         loss.backward()
         torch.nn.utils.clip_grad_norm_(clip.parameters(), 1.0)
         optimizer.step()
+        schedule.step()
         optimizer.zero_grad()
         losses.append(loss.item())
     clip.save_pretrained(clip_dir)
     return losses
 
 
-def build_base(folder: Path, lm_steps: int, clip_steps: int, seed: int = 0) -> MMFTConfig:
-    """Tiny models under `folder/lm`, `folder/clip`; the LM taught shapes language, CLIP shapes captions."""
-    cfg = build_tiny_models(folder, mode="patch")
+def build_base(folder: Path, lm_steps: int, clip_steps: int, seed: int = 0, hidden: int = 64,
+               clip_hidden: int = 64) -> MMFTConfig:
+    """Tiny models under `folder/lm`, `folder/clip`; the LM taught shapes language, CLIP shapes captions.
+
+    The LM ties its input and output embeddings and is saved in float16: with the real 32,064-id
+    vocabulary the two embedding matrices would otherwise be most of the bundle."""
+    tokenizer = make_tokenizer()
+    config = make_lm(tokenizer, hidden=hidden, seed=seed).config
+    config.tie_word_embeddings = True
+    torch.manual_seed(seed)
+    lm = Phi3ForCausalLM(config)
+    lm.generation_config.eos_token_id = [tokenizer.convert_tokens_to_ids("<|end|>"), tokenizer.eos_token_id]
+    lm.generation_config.pad_token_id = tokenizer.pad_token_id
+    lm.save_pretrained(folder / "lm")
+    tokenizer.save_pretrained(folder / "lm")
+    clip, processor = make_clip(hidden=clip_hidden, seed=seed)
+    clip.save_pretrained(folder / "clip")
+    processor.save_pretrained(folder / "clip")
+    cfg = MMFTConfig(lm_model_id=str(folder / "lm"), vit_model_id=str(folder / "clip"), vit_feature_mode="patch",
+                     lora_r=8, lora_alpha=16, lora_dropout=0.0, gen_max_new_tokens=16,
+                     prompt_max_question_tokens=64, prompt_max_answer_tokens=64)
     if clip_steps:
         pretrain_clip(folder / "clip", clip_steps, seed=seed)
-    pretrain_text(folder / "lm", cfg, shapes.text_corpus(cfg, 4000, seed), steps=lm_steps, seed=seed)
+    pretrain_text(folder / "lm", cfg, refine_corpus(cfg, 6000, seed), steps=lm_steps, seed=seed)
     return cfg
 
 
 def train_round(base: Path, work: Path, mode: str, samples: int, steps: int, seed: int = 0) -> Path:
     """Shapes data -> feature cache -> `finetune` (the real training path) -> round folder."""
     data = work / "data"
-    train_json = shapes.write_dataset(data, samples, seed=seed + 1)
+    train_json = data / "train.json"
+    if not train_json.exists():
+        shapes.write_dataset(data, samples, seed=seed + 1)
     cfg = MMFTConfig(lm_model_id=str(base / "lm"), vit_model_id=str(base / "clip"), vit_feature_mode=mode,
                      vit_feature_layer=-1, vit_feature_select_strategy="full",  # as the bundled rounds were built
-                     lora_r=8, lora_alpha=16, lora_dropout=0.0)
+                     lora_r=16, lora_alpha=32, lora_dropout=0.0)
     vision = VisionEncoder.from_config(cfg)
     names = [r["image"] for r in json.loads(train_json.read_text())]
     build_cache(vision, cfg.vit_model_id, data / "images", names, work / f"cache-{mode}")
     run = RunArguments(train_json=str(train_json), image_dir=str(data / "images"), eval_fraction=0.05,
-                       feature_cache=str(work / f"cache-{mode}"), eval_shapes_accuracy=60, projector_lr=3e-3,
-                       quantize="none", dataset_name="synthetic shapes world (mmft.shapes)")
+                       feature_cache=str(work / f"cache-{mode}"), projector_lr=3e-3, quantize="none",
+                       dataset_name="synthetic shapes world (mmft.shapes)")
     targs = TrainingArguments(**default_training_args(
         output_dir=str(work / f"runs-{mode}"), max_steps=steps, learning_rate=3e-3, per_device_train_batch_size=16,
         eval_steps=max(steps // 4, 1), save_steps=steps, logging_steps=max(steps // 20, 1), seed=seed,
-        disable_tqdm=True, activation_checkpointing=False))
+        disable_tqdm=True, activation_checkpointing=False, prediction_loss_only=True))
     folder, _ = finetune(cfg, run, targs)
     return folder
 
@@ -106,9 +240,37 @@ def relocate(round_dir: Path, dest: Path, base_rel: str) -> Path:
     return dest
 
 
-def build_demo(out: Path = DEMO_DIR, modes=("patch", "pooled"), samples: int = 3000, steps: int = 600,
-               lm_steps: int = 500, clip_steps: int = 400, eval_n: int = 200, seed: int = 0) -> dict:
-    """The whole rebuild; returns held-out metrics per mode and stage times. `out/round` is the first mode's."""
+def evaluate_round(folder: Path, n: int, n_indist: int, seed: int) -> dict:
+    """Held-out and in-distribution evaluation of a round folder, recorded in its config.json (the
+    model card's table: unprefixed = held-out, `indist_` = training phrasings and image style) and
+    metrics.json (everything, with examples)."""
+    model, _ = load_round(folder, device="cpu", dtype=torch.float32)
+    pipe = Pipeline(model)
+    with torch.no_grad():
+        heldout = shapes.evaluate(pipe, n=n, seed=seed, split="heldout")
+        indist = shapes.evaluate(pipe, n=n_indist, seed=seed + 1, split="train")
+    flat = {f"{k}_accuracy": v for k, v in shapes.summary(heldout).items() if k != "refine_damage"}
+    flat["refine_damage"] = heldout["refine_damage"]
+    flat.update({f"indist_{k}_accuracy": v for k, v in shapes.summary(indist).items() if k != "refine_damage"})
+    flat["indist_refine_damage"] = indist["refine_damage"]
+    cfg, info = load_config(folder)
+    info["metrics"] = flat
+    info["data"] = {**info.get("data", {}), "synthetic": True}
+    if info.get("history"):
+        info["history"][-1]["metrics"] = flat
+    save_config(folder, cfg, info)
+    metrics_path = folder / "metrics.json"
+    record = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    record["eval_metrics"] = flat
+    record["shapes_eval"] = {"heldout": heldout, "in_distribution": indist}
+    metrics_path.write_text(json.dumps(record, indent=1) + "\n")
+    return {"heldout": heldout, "in_distribution": indist}
+
+
+def build_demo(out: Path = DEMO_DIR, modes=("patch", "pooled"), samples: int = 4000, steps: int = 700,
+               lm_steps: int = 600, clip_steps: int = 800, eval_n: int = 300, indist_n: int = 100,
+               seed: int = 0) -> dict:
+    """The whole rebuild; returns metrics per mode and stage times. `out/round` is the first mode's."""
     start = time.time()
     out.mkdir(parents=True, exist_ok=True)
     results = {"seconds": {}}
@@ -122,10 +284,9 @@ def build_demo(out: Path = DEMO_DIR, modes=("patch", "pooled"), samples: int = 3
             t = time.time()
             folder = train_round(out / "base", work, mode, samples, steps, seed)
             dest = relocate(folder, out / ("round" if i == 0 else f"round-{mode}"), "../base")
-            model, info = load_round(dest, device="cpu", dtype=torch.float32)
-            metrics = shapes.evaluate(Pipeline(model), n=eval_n, seed=seed + 10_000)
-            results[mode] = {k: metrics[k] for k in ("color_accuracy", "shape_accuracy")}
-            results[mode].update(eval_loss=info["eval_loss"], steps=info["steps"], examples=metrics["examples"])
-            results["seconds"][mode] = round(time.time() - t, 1)
+            results["seconds"][f"{mode}_train"] = round(time.time() - t, 1)
+            t = time.time()
+            results[mode] = evaluate_round(dest, eval_n, indist_n, seed + 10_000)
+            results["seconds"][f"{mode}_eval"] = round(time.time() - t, 1)
     results["seconds"]["total"] = round(time.time() - start, 1)
     return results

@@ -134,6 +134,13 @@ class MultimodalModel(nn.Module):
                 image_features=None, **kwargs):
         features = self.image_features(pixel_values, image_features)
         embeds = self.embed(input_ids, image_mask, features)
+        if labels is not None and "logits_to_keep" not in kwargs:
+            # Only positions that predict a label reach the LM head: with a 32k vocabulary the logits of
+            # image and prompt tokens are most of a step's work. Same loss (HF's, on `shift_labels`);
+            # `logits` is then [N_labelled, V].
+            shift_labels = nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]  # [B, T]: t predicts t+1
+            keep = shift_labels != -100
+            kwargs.update(logits_to_keep=keep, shift_labels=shift_labels[keep])
         with self.adapter(None):  # this round's adapter, on unless an enclosing `adapter(False)` says off
             return self.lm(
                 inputs_embeds=embeds,

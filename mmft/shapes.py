@@ -1,75 +1,119 @@
 """The shapes world: a synthetic data set that proves the model *learns*, and the offline demo.
 
-Each image is one shape (circle, square, triangle) in one of six colours, of random size and
-position on a plain light background. Conversations ask for the colour, the shape or both, in
-several phrasings, in the LLaVA-Instruct JSON format, so they go through the real data path.
+Each image is one shape (circle, square, triangle) in one of six colours on a light background.
+Two image styles: `TRAIN_STYLE` (what training draws) and `HELDOUT_STYLE` (what evaluation draws:
+wider ranges of size, canvas, aspect, shade, background and rotation than training has). Questions
+come from `mmft.questions` (training or held-out phrasing families); conversations are written in
+the LLaVA-Instruct JSON format, so they go through the real data path. `evaluate` reports accuracy
+per question kind for the draft and the final answer, and how often the refine stage spoils a
+right draft.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from mmft.config import MMFTConfig
-from mmft.prompt import refine_prompt
-from mmft.text import clean_answer
+from mmft.questions import COLORS as COLOR_NAMES
+from mmft.questions import KINDS, SHAPES, answer, ask
 
 COLORS = {"red": (215, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 215), "yellow": (230, 200, 20),
           "purple": (135, 55, 175), "orange": (245, 135, 25)}
-SHAPES = ("circle", "square", "triangle")
-QUESTIONS = {
-    "color": ["What colour is the shape?", "What color is the object in the picture?", "Which colour is it?",
-              "Tell me the colour of the shape."],
-    "shape": ["What shape is this?", "Which shape is shown?", "What kind of shape is in the image?",
-              "Name the shape in the picture."],
-    "both": ["Describe the image.", "What do you see?", "What is in the picture?"],
-}
-ANSWERS = {"color": "The shape is {color}.", "shape": "It is a {shape}.",
-           "both": "A {color} {shape} on a light background."}
-REFINED = {"color": "The shape is {color}.", "shape": "It is a {shape}.", "both": "It is a {color} {shape}."}
-TEXT_QA = [
-    ("What colours can a shape have?", "A shape can be red, green, blue, yellow, purple or orange."),
-    ("Which shapes do you know?", "I know circles, squares and triangles."),
-    ("Hello", "Hello! Show me a picture of a shape and ask about its colour or shape."),
-    ("What can you do?", "I can tell the colour and the shape in a picture."),
-    ("How many sides does a triangle have?", "A triangle has three sides."),
-    ("How many sides does a square have?", "A square has four sides."),
-    ("Is a circle round?", "Yes, a circle is round."),
-]
+assert tuple(COLORS) == COLOR_NAMES
+# How PIL/CSS name these colours: what a person drawing `fill="orange"` gets.
+NAMED = {"red": (255, 0, 0), "green": (0, 128, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0),
+         "purple": (128, 0, 128), "orange": (255, 165, 0)}
+PASTELS = ((255, 244, 220), (255, 228, 232), (226, 250, 232), (222, 238, 255), (240, 228, 255), (250, 250, 215))
 
 
-def draw(color: str, shape: str, rng: random.Random, size: int = 64) -> Image.Image:
-    """One shape on a light background; size 35-80 % of the image, anywhere it fits."""
+@dataclass(frozen=True)
+class Style:
+    """How images vary. Sizes are px of the canvas's shorter edge; `side` is the shape's side as a
+    fraction of that edge (shrunk if a rotation would cut it); the shape always lies in the central
+    square, which is what CLIP's centre crop keeps."""
+
+    canvas: tuple[int, int]
+    max_aspect: float  # long edge / short edge
+    non_square: float  # share of non-square canvases
+    side: tuple[float, float]
+    jitter: int  # +- per RGB channel of the shape's colour
+    pastel: float  # share of tinted (pastel) backgrounds; the rest are near-white/grey
+    rotation: float  # max degrees
+    rotated: float  # share of rotated shapes
+    named: float = 0.0  # share of shapes whose colour lies between ours and the PIL/CSS named colour
+
+
+TRAIN_STYLE = Style(canvas=(48, 160), max_aspect=1.5, non_square=0.25, side=(0.2, 0.85), jitter=12, pastel=0.0,
+                    rotation=6.0, rotated=0.25)
+# The CLIP stand-in's contrastive pre-training (only) sees a broad style, as CLIP ViT-B/32 saw shapes of
+# every size, tilt and rendering of "red" in 400M web images; projector + LoRA fine-tuning sees
+# TRAIN_STYLE only.
+CLIP_STYLE = Style(canvas=(40, 256), max_aspect=2.0, non_square=0.4, side=(0.15, 0.9), jitter=20, pastel=0.3,
+                   rotation=15.0, rotated=0.5, named=0.5)
+HELDOUT_STYLE = Style(canvas=(32, 1024), max_aspect=2.0, non_square=0.6, side=(0.15, 0.95), jitter=25, pastel=0.5,
+                      rotation=15.0, rotated=1.0)
+
+
+def _background(rng: random.Random, style: Style) -> tuple[int, int, int]:
+    if rng.random() < style.pastel:
+        return tuple(min(255, max(205, c + rng.randint(-10, 10))) for c in rng.choice(PASTELS))
     shade = rng.randint(225, 250)
-    image = Image.new("RGB", (size, size), (shade, shade, rng.randint(215, 250)))
-    side = int(size * rng.uniform(0.35, 0.8))
-    x, y = rng.randint(0, size - side), rng.randint(0, size - side)
-    pen = ImageDraw.Draw(image)
-    fill = COLORS[color]
-    if shape == "circle":
-        pen.ellipse([x, y, x + side, y + side], fill=fill)
-    elif shape == "square":
-        pen.rectangle([x, y, x + side, y + side], fill=fill)
+    return (shade, shade, min(255, max(210, shade + rng.randint(-12, 8))))
+
+
+def draw(color: str, shape: str, rng: random.Random, size: int | None = 64,
+         style: Style = TRAIN_STYLE) -> Image.Image:
+    """One `color` `shape`; `size` fixes a square canvas (the app's examples), `None` lets the style pick."""
+    if size is None:
+        short = int(math.exp(rng.uniform(math.log(style.canvas[0]), math.log(style.canvas[1]))))
+        long = int(short * rng.uniform(1.0, style.max_aspect)) if rng.random() < style.non_square else short
+        width, height = (long, short) if rng.random() < 0.5 else (short, long)
     else:
-        pen.polygon([(x + side / 2, y), (x, y + side), (x + side, y + side)], fill=fill)
+        width = height = short = size
+    image = Image.new("RGB", (width, height), _background(rng, style))
+    angle = math.radians(rng.uniform(-style.rotation, style.rotation)) if rng.random() < style.rotated else 0.0
+    grow = 1.0 if shape == "circle" else abs(math.cos(angle)) + abs(math.sin(angle))
+    side = min(short * rng.uniform(*style.side), short / grow)
+    box = side * grow
+    cx = (width - short) / 2 + rng.uniform(box / 2, short - box / 2)  # inside the central square
+    cy = (height - short) / 2 + rng.uniform(box / 2, short - box / 2)
+    base = COLORS[color]
+    if rng.random() < style.named:
+        t = rng.random()
+        base = tuple(round(a + t * (b - a)) for a, b in zip(base, NAMED[color]))
+    fill = tuple(min(255, max(0, c + rng.randint(-style.jitter, style.jitter))) for c in base)
+    pen = ImageDraw.Draw(image)
+    half = side / 2
+    if shape == "circle":
+        pen.ellipse([cx - half, cy - half, cx + half, cy + half], fill=fill)
+        return image
+    corners = ([(-half, -half), (half, -half), (half, half), (-half, half)] if shape == "square"
+               else [(0, -half), (half, half), (-half, half)])
+    cos, sin = math.cos(angle), math.sin(angle)
+    pen.polygon([(cx + x * cos - y * sin, cy + x * sin + y * cos) for x, y in corners], fill=fill)
     return image
 
 
 def sample(rng: random.Random) -> tuple[str, str]:
-    return rng.choice(list(COLORS)), rng.choice(SHAPES)
+    return rng.choice(COLOR_NAMES), rng.choice(SHAPES)
+
+
+KIND_WEIGHTS = {"color": 0.2, "shape": 0.2, "describe": 0.12, "yesno": 0.28, "choice": 0.2}
 
 
 def conversation(color: str, shape: str, rng: random.Random) -> list[dict]:
-    """One or two LLaVA turns about the image; the image marker goes in the first human turn."""
-    kinds = rng.sample(list(QUESTIONS), k=rng.choice([1, 1, 2]))
+    """One or two LLaVA turns about the image (training phrasings); the image marker goes first."""
     turns = []
-    for i, kind in enumerate(kinds):
-        question = rng.choice(QUESTIONS[kind])
+    for i in range(rng.choice([1, 1, 2])):
+        kind = rng.choices(list(KIND_WEIGHTS), weights=list(KIND_WEIGHTS.values()))[0]
+        question, facts = ask(kind, color, shape, rng, "train")
         turns.append({"from": "human", "value": ("<image>\n" if i == 0 else "") + question})
-        turns.append({"from": "gpt", "value": ANSWERS[kind].format(color=color, shape=shape)})
+        turns.append({"from": "gpt", "value": answer(facts)})
     return turns
 
 
@@ -82,70 +126,67 @@ def write_dataset(folder: str | Path, n: int, seed: int, name: str = "train") ->
     for i in range(n):
         color, shape = sample(rng)
         file = f"{name}-{i:05d}.png"
-        draw(color, shape, rng).save(folder / "images" / file)
+        draw(color, shape, rng, size=None).save(folder / "images" / file)
         records.append({"id": f"{name}-{i}", "image": file, "conversations": conversation(color, shape, rng)})
     path = folder / f"{name}.json"
     path.write_text(json.dumps(records))
     return path
 
 
-def text_corpus(cfg: MMFTConfig, n: int, seed: int) -> list[list[tuple[str, str]]]:
-    """Conversations that teach the tiny base LM its language: refining drafts, and plain Q&A.
-
-    Drafts look like what the LoRA model learns to say (cleaned answers), sometimes with a
-    repeated or extra word, so the refine stage copes with imperfect drafts.
-    """
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        if rng.random() < 0.15:
-            question, answer = rng.choice(TEXT_QA)
-            out.append([("user", question), ("assistant", answer)])
-            continue
-        color, shape = sample(rng)
-        kind = rng.choice(list(QUESTIONS))
-        draft = clean_answer(ANSWERS[kind].format(color=color, shape=shape))
-        words = draft.split()
-        if rng.random() < 0.3:
-            words.insert(rng.randrange(len(words) + 1), rng.choice(words))
-        if rng.random() < 0.2:
-            words[0] = words[0].capitalize()
-        question = rng.choice(QUESTIONS[kind])
-        out.append([("user", refine_prompt(cfg, question, " ".join(words))),
-                    ("assistant", REFINED[kind].format(color=color, shape=shape))])
-    return out
-
-
-def corpus_sentences(cfg: MMFTConfig) -> list[str]:
-    """Text for training the tiny tokenizer, so shapes words are whole tokens."""
-    texts = [q for qs in QUESTIONS.values() for q in qs] + [t for qa in TEXT_QA for t in qa]
-    for color in COLORS:
-        for shape in SHAPES:
-            answers = [a.format(color=color, shape=shape) for a in ANSWERS.values()]
-            texts += answers + [a.format(color=color, shape=shape) for a in REFINED.values()]
-            texts += [clean_answer(a) for a in answers]  # drafts start a line: "square", not " square"
-            texts.append(refine_prompt(cfg, "What colour is the shape?", f"{color} {shape}"))
-    return texts * 3
+def words_of(text: str) -> set[str]:
+    return set("".join(ch if ch.isalnum() else " " for ch in text.lower()).split())
 
 
 def score(text: str, truth: str, vocabulary) -> bool:
     """Right when the answer names the true word and no other word of the same kind."""
-    words = set(text.lower().replace(".", " ").replace(",", " ").split())
+    words = words_of(text)
     return truth in words and not (words & (set(vocabulary) - {truth}))
 
 
-def evaluate(pipeline, n: int = 60, seed: int = 10_000, batch_size: int = 32) -> dict:
-    """Fresh held-out images through the full staged pipeline (draft + refine)."""
+def judge(text: str, facts: dict) -> bool:
+    """Is `text` (a draft or a final answer) right for the question `facts` describe?"""
+    words = words_of(text)
+    if facts["kind"] == "describe":
+        return score(text, facts["color"], COLORS) and score(text, facts["shape"], SHAPES)
+    values = COLORS if facts["attr"] == "color" else SHAPES
+    named_right = score(text, facts["truth"], values)
+    if facts["kind"] == "yesno":
+        polarity = {"yes", "no"} & words
+        # "No, it is blue." and a bare "No." are right; a wrong value named is wrong
+        return polarity == {facts["polarity"]} and not (words & (set(values) - {facts["truth"]}))
+    return named_right
+
+
+def evaluate(pipeline, n: int = 300, seed: int = 10_000, split: str = "heldout", batch_size: int = 64,
+             kinds=KINDS) -> dict:
+    """`n` fresh images, one question of each kind per image, through the full staged pipeline.
+
+    `split="heldout"` draws held-out images and phrasings; `"train"` the training ones (fresh
+    images, the distribution training saw). Refine damage: the share of calls whose draft was
+    right and whose final answer is wrong."""
     rng = random.Random(seed)
+    style = HELDOUT_STYLE if split == "heldout" else TRAIN_STYLE
     truths = [sample(rng) for _ in range(n)]
-    images = [draw(color, shape, rng) for color, shape in truths]
-    color_q = [rng.choice(QUESTIONS["color"]) for _ in truths]
-    shape_q = [rng.choice(QUESTIONS["shape"]) for _ in truths]
-    color_a = pipeline.answer_images(images, color_q, batch_size=batch_size)
-    shape_a = pipeline.answer_images(images, shape_q, batch_size=batch_size)
-    return {
-        "color_accuracy": round(sum(score(a.final, c, COLORS) for a, (c, _) in zip(color_a, truths)) / n, 4),
-        "shape_accuracy": round(sum(score(a.final, s, SHAPES) for a, (_, s) in zip(shape_a, truths)) / n, 4),
-        "n": n,
-        "examples": [{"question": a.question, "draft": a.draft, "answer": a.final} for a in color_a[:2] + shape_a[:2]],
-    }
+    images = [draw(color, shape, rng, size=None, style=style) for color, shape in truths]
+    out = {"split": split, "images": n, "kinds": {}, "examples": []}
+    damaged = calls = 0
+    for kind in kinds:
+        asked = [ask(kind, color, shape, rng, split) for color, shape in truths]
+        answers = pipeline.answer_images(images, [q for q, _ in asked], batch_size=batch_size)
+        drafts_ok = [judge(a.draft, f) for a, (_, f) in zip(answers, asked)]
+        finals_ok = [judge(a.final, f) for a, (_, f) in zip(answers, asked)]
+        damage = sum(d and not f for d, f in zip(drafts_ok, finals_ok))
+        out["kinds"][kind] = {"accuracy": round(sum(finals_ok) / n, 4), "draft_accuracy": round(sum(drafts_ok) / n, 4),
+                              "refine_damage": round(damage / n, 4)}
+        damaged, calls = damaged + damage, calls + n
+        wrong = [a for a, ok in zip(answers, finals_ok) if not ok]
+        right = [a for a, ok in zip(answers, finals_ok) if ok]
+        out["examples"] += [{"kind": kind, "question": a.question, "draft": a.draft, "answer": a.final, "right": ok}
+                            for a, ok in [(a, True) for a in right[:1]] + [(a, False) for a in wrong[:2]]]
+    out["refine_damage"] = round(damaged / calls, 4)
+    return out
+
+
+def summary(metrics: dict) -> dict:
+    """The headline figures: accuracy per kind (final answers) and the refine damage rate."""
+    return {**{k: v["accuracy"] for k, v in metrics["kinds"].items()}, "refine_damage": metrics["refine_damage"]}

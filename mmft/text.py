@@ -4,6 +4,12 @@ Cleaning is the original author's trick: answers without stopwords and punctuati
 model's loss on the words that carry meaning; the refine stage puts the language back. It must be
 deterministic and offline, so it uses NLTK's data-free Treebank tokenizer and a stopword list kept
 here (NLTK's English list, 179 words) instead of `nltk.download`.
+
+The rule: a token is dropped when it is an NLTK stopword or pure punctuation, EXCEPT
+- negations, which change the meaning: `no`, `not`, `nor` stay, and every `n't` form (`isn't`,
+  `won't`, `can't`...) becomes `not` (its stem `is`/`wo`/`ca` goes);
+- numbers keep their sign, decimals, thousands, currency and percent: `-3`, `3.5`, `1,000`, `$5`, `50%`.
+So "No, there isn't a dog." -> "No not dog"; "It is -3 degrees, 50% off." -> "-3 degrees 50% off".
 """
 
 from __future__ import annotations
@@ -26,18 +32,35 @@ STOPWORDS = frozenset(
     shouldn't wasn wasn't weren weren't won won't wouldn wouldn't""".split()
 )
 assert len(STOPWORDS) == 179
+# Kept although NLTK lists them: without them "No, it is blue." would train as "blue".
+NEGATIONS = frozenset({"no", "not", "nor"} | {w for w in STOPWORDS if w.endswith("n't")}
+                      | {"don", "aren", "couldn", "didn", "doesn", "hadn", "hasn", "haven", "isn", "mightn",
+                         "mustn", "needn", "shan", "shouldn", "wasn", "weren", "won", "wouldn", "ain"})
+DROPPED = STOPWORDS - NEGATIONS
 
 _tokenizer = TreebankWordTokenizer()
 _EDGE_PUNCT = re.compile(r"^[\W_]+|[\W_]+$")
+_NUMBER = re.compile(r"^[-+\u2212]?\d[\d,]*(?:\.\d+)?$")
 
 
 def clean_answer(text: str) -> str:
-    """'The cat is sitting on a red mat.' -> 'cat sitting red mat'."""
+    """'The cat is sitting on a red mat.' -> 'cat sitting red mat'; 'No, it isn't.' -> 'No not'."""
+    tokens = _tokenizer.tokenize(text)
     kept = []
-    for token in _tokenizer.tokenize(text):
-        word = "not" if token.lower() == "n't" else _EDGE_PUNCT.sub("", token)
-        if word and word.lower() not in STOPWORDS and token.lower() not in STOPWORDS:
-            kept.append(word)
+    for i, token in enumerate(tokens):
+        low = token.lower()
+        if i + 1 < len(tokens) and tokens[i + 1].lower() == "n't":
+            continue  # the stem of a contraction: "is"/"wo"/"ca" + "n't" -> "not"
+        if low == "n't" or (low in NEGATIONS and low not in ("no", "nor", "not")):
+            kept.append("not")
+        elif _NUMBER.match(token.rstrip(".")):
+            number = token.rstrip(".")
+            number = (tokens[i - 1] if i and tokens[i - 1] in "$€£" else "") + number
+            kept.append(number + "%" if i + 1 < len(tokens) and tokens[i + 1] == "%" else number)
+        else:
+            word = _EDGE_PUNCT.sub("", token)
+            if word and low not in DROPPED and word.lower() not in DROPPED:
+                kept.append(word)
     return " ".join(kept)
 
 

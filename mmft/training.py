@@ -25,12 +25,11 @@ from transformers import Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from mmft.config import MMFTConfig, RunArguments, load_config
-from mmft.data import Collator, ConversationDataset, DataError, pad_batch, read_llava
+from mmft.data import Collator, ConversationDataset, DataError, read_llava
 from mmft.features import FeatureCache
-from mmft.loading import build_model, load_vision
+from mmft.loading import build_model
 from mmft.model import MultimodalModel
 from mmft.projector import load_projector
-from mmft.prompt import encode_chat
 from mmft.round import ADAPTER_DIR, PROJECTOR_NAME, check_round_folder
 
 logger = logging.getLogger(__name__)
@@ -198,20 +197,6 @@ def match_projector_scale(model: MultimodalModel, dataset: ConversationDataset, 
     return factor
 
 
-def evaluate_shapes(model: MultimodalModel, n: int) -> dict:
-    """Shapes-world accuracy through the full staged pipeline on `n` fresh images."""
-    from mmft.pipeline import Pipeline
-    from mmft.shapes import evaluate
-
-    if model.vision is None:  # trained from cached features: load CLIP now, for the pipeline
-        model.vision = load_vision(model.cfg, model.device, torch.float32)
-    model.eval()
-    with torch.no_grad():
-        metrics = evaluate(Pipeline(model), n=n)
-    model.train()
-    return {k: v for k, v in metrics.items() if k != "examples"}
-
-
 def plot_loss(log_history: list[dict], path: Path) -> Path:
     import matplotlib
 
@@ -283,8 +268,6 @@ def finetune(cfg: MMFTConfig, run: RunArguments, targs: TrainingArguments, callb
                  "feature_cache": run.feature_cache},
         "parent": {"round": parent["round"], "source": str(run.resume_round)} if parent else None,
     }
-    if run.eval_shapes_accuracy and evaluate is None:
-        evaluate = lambda m: evaluate_shapes(m, run.eval_shapes_accuracy)  # noqa: E731 (h-demo moves this out)
     if evaluate is not None and trainer.is_world_process_zero():
         was_training = model.training
         model.eval()
@@ -317,32 +300,3 @@ def default_training_args(**overrides) -> dict:
                     ddp_find_unused_parameters=False)  # every step touches every trained weight (model.embed)
     defaults.update(overrides)
     return defaults
-
-
-def pretrain_text(lm_dir: str | Path, cfg: MMFTConfig, conversations: list, steps: int, lr: float = 3e-3,
-                  batch_size: int = 32, seed: int = 0) -> list[float]:
-    """Full fine-tuning of a (tiny) base LM on text conversations, saved back to `lm_dir`.
-
-    Only for the shapes demo: it gives the tiny stand-in LM a language, as pre-training gave
-    Phi-3.5 one. Answers are not cleaned here: this is how the base model should talk.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    set_seed(seed)
-    tokenizer = AutoTokenizer.from_pretrained(lm_dir)
-    lm = AutoModelForCausalLM.from_pretrained(lm_dir, dtype=torch.float32).train()
-    examples = [vars(encode_chat(tokenizer, cfg, c, clean_answers=False)) for c in conversations]
-    optimizer = torch.optim.AdamW(lm.parameters(), lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
-    rng, losses = random.Random(seed), []
-    for _ in range(steps):
-        batch = pad_batch(rng.sample(examples, batch_size), tokenizer.pad_token_id)
-        loss = lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    lm.save_pretrained(lm_dir)
-    return losses

@@ -35,8 +35,9 @@ def test_labels_are_scored_once_against_the_next_token(tiny_model):
     assert torch.equal(labels[answer], batch["input_ids"][answer])
     assert not answer[batch["image_mask"]].any() and not answer[batch["attention_mask"] == 0].any()
 
-    out = model(**batch)
-    logits = out.logits.float()
+    out = model(**batch)  # with labels, logits only where a label is predicted: [N_labelled, V]
+    assert out.logits.shape[0] == int(answer[:, 1:].sum())
+    logits = model(**{**batch, "labels": None}).logits.float()  # every position
     right = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
     twice = F.cross_entropy(logits[:, :-2].reshape(-1, logits.shape[-1]), labels[:, 2:].reshape(-1))
     assert torch.allclose(out.loss, right, atol=1e-5)

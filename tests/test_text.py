@@ -3,15 +3,25 @@
 import nltk
 import pytest
 
-from mmft.text import STOPWORDS, clean_answer, tidy
+from mmft.text import DROPPED, NEGATIONS, STOPWORDS, clean_answer, tidy
 
 
 @pytest.mark.parametrize("text, cleaned", [
     ("The cat is sitting on a red mat.", "cat sitting red mat"),
     ("There are two people, and they're eating pizza!", "two people eating pizza"),
-    ("It's a 3.5-metre boat; isn't it?", "3.5-metre boat"),
+    ("It's a 3.5-metre boat; isn't it?", "3.5-metre boat not"),
     ("The shape is a red circle.", "shape red circle"),
     ("", ""),
+    # negations stay: a stopword-free "No, there is no dog." must not train as "dog"
+    ("No, there is no dog.", "No no dog"),
+    ("No, it is blue.", "No blue"),
+    ("It is blue, so no.", "blue no"),
+    ("Neither red nor blue.", "Neither red nor blue"),
+    ("It won't fit, we can't say, I don't know.", "not fit not say not know"),
+    ("The cup isn't full and they aren't here.", "cup not full not"),
+    # numbers keep sign, decimals, thousands, currency and percent
+    ("It is -3 degrees, 50% off, $5 for 1,000 cups and 3.5 kg.", "-3 degrees 50% $5 1,000 cups 3.5 kg"),
+    ("There are 2 dogs and one cat.", "2 dogs one cat"),
 ])
 def test_clean_answer(text, cleaned):
     assert clean_answer(text) == cleaned
@@ -21,6 +31,7 @@ def test_cleaning_needs_no_nltk_data(monkeypatch, tmp_path):
     monkeypatch.setattr(nltk.data, "path", [str(tmp_path)])
     assert clean_answer("A dog is running in the park.") == "dog running park"
     assert len(STOPWORDS) == 179 and "the" in STOPWORDS and "couldn't" in STOPWORDS
+    assert {"no", "not", "nor", "couldn't", "isn't"} <= NEGATIONS and not NEGATIONS & DROPPED
 
 
 @pytest.mark.parametrize("text, question, expected", [

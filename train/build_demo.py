@@ -1,6 +1,10 @@
-"""Rebuild the bundled shapes demo (demo/base + demo/round) from nothing; prints metrics as JSON last.
+"""Rebuild the bundled shapes demo (demo/base, demo/round, demo/round-pooled) from nothing.
 
-    python -m train.build_demo            # ~2 min on 2 quiet CPU cores (OMP_NUM_THREADS=1 on a shared one)
+    OMP_NUM_THREADS=2 python -m train.build_demo     # a few minutes on 2 quiet CPU cores (1 thread on a busy one)
+
+Prints accuracy per question kind, held-out (phrasings and image styles training never saw) and
+in-distribution, and the refine damage rate; the last line is JSON: the served (patch) round's
+held-out figures, with every mode's beside them.
 """
 
 import argparse
@@ -14,32 +18,40 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=DEMO_DIR)
     parser.add_argument("--modes", default="patch,pooled", help="feature modes to train; the first is served")
-    parser.add_argument("--samples", type=int, default=3000)
-    parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--lm_steps", type=int, default=500)
-    parser.add_argument("--clip_steps", type=int, default=400)
-    parser.add_argument("--eval_n", type=int, default=200)
+    parser.add_argument("--samples", type=int, default=4000)
+    parser.add_argument("--steps", type=int, default=700)
+    parser.add_argument("--lm_steps", type=int, default=600)
+    parser.add_argument("--clip_steps", type=int, default=800)
+    parser.add_argument("--eval_n", type=int, default=300, help="fresh held-out images (each asked every kind)")
+    parser.add_argument("--indist_n", type=int, default=100, help="fresh in-distribution images")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     from transformers.utils import logging as hf_logging
 
     from mmft.demo import build_demo
+    from mmft.shapes import summary
 
     hf_logging.set_verbosity_warning()
     hf_logging.disable_progress_bar()
     modes = args.modes.split(",")
     results = build_demo(args.out, tuple(modes), args.samples, args.steps, args.lm_steps, args.clip_steps,
-                         args.eval_n, args.seed)
+                         args.eval_n, args.indist_n, args.seed)
+    table = {}
     for mode in modes:
-        r = results[mode]
-        print(f"{mode:7s} colour {r['color_accuracy']:.3f}  shape {r['shape_accuracy']:.3f}  "
-              f"eval loss {r['eval_loss']}  ({r['steps']} steps, {results['seconds'][mode]} s)")
-        for example in r.pop("examples"):
-            print(f"        {example['question']!r}: draft {example['draft']!r} -> {example['answer']!r}")
-    served = results[modes[0]]
-    print(json.dumps({"mode": modes[0], "color_accuracy": served["color_accuracy"],
-                      "shape_accuracy": served["shape_accuracy"], "modes": {m: results[m] for m in modes},
-                      "seconds": results["seconds"], "eval_images": args.eval_n}))
+        for split, metrics in (("held-out", results[mode]["heldout"]), ("in-dist", results[mode]["in_distribution"])):
+            figures = summary(metrics)
+            table[(mode, split)] = figures
+            print(f"{mode:7s} {split:8s} " + "  ".join(f"{k} {v:.3f}" for k, v in figures.items())
+                  + f"  ({metrics['images']} images)")
+        for example in results[mode]["heldout"]["examples"]:
+            mark = "ok " if example["right"] else "BAD"
+            print(f"    {mark} {example['kind']:8s} {example['question']!r}: draft {example['draft']!r} "
+                  f"-> {example['answer']!r}")
+    print(json.dumps({"mode": modes[0], "split": "heldout", "images": args.eval_n,
+                      **table[(modes[0], "held-out")],
+                      "modes": {m: {"heldout": table[(m, "held-out")], "in_distribution": table[(m, "in-dist")]}
+                                for m in modes},
+                      "seconds": results["seconds"]}))
 
 
 if __name__ == "__main__":
