@@ -123,13 +123,22 @@ convert_hf_to_gguf.main()
 
 
 def run_logged(cmd: list[str], log: Path) -> tuple[int, float, float]:
-    """Run, output to `log`; (return code, seconds, this child's peak RSS in GB via wait4)."""
-    t = time.perf_counter()
+    """Run, output to `log`; (return code, seconds, the child's peak RSS in GB, sampled every 50 ms).
+
+    Sampled, not getrusage: a child's ru_maxrss starts at this (forked) process's RSS."""
+    import psutil
+
+    t, peak = time.perf_counter(), 0
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, time.perf_counter() - t, usage.ru_maxrss * 1024 / common.GB
+        watched = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            try:
+                peak = max(peak, watched.memory_info().rss)
+            except psutil.Error:
+                pass
+            time.sleep(0.05)
+    return proc.returncode, time.perf_counter() - t, peak / common.GB
 
 
 def tail(log: Path, n: int = 3) -> str:
@@ -167,7 +176,9 @@ def llama_bench(root: Path, gguf: Path, kind: str, threads: int, prompt: int, ge
     row = dict(engine="llama.cpp", precision=kind, threads=threads, load_before=load_before,
                load_after=common.load_avg(), peak_rss_gb=round(peak, 2), wall_s=round(secs, 1))
     if rc != 0:
-        why = "SIGILL: rebuild llama.cpp without AMX (-DGGML_AMX_TILE=OFF ...)" if rc == -4 else tail(log)
+        # Some CPUs die in llama.cpp's AMX kernels during prompt processing: build it with AMX off.
+        why = "SIGILL: rebuild llama.cpp without AMX (cmake -DGGML_NATIVE=ON -DGGML_AMX_TILE=OFF " \
+              "-DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF)" if rc == -4 else tail(log)
         return dict(row, error=f"llama-bench exited {rc}: {why}")
     text = log.read_text()
     results = json.loads(text[text.index("["):text.rindex("]") + 1])
