@@ -35,8 +35,8 @@ def parse_args(argv=None, environ=os.environ) -> argparse.Namespace:
     parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on CUDA and on "
                                                        "CPUs with native bf16, else float32; the demo: float32)")
     parser.add_argument("--quantize", nargs="?", const="nf4", default=None, choices=["nf4", "int8", "none"],
-                        help="nf4 (bitsandbytes 4-bit, the default on CUDA), int8 (dynamic, CPU: 2.85x faster and "
-                             "~3x smaller than fp32, see docs/benchmarks.md) or none (the default on CPU)")
+                        help="nf4 (bitsandbytes 4-bit, the default on CUDA), int8 (int8 linears under LoRA, the default "
+                             "on CPU, see docs/benchmarks.md) or none")
     parser.add_argument("--asr-model", default=environ.get("MMFT_ASR_MODEL") or None,
                         help="speechbrain ASR model id [env MMFT_ASR_MODEL] (default: mmft.speech.DEFAULT_MODEL_ID)")
     parser.add_argument("--cache-size", type=int, default=2, help="rounds kept loaded for the round picker")

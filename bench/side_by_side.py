@@ -168,10 +168,11 @@ def make_ggufs(root: Path, tmp: Path, vocab: str, threads: int) -> tuple[dict, l
     return ggufs, notes
 
 
-def llama_bench(root: Path, gguf: Path, kind: str, threads: int, prompt: int, gen: int, log: Path) -> dict:
+def llama_bench(root: Path, gguf: Path, kind: str, threads: int, prompt: int, gen: int, reps: int,
+                log: Path) -> dict:
     load_before = common.load_avg()
     cmd = [str(root / "build/bin/llama-bench"), "-m", str(gguf), "-t", str(threads), "-p", str(prompt),
-           "-n", str(gen), "-r", "2", "-o", "json"]
+           "-n", str(gen), "-r", str(reps), "-o", "json"]
     rc, secs, peak = run_logged(cmd, log)
     row = dict(engine="llama.cpp", precision=kind, threads=threads, load_before=load_before,
                load_after=common.load_avg(), peak_rss_gb=round(peak, 2), wall_s=round(secs, 1))
@@ -374,6 +375,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--rounds", type=int, default=1, help="alternations of all engines")
     parser.add_argument("--prompt-tokens", type=int, default=80)
     parser.add_argument("--new-tokens", type=int, default=32, help="mmft decode tokens (llama-bench: 64)")
+    parser.add_argument("--llama-reps", type=int, default=2, help="llama-bench repetitions (-r)")
     parser.add_argument("--keep", default=None, help="keep the weights and GGUFs in this folder")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
@@ -436,7 +438,8 @@ def main(argv=None) -> dict:
                 rows.append(dict(row, round=r + 1))
                 print(f"  {row}", file=sys.stderr, flush=True)
             for kind, path in ggufs.items():
-                row = llama_bench(root, path, kind, args.threads, args.prompt_tokens, 64, tmp / f"bench-{kind}.log")
+                row = llama_bench(root, path, kind, args.threads, args.prompt_tokens, 64, args.llama_reps,
+                                  tmp / f"bench-{kind}.log")
                 rows.append(dict(row, round=r + 1))
                 print(f"  {row}", file=sys.stderr, flush=True)
         result["accuracy"] = accuracy([r for r in rows if r.get("round") == 1])

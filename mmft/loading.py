@@ -1,7 +1,8 @@
 """Loading, shared by training, the app and the Hub: device, dtype, quantization, rounds.
 
-CUDA -> 4-bit NF4 with bf16 compute (QLoRA); CPU -> no quantization, bf16 only where the CPU does
-bf16 natively (else fp32: emulated bf16 is slower than fp32). Every choice can be overridden.
+CUDA -> 4-bit NF4 with bf16 compute (QLoRA); CPU inference -> int8 linears under the adapters
+(`mmft.quantize`), CPU training -> none; dtype bf16 only where the CPU reports bf16 (else fp32).
+Every choice can be overridden.
 No `trust_remote_code`: Phi-3 and CLIP are native to transformers.
 """
 
