@@ -146,25 +146,35 @@ def tail(log: Path, n: int = 3) -> str:
     return " | ".join(lines[-n:])
 
 
-def make_ggufs(root: Path, tmp: Path, vocab: str, threads: int) -> tuple[dict, list[str]]:
-    """HF folder -> bf16 GGUF (llama.cpp's converter) -> Q4_K_M, Q8_0 (llama-quantize)."""
+def make_ggufs(root: Path, tmp: Path, vocab: str, threads: int, kinds: list[str]) -> tuple[dict, list[str]]:
+    """HF folder -> bf16 GGUF (llama.cpp's converter) -> Q4_K_M, Q8_0 (llama-quantize). Files a
+    kept folder already holds (--keep, a re-run) are reused."""
     notes, ggufs = [], {}
     bf16 = tmp / "lm-bf16.gguf"
-    rc, secs, _ = run_logged([sys.executable, "-c", CONVERT, str(root), vocab, str(tmp / "lm"), str(bf16)],
-                             tmp / "convert.log")
-    if rc != 0:
-        return {}, [f"convert_hf_to_gguf failed ({rc}): {tail(tmp / 'convert.log')}"]
-    notes.append(f"converted in {secs:.0f} s")
-    for kind in GGUF_TYPES:
+    todo = [k for k in kinds if not (tmp / f"lm-{k}.gguf").exists()]  # written as .part, then renamed
+    if todo and not bf16.exists():
+        rc, secs, _ = run_logged([sys.executable, "-c", CONVERT, str(root), vocab, str(tmp / "lm"),
+                                  str(bf16) + ".part"], tmp / "convert.log")
+        if rc != 0:
+            return {}, [f"convert_hf_to_gguf failed ({rc}): {tail(tmp / 'convert.log')}"]
+        Path(str(bf16) + ".part").rename(bf16)
+        notes.append(f"converted in {secs:.0f} s")
+    for kind in kinds:
         out = tmp / f"lm-{kind}.gguf"
-        rc, secs, _ = run_logged([str(root / "build/bin/llama-quantize"), str(bf16), str(out), kind, str(threads)],
+        if kind not in todo:
+            ggufs[kind] = out
+            notes.append(f"{kind}: reused {out}")
+            continue
+        part = Path(str(out) + ".part")
+        rc, secs, _ = run_logged([str(root / "build/bin/llama-quantize"), str(bf16), str(part), kind, str(threads)],
                                  tmp / f"quantize-{kind}.log")
         if rc != 0:
             notes.append(f"llama-quantize {kind} failed ({rc}): {tail(tmp / f'quantize-{kind}.log')}")
             continue
+        part.rename(out)
         ggufs[kind] = out
         notes.append(f"{kind} in {secs:.0f} s, {out.stat().st_size / common.GB:.2f} GB")
-    bf16.unlink()
+    bf16.unlink(missing_ok=True)
     return ggufs, notes
 
 
@@ -375,8 +385,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--rounds", type=int, default=1, help="alternations of all engines")
     parser.add_argument("--prompt-tokens", type=int, default=80)
     parser.add_argument("--new-tokens", type=int, default=32, help="mmft decode tokens (llama-bench: 64)")
+    parser.add_argument("--gguf", default=",".join(GGUF_TYPES), help="llama.cpp quantizations to compare")
     parser.add_argument("--llama-reps", type=int, default=2, help="llama-bench repetitions (-r)")
-    parser.add_argument("--keep", default=None, help="keep the weights and GGUFs in this folder")
+    parser.add_argument("--keep", default=None,
+                        help="keep the weights and GGUFs in this folder (a re-run reuses what it holds)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -417,9 +429,11 @@ def main(argv=None) -> dict:
     tmp = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="mmft-side-by-side-"))
     tmp.mkdir(parents=True, exist_ok=True)
     try:
-        rc, secs, _ = run_logged([sys.executable, "-m", "bench.side_by_side", "--worker", "save", "--folder",
-                                  str(tmp), "--layers", str(args.layers)] + (["--tiny"] if args.tiny else []),
-                                 tmp / "save.log")
+        rc, secs = 0, 0.0
+        if not (tmp / "round-3" / "adapter_config.json").exists():  # a kept folder from an earlier run
+            rc, secs, _ = run_logged([sys.executable, "-m", "bench.side_by_side", "--worker", "save", "--folder",
+                                      str(tmp), "--layers", str(args.layers)] + (["--tiny"] if args.tiny else []),
+                                     tmp / "save.log")
         if rc != 0:
             raise SystemExit(f"could not build and save the random model: {tail(tmp / 'save.log')}")
         result["weights"] = dict(saved_s=round(secs, 1), folder_gb=round(
@@ -429,7 +443,7 @@ def main(argv=None) -> dict:
             if not Path(args.vocab_gguf).exists():
                 notes = [f"vocab GGUF {args.vocab_gguf} not found: llama.cpp half skipped"]
             else:
-                ggufs, notes = make_ggufs(root, tmp, args.vocab_gguf, args.threads)
+                ggufs, notes = make_ggufs(root, tmp, args.vocab_gguf, args.threads, args.gguf.split(","))
         result["llama_cpp_notes"] = notes
         rows = []
         for r in range(args.rounds):
