@@ -347,7 +347,7 @@ def default_spec() -> str:
 
     cpu = torch.device("cpu")
     name = {v: k for k, v in DTYPE_NAMES.items()}[pick_dtype(cpu)]
-    return f"{name}:{resolve_quantize(None, cpu)}"
+    return f"{name}:{resolve_quantize(None, cpu, inference=True)}"
 
 
 def goal_check(rows: list[dict], default: str) -> dict:

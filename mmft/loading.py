@@ -51,11 +51,12 @@ def pick_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> 
 QUANTIZE_MODES = ("nf4", "int8", "none")
 
 
-def resolve_quantize(quantize: bool | str | None, device: torch.device, trainable: bool = False) -> str:
-    """None: NF4 on CUDA; on CPU `pick_cpu_path` (int8 for inference, nothing for training; NF4 is 40x
-    slower than fp32 on CPU: docs/benchmarks.md). True/False: NF4 or nothing. "int8": CPU inference."""
+def resolve_quantize(quantize: bool | str | None, device: torch.device, inference: bool = False) -> str:
+    """None: NF4 on CUDA; on CPU `pick_cpu_path`: int8 for inference (`load_round`), nothing for any
+    training, projector-only included (int8 has no backward; NF4 is 40x slower than fp32 on CPU:
+    docs/benchmarks.md). True/False: NF4 or nothing. "int8": CPU inference."""
     if quantize is None:
-        return "nf4" if device.type == "cuda" else pick_cpu_path(trainable).quantize
+        return "nf4" if device.type == "cuda" else pick_cpu_path(trainable=not inference).quantize
     if isinstance(quantize, bool):
         return "nf4" if quantize else "none"
     if quantize not in QUANTIZE_MODES:
@@ -115,7 +116,7 @@ def build_model(cfg: MMFTConfig, device=None, dtype=None, quantize=None, with_vi
     """Base LM (+ new LoRA, or the adapter at `adapter`) + CLIP + projector (random until loaded)."""
     device = pick_device(device)
     dtype = pick_dtype(device, dtype)
-    mode = resolve_quantize(quantize, device, trainable)
+    mode = resolve_quantize(quantize, device)
     # int8: load in the checkpoint's own dtype (bf16 for Phi-3.5: half of fp32's peak, lossless)
     lm, tokenizer = load_lm(cfg, device, "auto" if mode == "int8" else dtype, mode)
     vision = load_vision(cfg, device, dtype) if with_vision else None
@@ -147,6 +148,8 @@ def load_round(folder: str | Path, device=None, dtype=None, quantize=None, train
     for key in ("lm_model_id", "vit_model_id"):
         if getattr(cfg, key).startswith("."):
             setattr(cfg, key, str((folder / getattr(cfg, key)).resolve()))
+    if quantize is None and not trainable:  # inference: the CPU path of mmft.quantize (int8)
+        quantize = resolve_quantize(None, pick_device(device), inference=True)
     model = build_model(cfg, device, dtype, quantize, with_vision=with_vision, feature_dim=cfg.mp_input_dim,
                         adapter=folder / ADAPTER_DIR, trainable=trainable)
     load_projector(model.projector, folder / PROJECTOR_NAME)

@@ -129,8 +129,8 @@ CPU_INFERENCE = CPUPath(
 
 
 def pick_cpu_path(trainable: bool = False) -> CPUPath:
-    """int8 for inference everywhere on CPU; training on CPU stays unquantized (LoRA needs float
-    base weights to back-propagate through, and int8 here is inference only)."""
+    """int8 for inference everywhere on CPU; training on CPU stays unquantized (gradients must flow
+    through the base linears, to LoRA or to the projector, and the int8 kernel has no backward)."""
     if trainable:
         return CPUPath("none", "CPU training: float weights")
     return CPU_INFERENCE
