@@ -53,9 +53,8 @@ def parse_args(argv=None, environ=os.environ) -> argparse.Namespace:
                              "native bf16, else float32; the demo: float32)")
     parser.add_argument("--quantize", nargs="?", const="nf4", default=environ.get("MMFT_QUANTIZE") or None,
                         choices=QUANTIZE,
-                        help="nf4 (bitsandbytes 4-bit, the default on CUDA), int8 (dynamic, CPU: 2.85x faster and "
-                             "~3x smaller than fp32, see docs/benchmarks.md) or none (the default on CPU) "
-                             "[env MMFT_QUANTIZE]")
+                        help="nf4 (bitsandbytes 4-bit, the default on CUDA), int8 (int8 linears under LoRA, the "
+                             "default on CPU, see docs/benchmarks.md) or none [env MMFT_QUANTIZE]")
     parser.add_argument("--threads", type=int, default=_int(environ, "MMFT_THREADS"),
                         help="CPU threads for torch [env MMFT_THREADS] (default: torch's choice; a free CPU "
                              "Space has 2 vCPUs)")

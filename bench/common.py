@@ -16,7 +16,6 @@ import os
 import platform
 import resource
 import time
-import warnings
 from pathlib import Path
 
 import psutil
@@ -194,13 +193,13 @@ def _quantizable(module: nn.Module) -> dict[str, nn.Linear]:
 
 
 def _quantize_int8(module: nn.Module) -> None:
-    """Dynamic int8 (per-channel weights, activations quantized per call) on the quantizable linears."""
-    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+    """The app's int8 (`mmft.quantize.Int8Linear`: per-channel weights, activations per call, fbgemm)
+    on the quantizable linears."""
+    from mmft.quantize import Int8Linear
 
-    spec = {name: per_channel_dynamic_qconfig for name in _quantizable(module)}
-    with warnings.catch_warnings():  # torch.ao.quantization is deprecated in favour of torchao
-        warnings.simplefilter("ignore")
-        quantize_dynamic(module, spec, inplace=True)
+    for name, child in _quantizable(module).items():
+        parent, _, attr = name.rpartition(".")
+        setattr(module.get_submodule(parent) if parent else module, attr, Int8Linear(child))
 
 
 def _quantize_nf4(module: nn.Module) -> None:
@@ -249,9 +248,9 @@ def build_real_lm(layers: int = 32, precision: str = "fp32", seed: int = 0, lora
             gc.collect()  # the replaced fp32 modules sit in reference cycles: free them now, not later
     _materialize(base.lm_head, store, generator)
     if precision == "int8":
-        holder = nn.Sequential(base.lm_head)  # quantize_dynamic swaps children, never the root
-        _quantize_int8(holder)
-        base.lm_head = holder[0]
+        from mmft.quantize import Int8Linear
+
+        base.lm_head = Int8Linear(base.lm_head)
     base.model.rotary_emb = Phi3RotaryEmbedding(config=config)  # its buffers were on meta
     base.config.dtype = store
     base.generation_config.pad_token_id = config.pad_token_id
@@ -306,12 +305,12 @@ def _randomise_lora(lm) -> None:
 
 def bytes_per_token(lm, config: Phi3Config, kv_tokens: int, kv_bytes: int = 4) -> int:
     """Bytes a decode step must read: every linear weight (as stored) + one embedding row + the KV cache."""
-    from torch.ao.nn.quantized.dynamic import Linear as DynLinear
+    from mmft.quantize import Int8Linear
 
     total = 0
     for module in lm.modules():
-        if isinstance(module, DynLinear):
-            w = module.weight()  # int8, per output channel: a scale and a zero point each
+        if isinstance(module, Int8Linear):
+            w = module.weight  # int8, per output channel: a scale and a zero point each
             total += w.numel()
             if w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
                 total += w.q_per_channel_scales().numel() * 4 * 2  # as fbgemm keeps them (fp32 + int32)

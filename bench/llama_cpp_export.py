@@ -162,7 +162,7 @@ def mmproj_inputs(llava_dir: str | Path, clip_dir: str | Path, out: str | Path) 
     (vit / "config.json").write_text(json.dumps(config, indent=2))
     projector = {f"multi_modal_projector.{k}": v.contiguous() for k, v in
                  llava.model.multi_modal_projector.state_dict().items()}
-    torch.save(projector, out / "llava.projector")  # the converter torch.load()s it (tensors only)
+    torch.save(projector, out / "llava.projector")  # llama.cpp's legacy converter reads this pickle format (tensors only)
     return out
 
 

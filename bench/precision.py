@@ -11,9 +11,9 @@ busy machine:
 
 - fp32: the weights as built.
 - bf16: weights and activations bf16 (this CPU has no native bf16: oneDNN/ATen emulate it).
-- int8: `torch.ao.quantization.quantize_dynamic` on every nn.Linear (lm_head too), per-channel
-        int8 weights, activations quantized per call (fbgemm). torch.ao.quantization is deprecated
-        (it points to torchao, not installed here); in torch 2.14 it still works.
+- int8: the app's `mmft.quantize.Int8Linear` on every nn.Linear (lm_head too), per-channel int8
+        weights, activations quantized per call (fbgemm; the same kernel torch.ao's deprecated
+        `quantize_dynamic` used, whose modules PEFT cannot wrap).
 - nf4:  bitsandbytes Linear4bit (NF4, double quant, bf16 compute) on every decoder linear, lm_head
         kept fp32, as `mmft.loading.load_lm(quantize="nf4")` asks transformers for.
 

@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from bench import common
 
@@ -123,13 +124,22 @@ convert_hf_to_gguf.main()
 
 
 def run_logged(cmd: list[str], log: Path) -> tuple[int, float, float]:
-    """Run, output to `log`; (return code, seconds, this child's peak RSS in GB via wait4)."""
-    t = time.perf_counter()
+    """Run, output to `log`; (return code, seconds, the child's peak RSS in GB, sampled every 50 ms).
+
+    Sampled, not getrusage: a child's ru_maxrss starts at this (forked) process's RSS."""
+    import psutil
+
+    t, peak = time.perf_counter(), 0
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, time.perf_counter() - t, usage.ru_maxrss * 1024 / common.GB
+        watched = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            try:
+                peak = max(peak, watched.memory_info().rss)
+            except psutil.Error:
+                pass
+            time.sleep(0.05)
+    return proc.returncode, time.perf_counter() - t, peak / common.GB
 
 
 def tail(log: Path, n: int = 3) -> str:
@@ -137,37 +147,50 @@ def tail(log: Path, n: int = 3) -> str:
     return " | ".join(lines[-n:])
 
 
-def make_ggufs(root: Path, tmp: Path, vocab: str, threads: int) -> tuple[dict, list[str]]:
-    """HF folder -> bf16 GGUF (llama.cpp's converter) -> Q4_K_M, Q8_0 (llama-quantize)."""
+def make_ggufs(root: Path, tmp: Path, vocab: str, threads: int, kinds: list[str]) -> tuple[dict, list[str]]:
+    """HF folder -> bf16 GGUF (llama.cpp's converter) -> Q4_K_M, Q8_0 (llama-quantize). Files a
+    kept folder already holds (--keep, a re-run) are reused."""
     notes, ggufs = [], {}
     bf16 = tmp / "lm-bf16.gguf"
-    rc, secs, _ = run_logged([sys.executable, "-c", CONVERT, str(root), vocab, str(tmp / "lm"), str(bf16)],
-                             tmp / "convert.log")
-    if rc != 0:
-        return {}, [f"convert_hf_to_gguf failed ({rc}): {tail(tmp / 'convert.log')}"]
-    notes.append(f"converted in {secs:.0f} s")
-    for kind in GGUF_TYPES:
+    todo = [k for k in kinds if not (tmp / f"lm-{k}.gguf").exists()]  # written as .part, then renamed
+    if todo and not bf16.exists():
+        rc, secs, _ = run_logged([sys.executable, "-c", CONVERT, str(root), vocab, str(tmp / "lm"),
+                                  str(bf16) + ".part"], tmp / "convert.log")
+        if rc != 0:
+            return {}, [f"convert_hf_to_gguf failed ({rc}): {tail(tmp / 'convert.log')}"]
+        Path(str(bf16) + ".part").rename(bf16)
+        notes.append(f"converted in {secs:.0f} s")
+    for kind in kinds:
         out = tmp / f"lm-{kind}.gguf"
-        rc, secs, _ = run_logged([str(root / "build/bin/llama-quantize"), str(bf16), str(out), kind, str(threads)],
+        if kind not in todo:
+            ggufs[kind] = out
+            notes.append(f"{kind}: reused {out}")
+            continue
+        part = Path(str(out) + ".part")
+        rc, secs, _ = run_logged([str(root / "build/bin/llama-quantize"), str(bf16), str(part), kind, str(threads)],
                                  tmp / f"quantize-{kind}.log")
         if rc != 0:
             notes.append(f"llama-quantize {kind} failed ({rc}): {tail(tmp / f'quantize-{kind}.log')}")
             continue
+        part.rename(out)
         ggufs[kind] = out
         notes.append(f"{kind} in {secs:.0f} s, {out.stat().st_size / common.GB:.2f} GB")
-    bf16.unlink()
+    bf16.unlink(missing_ok=True)
     return ggufs, notes
 
 
-def llama_bench(root: Path, gguf: Path, kind: str, threads: int, prompt: int, gen: int, log: Path) -> dict:
+def llama_bench(root: Path, gguf: Path, kind: str, threads: int, prompt: int, gen: int, reps: int,
+                log: Path) -> dict:
     load_before = common.load_avg()
     cmd = [str(root / "build/bin/llama-bench"), "-m", str(gguf), "-t", str(threads), "-p", str(prompt),
-           "-n", str(gen), "-r", "2", "-o", "json"]
+           "-n", str(gen), "-r", str(reps), "-o", "json"]
     rc, secs, peak = run_logged(cmd, log)
     row = dict(engine="llama.cpp", precision=kind, threads=threads, load_before=load_before,
                load_after=common.load_avg(), peak_rss_gb=round(peak, 2), wall_s=round(secs, 1))
     if rc != 0:
-        why = "SIGILL: rebuild llama.cpp without AMX (-DGGML_AMX_TILE=OFF ...)" if rc == -4 else tail(log)
+        # Some CPUs die in llama.cpp's AMX kernels during prompt processing: build it with AMX off.
+        why = "SIGILL: rebuild llama.cpp without AMX (cmake -DGGML_NATIVE=ON -DGGML_AMX_TILE=OFF " \
+              "-DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF)" if rc == -4 else tail(log)
         return dict(row, error=f"llama-bench exited {rc}: {why}")
     text = log.read_text()
     results = json.loads(text[text.index("["):text.rindex("]") + 1])
@@ -215,7 +238,7 @@ def mmft_worker(folder: Path, dtype_name: str, quantize: str, prompt: int, new_t
                           max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
         total = time.perf_counter() - timer.start
     stats = common.rates(timer.times, gen.shape[1] - prompt, total)
-    torch.save(dict(logits=logits, tokens=gen[0, prompt:]), out)
+    save_file(dict(logits=logits.contiguous(), tokens=gen[0, prompt:].contiguous()), str(out))  # no pickles
     row = dict(engine="mmft", precision=f"{quantize} ({dtype_name})" if quantize != "none" else dtype_name,
                dtype=dtype_name, quantize=quantize, threads=torch.get_num_threads(), build_s=round(build_s, 1),
                prefill_s=stats["ttft_s"], decode_tokens_per_s=stats["decode_tokens_per_s"],
@@ -277,7 +300,7 @@ def staged_pipeline(lm, tiny: bool) -> dict:
 
 def run_mmft(folder: Path, spec: str, args, pipeline: bool, tmp: Path) -> dict:
     dtype_name, quantize = spec.split(":")
-    out = tmp / f"logits-{dtype_name}-{quantize}.pt"
+    out = tmp / f"logits-{dtype_name}-{quantize}.safetensors"
     cmd = [sys.executable, "-m", "bench.side_by_side", "--worker", spec, "--folder", str(folder),
            "--threads", str(args.threads), "--prompt-tokens", str(args.prompt_tokens),
            "--new-tokens", str(args.new_tokens), "--out", str(out)]
@@ -299,12 +322,12 @@ def accuracy(rows: list[dict]) -> list[dict]:
     if not refs:
         return []
     ref_row = min(refs, key=lambda r: r["dtype"] != "float32")  # float32 first
-    ref = torch.load(ref_row["logits_file"])
+    ref = load_file(ref_row["logits_file"])
     out = []
     for r in mm:
         if r is ref_row:
             continue
-        got = torch.load(r["logits_file"])
+        got = load_file(r["logits_file"])
         diff = (got["logits"] - ref["logits"]).abs()
         n = min(len(got["tokens"]), len(ref["tokens"]))
         same = (got["tokens"][:n] == ref["tokens"][:n]).int()
@@ -325,7 +348,7 @@ def default_spec() -> str:
 
     cpu = torch.device("cpu")
     name = {v: k for k, v in DTYPE_NAMES.items()}[pick_dtype(cpu)]
-    return f"{name}:{resolve_quantize(None, cpu)}"
+    return f"{name}:{resolve_quantize(None, cpu, inference=True)}"
 
 
 def goal_check(rows: list[dict], default: str) -> dict:
@@ -363,7 +386,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--rounds", type=int, default=1, help="alternations of all engines")
     parser.add_argument("--prompt-tokens", type=int, default=80)
     parser.add_argument("--new-tokens", type=int, default=32, help="mmft decode tokens (llama-bench: 64)")
-    parser.add_argument("--keep", default=None, help="keep the weights and GGUFs in this folder")
+    parser.add_argument("--gguf", default=",".join(GGUF_TYPES), help="llama.cpp quantizations to compare")
+    parser.add_argument("--llama-reps", type=int, default=2, help="llama-bench repetitions (-r)")
+    parser.add_argument("--keep", default=None,
+                        help="keep the weights and GGUFs in this folder (a re-run reuses what it holds)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -404,9 +430,11 @@ def main(argv=None) -> dict:
     tmp = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="mmft-side-by-side-"))
     tmp.mkdir(parents=True, exist_ok=True)
     try:
-        rc, secs, _ = run_logged([sys.executable, "-m", "bench.side_by_side", "--worker", "save", "--folder",
-                                  str(tmp), "--layers", str(args.layers)] + (["--tiny"] if args.tiny else []),
-                                 tmp / "save.log")
+        rc, secs = 0, 0.0
+        if not (tmp / "round-3" / "adapter_config.json").exists():  # a kept folder from an earlier run
+            rc, secs, _ = run_logged([sys.executable, "-m", "bench.side_by_side", "--worker", "save", "--folder",
+                                      str(tmp), "--layers", str(args.layers)] + (["--tiny"] if args.tiny else []),
+                                     tmp / "save.log")
         if rc != 0:
             raise SystemExit(f"could not build and save the random model: {tail(tmp / 'save.log')}")
         result["weights"] = dict(saved_s=round(secs, 1), folder_gb=round(
@@ -416,7 +444,7 @@ def main(argv=None) -> dict:
             if not Path(args.vocab_gguf).exists():
                 notes = [f"vocab GGUF {args.vocab_gguf} not found: llama.cpp half skipped"]
             else:
-                ggufs, notes = make_ggufs(root, tmp, args.vocab_gguf, args.threads)
+                ggufs, notes = make_ggufs(root, tmp, args.vocab_gguf, args.threads, args.gguf.split(","))
         result["llama_cpp_notes"] = notes
         rows = []
         for r in range(args.rounds):
@@ -425,7 +453,8 @@ def main(argv=None) -> dict:
                 rows.append(dict(row, round=r + 1))
                 print(f"  {row}", file=sys.stderr, flush=True)
             for kind, path in ggufs.items():
-                row = llama_bench(root, path, kind, args.threads, args.prompt_tokens, 64, tmp / f"bench-{kind}.log")
+                row = llama_bench(root, path, kind, args.threads, args.prompt_tokens, 64, args.llama_reps,
+                                  tmp / f"bench-{kind}.log")
                 rows.append(dict(row, round=r + 1))
                 print(f"  {row}", file=sys.stderr, flush=True)
         result["accuracy"] = accuracy([r for r in rows if r.get("round") == 1])

@@ -1,7 +1,8 @@
 """Loading, shared by training, the app and the Hub: device, dtype, quantization, rounds.
 
-CUDA -> 4-bit NF4 with bf16 compute (QLoRA); CPU -> no quantization, bf16 only where the CPU does
-bf16 natively (else fp32: emulated bf16 is slower than fp32). Every choice can be overridden.
+CUDA -> 4-bit NF4 with bf16 compute (QLoRA); CPU inference -> int8 linears under the adapters
+(`mmft.quantize`), CPU training -> none; dtype bf16 only where the CPU reports bf16 (else fp32).
+Every choice can be overridden.
 No `trust_remote_code`: Phi-3 and CLIP are native to transformers.
 """
 
@@ -47,12 +48,13 @@ def pick_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> 
     return torch.bfloat16 if cpu_has_bf16() else torch.float32
 
 
-def resolve_quantize(quantize: str | None, device: torch.device, trainable: bool = False) -> str:
-    """One spelling everywhere: "nf4" (4-bit, QLoRA), "int8" (int8 weights, CPU inference), "none";
-    None = the device's default: NF4 on CUDA; on CPU `pick_cpu_path` (int8 for inference, nothing for
-    training; NF4 is 40x slower than fp32 on CPU: docs/benchmarks.md)."""
+def resolve_quantize(quantize: str | None, device: torch.device, inference: bool = False) -> str:
+    """One spelling everywhere: "nf4" (4-bit, QLoRA), "int8" (int8 linears, CPU inference), "none".
+    None = the device's default: NF4 on CUDA; on CPU `pick_cpu_path`: int8 for inference (`load_round`),
+    nothing for any training, projector-only included (int8 has no backward; NF4 is 40x slower than
+    fp32 on CPU: docs/benchmarks.md)."""
     if quantize is None:
-        return "nf4" if device.type == "cuda" else pick_cpu_path(trainable).quantize
+        return "nf4" if device.type == "cuda" else pick_cpu_path(trainable=not inference).quantize
     if not isinstance(quantize, str) or quantize not in QUANTIZE_MODES:
         raise ValueError(f"quantize must be one of {QUANTIZE_MODES} or None (the device's default), got {quantize!r}")
     return quantize
@@ -112,9 +114,9 @@ def build_model(cfg: MMFTConfig, device=None, dtype=None, quantize=None, with_vi
     model carries a copy with the projector sizes filled in (`model.cfg`)."""
     device = pick_device(device)
     dtype = pick_dtype(device, dtype)
-    mode = resolve_quantize(quantize, device, trainable)
+    mode = resolve_quantize(quantize, device)
     if mode == "int8" and (trainable or device.type != "cpu"):
-        raise ValueError("int8 dynamic quantization is for CPU inference; train with quantize='nf4' (CUDA) or 'none'")
+        raise ValueError("int8 quantization is for CPU inference; train with quantize='nf4' (CUDA) or 'none'")
     # int8: load in the checkpoint's own dtype (bf16 for Phi-3.5: half of fp32's peak, lossless)
     lm, tokenizer = load_lm(cfg, device, "auto" if mode == "int8" else dtype, mode)
     vision = load_vision(cfg, device, dtype) if with_vision else None
@@ -151,6 +153,8 @@ def load_round(folder: str | Path, device=None, dtype=None, quantize=None, train
     folder = check_round_folder(folder)
     cfg, round_info = round_config(folder)
     cfg = replace(cfg, **config_overrides)
+    if quantize is None and not trainable:  # inference: the CPU path of mmft.quantize (int8)
+        quantize = resolve_quantize(None, pick_device(device), inference=True)
     model = build_model(cfg, device, dtype, quantize, with_vision=with_vision, feature_dim=cfg.mp_input_dim,
                         adapter=folder / ADAPTER_DIR, trainable=trainable)
     load_projector(model.projector, folder / PROJECTOR_NAME)

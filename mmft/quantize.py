@@ -98,13 +98,17 @@ def quantize_int8_(lm, dtype: torch.dtype | None = None) -> int:
         base.lm_head = Int8Linear(base.lm_head)
         gc.collect()
         count += 1
+    # What stays float is copied, cast to `dtype`: a checkpoint loaded as a memory map (safetensors)
+    # stays mapped, all of it, while any tensor still views it; copying releases the map, and the
+    # pages of the float weights just replaced (docs/benchmarks.md, section 5: 1.89 -> 1.44 GB at 2 layers).
+    for name, module in base.named_modules():
+        if not any(s in name for s in INT8_SKIP):
+            for p in module.parameters(recurse=False):
+                if p.is_floating_point():
+                    p.data = p.data.to(dtype or p.dtype, copy=True)
     if dtype is not None:
-        for name, module in base.named_modules():
-            if not any(s in name for s in INT8_SKIP):
-                for p in module.parameters(recurse=False):
-                    if p.is_floating_point() and p.dtype != dtype:
-                        p.data = p.data.to(dtype)
         base.config.dtype = dtype
+    gc.collect()
     return count
 
 
@@ -129,8 +133,8 @@ CPU_INFERENCE = CPUPath(
 
 
 def pick_cpu_path(trainable: bool = False) -> CPUPath:
-    """int8 for inference everywhere on CPU; training on CPU stays unquantized (LoRA needs float
-    base weights to back-propagate through, and int8 here is inference only)."""
+    """int8 for inference everywhere on CPU; training on CPU stays unquantized (gradients must flow
+    through the base linears, to LoRA or to the projector, and the int8 kernel has no backward)."""
     if trainable:
         return CPUPath("none", "CPU training: float weights")
     return CPU_INFERENCE

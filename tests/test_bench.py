@@ -131,3 +131,32 @@ def test_precision_paired_tiny(capsys):
     assert set(paired["decode_tokens_per_s"]) == {"fp32", "int8"}
     assert all(v > 0 for runs in paired["decode_tokens_per_s"].values() for v in runs)
     assert len(paired["ratio_vs_first"]["int8"]) == 1
+
+
+def test_side_by_side_tiny(capsys):
+    """mmft rows (the app's default, its unquantized reference) always; llama.cpp only where built."""
+    import os
+
+    from bench import side_by_side
+
+    side_by_side.main(["--tiny", "--threads", "1", "--new-tokens", "2", "--mmft", "float32:int8,float32:none"])
+    result = _last_json(capsys)
+    rows = {r["precision"]: r for r in result["rows"] if r["engine"] == "mmft"}
+    assert set(rows) >= {"int8 (float32)", "float32"}
+    for row in rows.values():
+        assert "error" not in row, row
+        assert row["decode_tokens_per_s"] > 0 and row["prefill_s"] > 0 and row["new_tokens"] == 2
+        assert row["rss_three_rounds_gb"] > 0 and row["peak_rss_gb"] > 0
+    assert rows["int8 (float32)"]["int8_linears"] == 2 * 4 + 1 and rows["float32"]["int8_linears"] == 0
+    acc = {a["row"]: a for a in result["accuracy"]}
+    assert acc["int8 (float32)"]["reference"] == "float32" and acc["int8 (float32)"]["max_abs_logit_diff"] > 0
+    assert 0 <= acc["int8 (float32)"]["top1_agree"] <= 1
+    goals = result["goal_check"]
+    assert goals["default"] == side_by_side.default_spec()
+    if goals["default"] in ("float32:int8",):  # the default row ran here: the pipeline was timed
+        assert goals["image_question_s"]["value"] > 0
+    if not os.environ.get("MMFT_LLAMA_CPP"):
+        assert "llama.cpp half skipped" in result["llama_cpp"]
+        assert not [r for r in result["rows"] if r["engine"] == "llama.cpp"]
+    else:
+        assert {r["precision"] for r in result["rows"] if r["engine"] == "llama.cpp"} == {"Q4_K_M", "Q8_0"}

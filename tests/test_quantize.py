@@ -146,8 +146,8 @@ def test_cpu_path_defaults(monkeypatch):
     cpu = torch.device("cpu")
     for native in (True, False):  # the same path on CPUs with and without native bf16
         monkeypatch.setattr(loading, "cpu_has_bf16", lambda native=native: native)
-        assert loading.resolve_quantize(None, cpu) == "int8"
-        assert loading.resolve_quantize(None, cpu, trainable=True) == "none"
+        assert loading.resolve_quantize(None, cpu, inference=True) == "int8"
+        assert loading.resolve_quantize(None, cpu) == "none"  # build_model for training, projector-only too
     assert loading.resolve_quantize(None, torch.device("cuda")) == "nf4"
     assert loading.resolve_quantize("none", cpu) == "none"
     assert quantize.pick_cpu_path().quantize == "int8" and quantize.pick_cpu_path(trainable=True).quantize == "none"
@@ -166,3 +166,5 @@ def test_load_round_int8_with_every_dtype(tiny_model, tmp_path, dtype):
     assert isinstance(answer.final, str)
     trained = loading.build_model(model.cfg, device="cpu", dtype=torch.float32, trainable=True)
     assert not int8_linears(trained.lm)  # training on CPU stays float
+    frozen = loading.build_model(model.cfg, device="cpu", dtype=torch.float32)  # projector-only training
+    assert not int8_linears(frozen.lm)
