@@ -92,17 +92,21 @@ def lora_config(cfg: MMFTConfig) -> LoraConfig:
                       target_modules=list(cfg.lora_target_modules), task_type="CAUSAL_LM")
 
 
-def _assemble(cfg, lm, feature_dim) -> tuple[MMFTConfig, Projector]:
+def projector_for(cfg: MMFTConfig, feature_dim: int, lm_dim: int) -> tuple[MMFTConfig, Projector]:
     """Check the projector dims against the actual models; a new config with them filled in (the
-    caller's config is never changed) and the projector."""
-    lm_dim = lm.get_input_embeddings().weight.shape[1]
+    caller's config is never changed) and a fresh projector of that shape (random until loaded)."""
     for name, actual in (("mp_input_dim", feature_dim), ("mp_output_dim", lm_dim)):
         stored = getattr(cfg, name)
         if stored is not None and stored != actual:
             raise ValueError(f"config {name}={stored} but the models give {actual}: wrong CLIP/LM or feature mode?")
     cfg = replace(cfg, mp_input_dim=feature_dim, mp_output_dim=lm_dim, mp_hidden_dim=cfg.mp_hidden_dim or lm_dim)
-    projector = Projector(cfg.mp_input_dim, cfg.mp_output_dim, cfg.mp_hidden_dim, cfg.mp_depth)
-    return cfg, projector.to(lm.get_input_embeddings().weight.device)
+    return cfg, Projector(cfg.mp_input_dim, cfg.mp_output_dim, cfg.mp_hidden_dim, cfg.mp_depth)
+
+
+def _assemble(cfg, lm, feature_dim) -> tuple[MMFTConfig, Projector]:
+    weight = lm.get_input_embeddings().weight  # [V, D_lm]
+    cfg, projector = projector_for(cfg, feature_dim, weight.shape[1])
+    return cfg, projector.to(weight.device)
 
 
 def build_model(cfg: MMFTConfig, device=None, dtype=None, quantize=None, with_vision: bool = True,
@@ -116,7 +120,7 @@ def build_model(cfg: MMFTConfig, device=None, dtype=None, quantize=None, with_vi
     dtype = pick_dtype(device, dtype)
     mode = resolve_quantize(quantize, device)
     if mode == "int8" and (trainable or device.type != "cpu"):
-        raise ValueError("int8 quantization is for CPU inference; train with quantize='nf4' (CUDA) or 'none'")
+        raise ValueError("int8 dynamic quantization is for CPU inference; train with quantize='nf4' (CUDA) or 'none'")
     # int8: load in the checkpoint's own dtype (bf16 for Phi-3.5: half of fp32's peak, lossless)
     lm, tokenizer = load_lm(cfg, device, "auto" if mode == "int8" else dtype, mode)
     vision = load_vision(cfg, device, dtype) if with_vision else None

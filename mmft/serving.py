@@ -22,15 +22,15 @@ import logging
 import threading
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 
 from mmft.config import MMFTConfig
 from mmft.hub import RoundNotFound, list_rounds, pull_round
-from mmft.loading import load_round, round_config
+from mmft.loading import load_round, projector_for, round_config
 from mmft.pipeline import Pipeline
-from mmft.projector import Projector, load_projector
+from mmft.projector import load_projector
 from mmft.round import ADAPTER_DIR, PROJECTOR_NAME
 
 log = logging.getLogger(__name__)
@@ -105,13 +105,10 @@ class RoundCache:
 
     def _add_round(self, base, folder: Path, cfg: MMFTConfig):
         """Another named adapter on the base's PeftModel, and this round's own projector (strict)."""
-        feature_dim, lm_dim = base.cfg.mp_input_dim, base.cfg.mp_output_dim
-        for name, actual in (("mp_input_dim", feature_dim), ("mp_output_dim", lm_dim)):
-            stored = getattr(cfg, name)
-            if stored is not None and stored != actual:
-                raise ValueError(f"{folder}: config {name}={stored} but the loaded base gives {actual}")
-        cfg = replace(cfg, mp_input_dim=feature_dim, mp_output_dim=lm_dim, mp_hidden_dim=cfg.mp_hidden_dim or lm_dim)
-        projector = Projector(cfg.mp_input_dim, cfg.mp_output_dim, cfg.mp_hidden_dim, cfg.mp_depth)
+        try:
+            cfg, projector = projector_for(cfg, base.cfg.mp_input_dim, base.cfg.mp_output_dim)
+        except ValueError as err:
+            raise ValueError(f"{folder}: {err}") from None
         load_projector(projector, folder / PROJECTOR_NAME)
         projector.to(base.device).eval().requires_grad_(False)
         name = next(self._names)

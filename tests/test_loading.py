@@ -95,7 +95,7 @@ def test_old_round_loads_with_the_features_it_was_trained_on(tmp_path):
     assert (cfg.vit_feature_layer, cfg.vit_feature_select_strategy) == (-1, "full")
     assert (MMFTConfig().vit_feature_layer, MMFTConfig().vit_feature_select_strategy) == (-2, "default")
     model, _ = loading.load_round(demo, device="cpu", dtype=torch.float32)
-    assert model.vision.num_tokens == 50 and model.cfg.mp_input_dim == 32
+    assert model.vision.num_tokens == 50 and model.cfg.mp_input_dim == model.vision.vision_model.config.hidden_size
     # and a config saved now keeps its choice
     from mmft.config import save_config
 
