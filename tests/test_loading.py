@@ -82,15 +82,22 @@ def test_build_model_leaves_the_callers_config_alone(tiny_config):
 
 
 def test_old_round_loads_with_the_features_it_was_trained_on(tmp_path):
-    """The committed demo round predates the feature-choice keys: last layer, CLS kept (50 tokens)."""
+    """A round saved before the feature-choice keys existed (the demo round's config.json without them,
+    as it was committed before): last layer, CLS kept (50 tokens)."""
     import json
+    import shutil
     from pathlib import Path
 
     from mmft.config import MMFTConfig, load_config
 
-    demo = Path(__file__).resolve().parents[1] / "demo" / "round"
-    saved = json.loads((demo / "config.json").read_text())["mmft"]
-    assert "vit_feature_layer" not in saved and "vit_feature_select_strategy" not in saved
+    source = Path(__file__).resolve().parents[1] / "demo"
+    shutil.copytree(source / "round", tmp_path / "round")
+    (tmp_path / "base").symlink_to(source / "base", target_is_directory=True)  # the round names ../base/...
+    demo = tmp_path / "round"
+    data = json.loads((demo / "config.json").read_text())
+    for key in ("vit_feature_layer", "vit_feature_select_strategy"):
+        data["mmft"].pop(key, None)
+    (demo / "config.json").write_text(json.dumps(data))
     cfg, _ = load_config(demo)
     assert (cfg.vit_feature_layer, cfg.vit_feature_select_strategy) == (-1, "full")
     assert (MMFTConfig().vit_feature_layer, MMFTConfig().vit_feature_select_strategy) == (-2, "default")
