@@ -17,7 +17,6 @@ draft's content words into a sentence; the refine stage learns exactly that mapp
 from __future__ import annotations
 
 import random
-import re
 
 COLORS = ("red", "green", "blue", "yellow", "purple", "orange")
 SHAPES = ("circle", "square", "triangle")
