@@ -240,8 +240,10 @@ def main(argv=None) -> dict:
         phases["write_checkpoint_s"] = round(time.perf_counter() - t, 1)
         if "finetune" in checks:
             result["finetune"] = finetune_check(cfg, Path(tmp), args.finetune_steps, args.tiny)
+            print(f"finetune: {json.dumps(result['finetune'])}", file=sys.stderr)
             if "vllm" in checks:
-                result["vllm"] = vllm_check(Path(result["finetune"]["round"]), Path(tmp), device)
+                result["vllm"] = (vllm_check(Path(result["finetune"]["round"]), Path(tmp), device)
+                                  if result["finetune"]["ok"] else dict(ok=False, error="no round: finetune failed"))
         if "bench" not in checks:
             print(json.dumps({k: result.get(k) for k in ("finetune", "vllm")}, indent=1), file=sys.stderr)
             common.emit(result)
