@@ -47,22 +47,28 @@ TEXT_QA = [
     ("Is a circle round?", "Yes, a circle is round."),
     ("Does a circle have corners?", "No, a circle has no corners."),
 ]
+# Yes/no drafts are the refine stage's hard case: the value after the yes/no word is the answer, the
+# echo before it ("Red No blue") must go, although it is the one the question names.
+REFINE_KINDS = {"color": 0.15, "shape": 0.15, "describe": 0.15, "yesno": 0.4, "choice": 0.15}
 FILLERS = ("shape", "object", "it", "is", "the", "colour", "color", "image", "answer", "a", "picture", "this")
 
 
-def noisy_draft(polarity: str | None, color: str | None, shape: str | None, rng: random.Random) -> str:
-    """A draft as an imperfect LoRA model might write it: the content words (canonical order
-    `colour shape polarity`, as cleaning leaves them), sometimes shuffled, re-cased, repeated,
-    with extra words or stray punctuation."""
-    words = [w for w in (color, shape) if w] + ([polarity] if polarity else [])
-    if polarity == "not" or (polarity and rng.random() < 0.15):
-        words = [polarity] + [w for w in words if w != polarity]  # "no red", "not red"
-    if rng.random() < 0.3:
-        rng.shuffle(words)
+def noisy_draft(polarity: str | None, color: str | None, shape: str | None, rng: random.Random,
+                echo: str | None = None) -> str:
+    """A draft as an imperfect LoRA model might write it: the content words in the order cleaning
+    leaves them (`[echo] [polarity] colour shape`: "Red No blue", "red circle"), re-cased, repeated,
+    with extra words or stray punctuation; without an echo or polarity the words may come shuffled
+    (with them, order is meaning: the value after the yes/no word is the one seen)."""
+    values = [w for w in (color, shape) if w]
+    lead = ([echo] if echo and rng.random() < 0.8 else []) + ([polarity] if polarity else [])
+    if polarity is None and rng.random() < 0.3:
+        rng.shuffle(values)
+    words = lead + values
     for _ in range(rng.choice([0, 0, 1, 2])):
-        words.insert(rng.randrange(len(words) + 1), rng.choice(FILLERS))
+        words.insert(rng.randrange(len(lead), len(words) + 1), rng.choice(FILLERS))
     if words and rng.random() < 0.25:
-        words.insert(rng.randrange(len(words) + 1), rng.choice(words))
+        i = rng.randrange(len(words))
+        words.insert(i, words[i])  # "red red circle", "No No blue"
     cased = []
     for w in words:
         r = rng.random()
@@ -74,8 +80,9 @@ def noisy_draft(polarity: str | None, color: str | None, shape: str | None, rng:
 def refine_corpus(cfg: MMFTConfig, n: int, seed: int) -> list[list[tuple[str, str]]]:
     """Conversations that teach the tiny base LM its language: rewriting drafts, and plain Q&A.
 
-    The target sentence is `questions.render` of the draft's content words, whatever the question
-    and however messy the draft: the refine stage must keep the draft's content, never invent."""
+    Questions come from the `text` phrasing family (training frames, every synonym). The target
+    sentence is `questions.render` of the draft's content words, whatever the question and however
+    messy the draft: the refine stage must keep the draft's content, never invent."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):
@@ -85,27 +92,30 @@ def refine_corpus(cfg: MMFTConfig, n: int, seed: int) -> list[list[tuple[str, st
             out.append([("user", question), ("assistant", reply)])
             continue
         color, shape = shapes.sample(rng)
-        if r < 0.3:  # reading comprehension: the skill a yes/no draft needs, learnt from text
-            question, facts = questions.ask(rng.choice(("yesno", "yesno", "choice", "color", "shape")), color, shape, rng)
+        if r < 0.3:  # reading comprehension: the skills a draft needs, learnt from text
+            question, facts = questions.ask(rng.choice(("yesno", "yesno", "choice", "color", "shape")), color, shape,
+                                            rng, "text")
             seen = questions.render(None, color, shape) if rng.random() < 0.5 else f"I see {questions.article(color + ' ' + shape)}."
             reply = questions.answer(facts)
             out.append([("user", f"{seen} {question}"), ("assistant", clean_answer(reply) if rng.random() < 0.5 else reply)])
             continue
-        kind = rng.choice(questions.KINDS)
-        question, facts = questions.ask(kind, color, shape, rng, "train")
+        kind = rng.choices(list(REFINE_KINDS), weights=list(REFINE_KINDS.values()))[0]
+        question, facts = questions.ask(kind, color, shape, rng, "text")
         content = dict(polarity=None, color=None, shape=None)
         content[facts["attr"] if kind != "describe" else "color"] = facts["truth"] if kind != "describe" else color
         if kind == "describe":
             content["shape"] = shape
+        echo = None
         if kind == "yesno":
-            content["polarity"] = facts["polarity"]
+            content["polarity"], echo = facts["polarity"], facts["asked"]
         r = rng.random()
         if r < 0.12:  # a draft that does not match the question's kind: keep what it says
             content = dict(polarity=rng.choice([None, None, "yes", "no"]), color=rng.choice([None, color]),
                            shape=rng.choice([None, shape]))
+            echo = None
         elif r < 0.15:
-            content["polarity"] = "not"
-        draft = noisy_draft(content["polarity"], content["color"], content["shape"], rng)
+            content["polarity"], echo = "not", None
+        draft = noisy_draft(content["polarity"], content["color"], content["shape"], rng, echo)
         out.append([("user", refine_prompt(cfg, question, draft)), ("assistant", questions.render(**content))])
     return out
 
@@ -242,8 +252,9 @@ def relocate(round_dir: Path, dest: Path, base_rel: str) -> Path:
 
 def evaluate_round(folder: Path, n: int, n_indist: int, seed: int) -> dict:
     """Held-out and in-distribution evaluation of a round folder, recorded in its config.json (the
-    model card's table: unprefixed = held-out, `indist_` = training phrasings and image style) and
-    metrics.json (everything, with examples)."""
+    model card's table: unprefixed = held-out, `indist_` = training phrasings and image style,
+    `heldout_frames_` / `heldout_synonyms_` = the held-out questions no model saw / only the base LM's
+    text saw) and metrics.json (everything, with examples)."""
     model, _ = load_round(folder, device="cpu", dtype=torch.float32)
     pipe = Pipeline(model)
     with torch.no_grad():
@@ -251,6 +262,8 @@ def evaluate_round(folder: Path, n: int, n_indist: int, seed: int) -> dict:
         indist = shapes.evaluate(pipe, n=n_indist, seed=seed + 1, split="train")
     flat = {f"{k}_accuracy": v for k, v in shapes.summary(heldout).items() if k != "refine_damage"}
     flat["refine_damage"] = heldout["refine_damage"]
+    for family, figures in sorted(heldout.get("by_family", {}).items()):  # unseen frames / base-LM-only synonyms
+        flat[f"heldout_{family}s_accuracy"] = figures["accuracy"]
     flat.update({f"indist_{k}_accuracy": v for k, v in shapes.summary(indist).items() if k != "refine_damage"})
     flat["indist_refine_damage"] = indist["refine_damage"]
     cfg, info = load_config(folder)
@@ -267,8 +280,8 @@ def evaluate_round(folder: Path, n: int, n_indist: int, seed: int) -> dict:
     return {"heldout": heldout, "in_distribution": indist}
 
 
-def build_demo(out: Path = DEMO_DIR, modes=("patch", "pooled"), samples: int = 4000, steps: int = 700,
-               lm_steps: int = 600, clip_steps: int = 800, eval_n: int = 300, indist_n: int = 100,
+def build_demo(out: Path = DEMO_DIR, modes=("patch", "pooled"), samples: int = 4000, steps: int = 900,
+               lm_steps: int = 800, clip_steps: int = 800, eval_n: int = 300, indist_n: int = 100,
                seed: int = 0) -> dict:
     """The whole rebuild; returns metrics per mode and stage times. `out/round` is the first mode's."""
     start = time.time()

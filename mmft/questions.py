@@ -2,16 +2,24 @@
 
 A question is a *frame* ("what {c} is the {o}") filled with *synonyms* ({c}: colour/color/hue,
 {o}: shape/object/figure/thing) and values, then given a polite prefix, a casing, punctuation and
-now and then a typo. Frames and synonyms come in two disjoint families: `train` ones build the
-training data (and the refine corpus); `heldout` ones appear only in evaluation, so the held-out
-accuracy measures phrasings the model never saw. Every held-out question uses at least one
-held-out frame, synonym or prefix (`canonical_phrasings` enumerates both sets for the tests).
+now and then a typo. Frames, synonyms and prefixes come in disjoint families: `train` ones build the
+fine-tuning data; `heldout` ones appear only in evaluation, so the held-out accuracy measures
+phrasings the fine-tuned model never saw. Every held-out question uses at least one held-out frame,
+synonym or prefix (`training_phrasings` enumerates what training can draw, for the tests).
 
 Kinds: `color`, `shape`, `describe` (both), `yesno` ("Is the shape red?") and `choice` ("Is it a
-circle or a square?"). Yes/no answers state the evidence first ("It is blue, so no." -> draft
-`blue no`): a tiny model names the colour it sees, then compares it with the question's, which is
-far easier than deciding yes/no before naming anything. `render` is the one place that turns a
-draft's content words into a sentence; the refine stage learns exactly that mapping.
+circle or a square?"). Yes/no answers first echo the value asked about, then decide ("Red? No, it is
+blue." -> draft `Red No blue`): each step is one a tiny model learns with its own supervision (copy the
+asked value; compare the token just written with what it sees; name what it sees). Deciding yes/no
+from the question alone, or after naming the colour, measured at chance (docs/training.md).
+`render` is the one place that turns a draft's content words into a sentence; the refine stage
+learns exactly that mapping.
+
+A third family, `text`, is the tiny base LM's *language* (its text pre-training, `mmft.demo`): the
+training frames and prefixes, a few frames of its own, and every synonym, the held-out ones
+included, as Phi-3.5 knows "shade" from pre-training. Fine-tuning never sees a held-out synonym or a
+`text` frame; no model sees a held-out frame or prefix (`facts["heldout"]` says which of the two made
+a question held-out).
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ import random
 COLORS = ("red", "green", "blue", "yellow", "purple", "orange")
 SHAPES = ("circle", "square", "triangle")
 KINDS = ("color", "shape", "describe", "yesno", "choice")
-SPLITS = ("train", "heldout")
+SPLITS = ("train", "heldout", "text")
 
 # {c}: a word for colour, {o}: a word for the object, {v}/{w}: values ("red", "a circle");
 # a frame marked "color:" or "shape:" is asked about that attribute only.
@@ -37,6 +45,8 @@ FRAMES = {
                   "the {o} is what {c}", "name the {c}"),
         "heldout": ("tell me the {o}'s {c}", "which {c} does it have", "what's the {c} here",
                     "in what {c} is the {o} painted", "{c} of the {o}", "could you say which {c} this {o} is"),
+        "text": ("what {c} has the {o}", "say the {c}", "i want to know the {c}", "give me the {c} of the {o}",
+                 "what is its {c}", "what {c} would you call it"),
     },
     "shape": {
         "train": ("what shape is the {o}", "which shape is this", "what kind of {o} is this", "what is the {o}",
@@ -45,24 +55,31 @@ FRAMES = {
                   "can you name the shape"),
         "heldout": ("what's the {o}'s outline", "what sort of {o} is in the picture", "which form does the {o} have",
                     "could you tell me what {o} this is", "identify the {o} for me", "the {o} looks like what"),
+        "text": ("what is it", "name this {o}", "what {o} is drawn", "which {o} is it", "what kind of shape is it",
+                 "what shape has the {o}"),
     },
     "describe": {
         "train": ("describe the image", "what do you see", "what is in the picture", "describe the {o}",
                   "what is shown", "tell me about the picture", "what is this", "what is in the image"),
         "heldout": ("describe what is in this picture", "what can you see here", "give me a description of the {o}",
                     "what does the image show"),
+        "text": ("describe it", "tell me what you see", "what does it look like", "explain the picture",
+                 "what is drawn here"),
     },
     "yesno": {
         "train": ("is the {o} {v}", "is it {v}", "is this {o} {v}", "color:does the {o} look {v}",
                   "would you say it is {v}", "shape:is this {v}", "shape:is that {v}", "color:is the {c} {v}"),
         "heldout": ("is the {o} {v} or not", "am i right that the {o} is {v}", "{v}, right", "shape:do i see {v} here",
                     "can i call the {o} {v}", "color:is its {c} {v}"),
+        "text": ("{v}", "it is {v}, isn't it", "tell me if it is {v}", "do you think it is {v}",
+                 "is the {o} really {v}", "color:is the {o} colored {v}"),
     },
     "choice": {
         "train": ("is it {v} or {w}", "is the {o} {v} or {w}", "shape:is this {v} or {w}", "{x} or {y}",
                   "which is it, {v} or {w}", "color:is the {c} {v} or {w}"),
         "heldout": ("would you call it {v} or rather {w}", "either {x} or {y}: which one", "{x} or {y}, which",
                     "which fits the {o} better, {x} or {y}"),
+        "text": ("is it {v} or is it {w}", "which one: {x} or {y}", "pick one, {x} or {y}", "tell me, {v} or {w}"),
     },
 }
 ENDINGS = ("?", "?", "?", "", ".", "??", " ?", "!")
@@ -116,26 +133,32 @@ def _fill(frame: str, attr: str, x: str, y: str, c: str, o: str) -> str:
     return frame.format(c=c, o=o, x=x, y=y, v=_value(attr, x), w=_value(attr, y))
 
 
-def _canonical(kind: str, attr: str, x: str, y: str, rng: random.Random, split: str) -> str:
-    """A question before surface noise. Held-out: a held-out frame (any synonyms, any prefix), or a
-    training frame with a held-out synonym in one of its slots (or, slot-less, a held-out prefix)."""
+def _canonical(kind: str, attr: str, x: str, y: str, rng: random.Random, split: str) -> tuple[str, str | None]:
+    """A question before surface noise, and what makes it held-out: None; "frame" (wording no model
+    saw: a held-out frame or prefix); "synonym" (else: a held-out synonym, known only to the base LM).
+    Held-out: a held-out frame (any synonyms, any prefix), or a training frame with a held-out
+    synonym in one of its slots (or, slot-less, a held-out prefix). `text`: a training or text frame,
+    a training prefix, any synonym."""
     pick = rng.choice
-    if split == "train":
-        return pick(PREFIXES["train"]) + _fill(pick(frames(kind, attr, "train")), attr, x, y,
-                                               pick(COLOR_WORDS["train"]), pick(OBJECT_WORDS["train"]))
+    if split in ("train", "text"):
+        colors = COLOR_WORDS["train"] + (COLOR_WORDS["heldout"] if split == "text" else ())
+        objects = OBJECT_WORDS["train"] + (OBJECT_WORDS["heldout"] if split == "text" else ())
+        family = frames(kind, attr, "train") + (frames(kind, attr, "text") if split == "text" else [])
+        return pick(PREFIXES["train"]) + _fill(pick(family), attr, x, y, pick(colors), pick(objects)), None
     c, o = pick(COLOR_WORDS["train"] + COLOR_WORDS["heldout"]), pick(OBJECT_WORDS["train"] + OBJECT_WORDS["heldout"])
     prefix = pick(PREFIXES["train"] + PREFIXES["heldout"])
     if rng.random() < 0.6:
-        return prefix + _fill(pick(frames(kind, attr, "heldout")), attr, x, y, c, o)
+        return prefix + _fill(pick(frames(kind, attr, "heldout")), attr, x, y, c, o), "frame"
     frame = pick(frames(kind, attr, "train"))
     slots = [s for s in "co" if "{" + s + "}" in frame]
+    why = "frame" if prefix in PREFIXES["heldout"] else "synonym"  # a held-out prefix: no model saw it
     if not slots:
-        prefix = pick(PREFIXES["heldout"])
+        prefix, why = pick(PREFIXES["heldout"]), "frame"
     elif pick(slots) == "c":
         c = pick(COLOR_WORDS["heldout"])
     else:
         o = pick(OBJECT_WORDS["heldout"])
-    return prefix + _fill(frame, attr, x, y, c, o)
+    return prefix + _fill(frame, attr, x, y, c, o), why
 
 
 def ask(kind: str, color: str, shape: str, rng: random.Random, split: str = "train",
@@ -153,10 +176,11 @@ def ask(kind: str, color: str, shape: str, rng: random.Random, split: str = "tra
     if kind == "yesno":
         x = truth if rng.random() < 0.5 else other
         facts["polarity"] = "yes" if x == truth else "no"
+        facts["asked"] = x
     elif kind == "choice":
         x, y = (truth, other) if rng.random() < 0.5 else (other, truth)
         facts["options"] = (x, y)
-    facts["canonical"] = _canonical(kind, attr, x, y, rng, split)
+    facts["canonical"], facts["heldout"] = _canonical(kind, attr, x, y, rng, split)
     return _surface(facts["canonical"], rng, typo_rate), facts
 
 
@@ -167,7 +191,8 @@ def answer(facts: dict) -> str:
     if kind == "describe":
         return f"It is {article(facts['color'] + ' ' + facts['shape'])}."
     if kind == "yesno":
-        return f"It is {value}, so {facts['polarity']}."
+        asked = _value(facts["attr"], facts["asked"])
+        return f"{asked[:1].upper() + asked[1:]}? {facts['polarity'].capitalize()}, it is {value}."
     return f"It is {value}."
 
 
@@ -187,13 +212,15 @@ def render(polarity: str | None, color: str | None, shape: str | None) -> str:
     return f"It is {thing}."
 
 
-def training_phrasings(kind: str) -> set[str]:
-    """Every training question of `kind` before surface noise, for the values red/blue, circle/square."""
+def training_phrasings(kind: str, split: str = "train") -> set[str]:
+    """Every question of `kind` a training family (`train`, or the base LM's `text`) can draw, before
+    surface noise, for the values red/blue, circle/square."""
+    text = split == "text"
     out = set()
     for attr, (x, y) in (("color", ("red", "blue")), ("shape", ("circle", "square"))):
-        for frame in frames(kind, attr, "train"):
-            for c in COLOR_WORDS["train"]:
-                for o in OBJECT_WORDS["train"]:
+        for frame in frames(kind, attr, "train") + (frames(kind, attr, "text") if text else []):
+            for c in COLOR_WORDS["train"] + (COLOR_WORDS["heldout"] if text else ()):
+                for o in OBJECT_WORDS["train"] + (OBJECT_WORDS["heldout"] if text else ()):
                     for prefix in PREFIXES["train"]:
                         out.add(prefix + _fill(frame, attr, x, y, c, o))
     return out

@@ -103,7 +103,7 @@ def sample(rng: random.Random) -> tuple[str, str]:
     return rng.choice(COLOR_NAMES), rng.choice(SHAPES)
 
 
-KIND_WEIGHTS = {"color": 0.2, "shape": 0.2, "describe": 0.12, "yesno": 0.28, "choice": 0.2}
+KIND_WEIGHTS = {"color": 0.18, "shape": 0.18, "describe": 0.12, "yesno": 0.35, "choice": 0.17}
 
 
 def conversation(color: str, shape: str, rng: random.Random) -> list[dict]:
@@ -133,8 +133,12 @@ def write_dataset(folder: str | Path, n: int, seed: int, name: str = "train") ->
     return path
 
 
+def word_list(text: str) -> list[str]:
+    return "".join(ch if ch.isalnum() else " " for ch in text.lower()).split()
+
+
 def words_of(text: str) -> set[str]:
-    return set("".join(ch if ch.isalnum() else " " for ch in text.lower()).split())
+    return set(word_list(text))
 
 
 def score(text: str, truth: str, vocabulary) -> bool:
@@ -145,16 +149,20 @@ def score(text: str, truth: str, vocabulary) -> bool:
 
 def judge(text: str, facts: dict) -> bool:
     """Is `text` (a draft or a final answer) right for the question `facts` describe?"""
-    words = words_of(text)
     if facts["kind"] == "describe":
         return score(text, facts["color"], COLORS) and score(text, facts["shape"], SHAPES)
-    values = COLORS if facts["attr"] == "color" else SHAPES
-    named_right = score(text, facts["truth"], values)
-    if facts["kind"] == "yesno":
-        polarity = {"yes", "no"} & words
-        # "No, it is blue." and a bare "No." are right; a wrong value named is wrong
-        return polarity == {facts["polarity"]} and not (words & (set(values) - {facts["truth"]}))
-    return named_right
+    values = set(COLORS if facts["attr"] == "color" else SHAPES)
+    if facts["kind"] != "yesno":
+        return score(text, facts["truth"], values)
+    # "No, it is blue.", "No.", "No, it is blue, not red." and the draft "Red No blue" are right for a blue
+    # shape asked "Is it red?": one yes/no word, the right one; the first value after it (if any) is the
+    # truth; no value is named but the truth and the one asked about
+    words = word_list(text)
+    polarity = [i for i, w in enumerate(words) if w in ("yes", "no")]
+    if {words[i] for i in polarity} != {facts["polarity"]}:
+        return False
+    named = [w for w in words[polarity[0]:] if w in values]
+    return (not named or named[0] == facts["truth"]) and not (set(words) & (values - {facts["truth"], facts.get("asked")}))
 
 
 def evaluate(pipeline, n: int = 300, seed: int = 10_000, split: str = "heldout", batch_size: int = 64,
@@ -170,12 +178,15 @@ def evaluate(pipeline, n: int = 300, seed: int = 10_000, split: str = "heldout",
     images = [draw(color, shape, rng, size=None, style=style) for color, shape in truths]
     out = {"split": split, "images": n, "kinds": {}, "examples": []}
     damaged = calls = 0
+    families = {}  # what made a held-out question held-out -> [right or not]
     for kind in kinds:
         asked = [ask(kind, color, shape, rng, split) for color, shape in truths]
         answers = pipeline.answer_images(images, [q for q, _ in asked], batch_size=batch_size)
         drafts_ok = [judge(a.draft, f) for a, (_, f) in zip(answers, asked)]
         finals_ok = [judge(a.final, f) for a, (_, f) in zip(answers, asked)]
         damage = sum(d and not f for d, f in zip(drafts_ok, finals_ok))
+        for (_, facts), ok in zip(asked, finals_ok):
+            families.setdefault(facts["heldout"], []).append(ok)
         out["kinds"][kind] = {"accuracy": round(sum(finals_ok) / n, 4), "draft_accuracy": round(sum(drafts_ok) / n, 4),
                               "refine_damage": round(damage / n, 4)}
         damaged, calls = damaged + damage, calls + n
@@ -184,6 +195,8 @@ def evaluate(pipeline, n: int = 300, seed: int = 10_000, split: str = "heldout",
         out["examples"] += [{"kind": kind, "question": a.question, "draft": a.draft, "answer": a.final, "right": ok}
                             for a, ok in [(a, True) for a in right[:1]] + [(a, False) for a in wrong[:2]]]
     out["refine_damage"] = round(damaged / calls, 4)
+    if split == "heldout":  # "frame": no model saw the wording; "synonym": only the base LM knew the word
+        out["by_family"] = {k: {"questions": len(v), "accuracy": round(sum(v) / len(v), 4)} for k, v in families.items()}
     return out
 
 

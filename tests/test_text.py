@@ -16,6 +16,7 @@ from mmft.text import DROPPED, NEGATIONS, STOPWORDS, clean_answer, tidy
     ("No, there is no dog.", "No no dog"),
     ("No, it is blue.", "No blue"),
     ("It is blue, so no.", "blue no"),
+    ("Red? No, it is blue.", "Red No blue"),
     ("Neither red nor blue.", "Neither red nor blue"),
     ("It won't fit, we can't say, I don't know.", "not fit not say not know"),
     ("The cup isn't full and they aren't here.", "cup not full not"),

@@ -3,8 +3,9 @@
     OMP_NUM_THREADS=2 python -m train.build_demo     # a few minutes on 2 quiet CPU cores (1 thread on a busy one)
 
 Prints accuracy per question kind, held-out (phrasings and image styles training never saw) and
-in-distribution, and the refine damage rate; the last line is JSON: the served (patch) round's
-held-out figures, with every mode's beside them.
+in-distribution, the refine damage rate, and held-out accuracy split by what made a question held-out
+(a frame no model saw; a synonym only the base LM's text pre-training saw); the last line is JSON:
+the served (patch) round's held-out figures, with every mode's beside them.
 """
 
 import argparse
@@ -19,8 +20,8 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=DEMO_DIR)
     parser.add_argument("--modes", default="patch,pooled", help="feature modes to train; the first is served")
     parser.add_argument("--samples", type=int, default=4000)
-    parser.add_argument("--steps", type=int, default=700)
-    parser.add_argument("--lm_steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=900)
+    parser.add_argument("--lm_steps", type=int, default=800)
     parser.add_argument("--clip_steps", type=int, default=800)
     parser.add_argument("--eval_n", type=int, default=300, help="fresh held-out images (each asked every kind)")
     parser.add_argument("--indist_n", type=int, default=100, help="fresh in-distribution images")
@@ -43,12 +44,16 @@ def main(argv=None):
             table[(mode, split)] = figures
             print(f"{mode:7s} {split:8s} " + "  ".join(f"{k} {v:.3f}" for k, v in figures.items())
                   + f"  ({metrics['images']} images)")
+        families = results[mode]["heldout"].get("by_family", {})
+        print(f"{mode:7s} held-out by what made it held-out: " + "  ".join(
+            f"{k} {v['accuracy']:.3f} ({v['questions']} questions)" for k, v in sorted(families.items())))
         for example in results[mode]["heldout"]["examples"]:
             mark = "ok " if example["right"] else "BAD"
             print(f"    {mark} {example['kind']:8s} {example['question']!r}: draft {example['draft']!r} "
                   f"-> {example['answer']!r}")
     print(json.dumps({"mode": modes[0], "split": "heldout", "images": args.eval_n,
                       **table[(modes[0], "held-out")],
+                      "by_family": {k: v["accuracy"] for k, v in results[modes[0]]["heldout"].get("by_family", {}).items()},
                       "modes": {m: {"heldout": table[(m, "held-out")], "in_distribution": table[(m, "in-dist")]}
                                 for m in modes},
                       "seconds": results["seconds"]}))
