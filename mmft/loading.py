@@ -130,8 +130,10 @@ def build_model(cfg: MMFTConfig, device=None, dtype=None, quantize=None, with_vi
     mode = resolve_quantize(quantize, device)
     if mode == "int8" and (trainable or device.type != "cpu"):
         raise ValueError("int8 dynamic quantization is for CPU inference; train with quantize='nf4' (CUDA) or 'none'")
-    lm, tokenizer = load_lm(cfg, device, dtype, mode)
+    # CLIP first: its load briefly holds the fp32 checkpoint and the cast copy (~0.9 GB for ViT-B/32),
+    # better before the LM is in memory than on top of it (docs/benchmarks.md, section 5)
     vision = load_vision(cfg, device, dtype) if with_vision else None
+    lm, tokenizer = load_lm(cfg, device, dtype, mode)
     if vision is not None:
         feature_dim = vision.feature_dim
     if feature_dim is None:

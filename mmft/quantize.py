@@ -54,12 +54,7 @@ class Int8Linear(nn.Linear):
     def _init(self, weight: torch.Tensor, bias: torch.Tensor | None, reduce_range: bool) -> None:
         nn.Module.__init__(self)  # not nn.Linear.__init__: it would allocate a float weight
         self.out_features, self.in_features = weight.shape
-        w = weight.detach().float()  # [out, in]
-        # per_channel_symmetric as torch's per-channel observer computes it: max|w| / 127.5
-        scale = (w.abs().amax(dim=1) / 127.5).clamp(min=1e-8).double()
-        with warnings.catch_warnings():  # torch's quantized tensors are deprecated: docs/benchmarks.md
-            warnings.simplefilter("ignore")
-            qweight = torch.quantize_per_channel(w, scale, torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8)
+        qweight = quantize_rows(weight.detach())
         bias = None if bias is None else bias.detach().float()
         self._packed = torch.ops.quantized.linear_prepack(qweight, bias)
         # fbgemm's x86 kernels saturate int16 intermediates without VNNI: 7-bit activations avoid
@@ -80,6 +75,31 @@ class Int8Linear(nn.Linear):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+
+
+ROWS_PER_CHUNK = 2048  # rows converted to fp32 at a time: lm_head (32064 x 3072) in fp32 alone is 394 MB
+
+
+def quantize_rows(weight: torch.Tensor) -> torch.Tensor:
+    """Float weight [out, in] -> qint8 per output channel (symmetric), a chunk of rows at a time.
+
+    Each row's scale and values depend on that row only, so chunking gives exactly what one
+    `quantize_per_channel` over the whole fp32 copy gives, without ever holding that copy."""
+    out = weight.shape[0]
+    values = torch.empty(weight.shape, dtype=torch.int8)  # [out, in]
+    scales = torch.empty(out, dtype=torch.double)
+    zeros = torch.zeros(out, dtype=torch.long)
+    with warnings.catch_warnings():  # torch's quantized tensors are deprecated: docs/benchmarks.md
+        warnings.simplefilter("ignore")
+        for start in range(0, out, ROWS_PER_CHUNK):
+            rows = slice(start, start + ROWS_PER_CHUNK)
+            w = weight[rows].float()  # [chunk, in]
+            # per_channel_symmetric as torch's per-channel observer computes it: max|w| / 127.5
+            # (max(max, -min) is max|w| exactly, without a second [chunk, in] temporary)
+            scale = (torch.maximum(w.amax(dim=1), w.amin(dim=1).neg()) / 127.5).clamp(min=1e-8).double()
+            values[rows] = torch.quantize_per_channel(w, scale, zeros[rows], 0, torch.qint8).int_repr()
+            scales[rows] = scale
+        return torch._make_per_channel_quantized_tensor(values, scales, zeros, 0)
 
 
 def _int8_targets(module: nn.Module) -> dict[str, nn.Linear]:

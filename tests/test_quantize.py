@@ -61,6 +61,23 @@ def test_one_linear_close_to_float_within_the_int8_bound():
     assert isinstance(q, nn.Linear) and q.in_features == 512 and q.out_features == 256
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_quantized_in_chunks_exactly_as_in_one_piece(dtype):
+    """quantize_rows converts a few rows at a time (no whole fp32 copy): the same int8 values and
+    scales as torch's per-channel quantization of the whole fp32 weight, the observer's scale rule."""
+    torch.manual_seed(0)
+    weight = torch.randn(2 * quantize.ROWS_PER_CHUNK + 5, 48).to(dtype)  # [out, in], a ragged last chunk
+    weight[3] = 0  # an all-zero row: the scale's lower clamp
+    w = weight.float()
+    scale = (w.abs().amax(dim=1) / 127.5).clamp(min=1e-8).double()
+    want = torch.quantize_per_channel(w, scale, torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8)
+    got = quantize.quantize_rows(weight)
+    assert got.dtype == torch.qint8 and got.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric)
+    assert torch.equal(got.int_repr(), want.int_repr())
+    assert torch.equal(got.q_per_channel_scales(), want.q_per_channel_scales())
+    assert torch.equal(got.q_per_channel_zero_points(), want.q_per_channel_zero_points())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_every_float_dtype_in_and_out(dtype):
     torch.manual_seed(0)
