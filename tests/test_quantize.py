@@ -56,8 +56,15 @@ def test_one_linear_close_to_float_within_the_int8_bound():
     # over 5376 outputs (~4 sigma) is ~2.5 % of the largest output (~1.5). Measured 1.9 %; bound 5 %.
     assert (got - ref).abs().max() < 0.05 * ref.abs().max()
     assert not torch.equal(got, ref)  # it really is quantized
-    assert q.weight.dtype == torch.qint8 and tuple(q.weight.shape) == (256, 512)
-    assert torch.equal(q.bias, linear.bias.detach())
+    assert q.weight.dtype == torch.qint8 and tuple(q.weight.shape) == (256, 512)  # the stand-in PEFT reads
+    weight, bias = q.unpack()
+    assert weight.dtype == torch.qint8 and tuple(weight.shape) == (256, 512)
+    assert torch.equal(q.bias, linear.bias.detach()) and torch.equal(bias, linear.bias.detach())
+    # the values: per-channel symmetric, every weight within half a step of the float one. A row's
+    # largest weight sits exactly half a step away (127.5 -> 127 or -128); |w| is at most 255 half-steps,
+    # so a few fp32 ulps of w and of the dequantized product are ~1e-5 of a half-step: slack 1e-4.
+    steps = weight.q_per_channel_scales().float().unsqueeze(1)  # [out, 1]
+    assert ((weight.dequantize() - linear.weight.detach()).abs() <= steps / 2 * (1 + 1e-4)).all()
     assert isinstance(q, nn.Linear) and q.in_features == 512 and q.out_features == 256
 
 
@@ -222,7 +229,7 @@ def assert_same_int8_model(old, new):
     for name, m in mo.items():
         assert type(m) is type(mn[name]), name
         if isinstance(m, Int8Linear):
-            a, b = m.weight, mn[name].weight
+            a, b = m.unpack()[0], mn[name].unpack()[0]
             assert torch.equal(a.int_repr(), b.int_repr()), name
             assert torch.equal(a.q_per_channel_scales(), b.q_per_channel_scales()), name
             assert (m.bias is None) == (mn[name].bias is None) and (m.bias is None or torch.equal(m.bias, mn[name].bias))
