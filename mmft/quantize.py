@@ -37,8 +37,8 @@ INT8_SKIP = ("lora_",)  # never quantize an adapter: it must stay float, trainab
 class Int8Linear(nn.Linear):
     """y = x @ W^T + b with W int8 per output channel (symmetric), x quantized per call.
 
-    The weight lives only in fbgemm's packed form; `weight` unpacks it on demand (PEFT reads it
-    for device and dtype when it attaches an adapter), so the module holds one int8 copy.
+    The weight lives only in fbgemm's packed form, so the module holds one int8 copy; `weight` is a
+    value-less stand-in for PEFT (device, dtype, shape), `unpack()` gives the values.
     """
 
     def __init__(self, linear: nn.Linear, reduce_range: bool = True):
