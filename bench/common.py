@@ -310,7 +310,7 @@ def bytes_per_token(lm, config: Phi3Config, kv_tokens: int, kv_bytes: int = 4) -
     total = 0
     for module in lm.modules():
         if isinstance(module, Int8Linear):
-            w = module.weight  # int8, per output channel: a scale and a zero point each
+            w = module.unpack()[0]  # int8, per output channel: a scale and a zero point each
             total += w.numel()
             if w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
                 total += w.q_per_channel_scales().numel() * 4 * 2  # as fbgemm keeps them (fp32 + int32)

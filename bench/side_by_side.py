@@ -14,9 +14,9 @@
    at --threads: llama.cpp by `llama-bench -p 80 -n 64` (prefill = 80 / its pp t/s), mmft by
    `generate` after an 80-token prefill (decode tok/s over --new-tokens, adapter off so both run
    the same weights). Peak RSS per process (wait4). Load average before and after each.
-4. mmft rows load as `mmft.loading.build_model` does (int8: the checkpoint's dtype, adapter
-   attached, linears quantized, the rest cast to the dtype), then two more rounds are loaded as
-   PEFT named adapters on the same base: RSS with one round and with three. The app's default row
+4. mmft rows load as `mmft.loading.build_model` does (int8: `mmft.quantize.load_int8_lm`, linears
+   quantized as they are read, the rest cast to the dtype; then the adapter), then two more rounds
+   are loaded as PEFT named adapters on the same base: RSS with one and three. The app's default row
    also answers one image question through the staged `Pipeline` (16 draft + 32 refine tokens;
    real-size CLIP and projector) and times the adapter toggle.
 5. Quantization error: each row's logits over the 80-token prompt and its greedy tokens against the
@@ -209,16 +209,17 @@ def mmft_worker(folder: Path, dtype_name: str, quantize: str, prompt: int, new_t
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from mmft.quantize import int8_linears, quantize_int8_
+    from mmft.quantize import int8_linears, load_int8_lm
 
     dtype = DTYPE_NAMES[dtype_name]
     load_before = common.load_avg()
     t = time.perf_counter()
-    # build_model's int8 path loads in the checkpoint's own dtype ("auto": bf16 here), then quantizes.
-    lm = AutoModelForCausalLM.from_pretrained(folder / "lm", dtype="auto" if quantize == "int8" else dtype)
-    lm = PeftModel.from_pretrained(lm, str(folder / "round-1"), adapter_name="round-1")
+    # as build_model: int8 is read tensor by tensor straight into int8 linears, then the adapter attached
     if quantize == "int8":
-        quantize_int8_(lm, dtype)
+        lm = load_int8_lm(folder / "lm", dtype=dtype)
+    else:
+        lm = AutoModelForCausalLM.from_pretrained(folder / "lm", dtype=dtype)
+    lm = PeftModel.from_pretrained(lm, str(folder / "round-1"), adapter_name="round-1")
     lm.eval()
     build_s = time.perf_counter() - t
     rss_one = common.rss_gb()

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from mmft.config import QUANTIZE_MODES, MMFTConfig, load_config
 from mmft.model import MultimodalModel
 from mmft.projector import Projector, load_projector
-from mmft.quantize import pick_cpu_path, quantize_int8_
+from mmft.quantize import load_int8_lm, pick_cpu_path
 from mmft.round import ADAPTER_DIR, PROJECTOR_NAME, check_round_folder
 from mmft.vision import VisionEncoder
 
@@ -60,12 +60,21 @@ def resolve_quantize(quantize: str | None, device: torch.device, inference: bool
     return quantize
 
 
-def load_lm(cfg: MMFTConfig, device: torch.device, dtype: torch.dtype, quantize: str | None = None):
-    """The base LM and its tokenizer; 4-bit NF4 by default on CUDA only (int8 is applied by build_model)."""
-    quantize = resolve_quantize(quantize, device) == "nf4"
+def load_tokenizer(cfg: MMFTConfig):
     tokenizer = AutoTokenizer.from_pretrained(cfg.lm_model_id, revision=cfg.lm_revision)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_lm(cfg: MMFTConfig, device: torch.device, dtype: torch.dtype, quantize: str | None = None):
+    """The base LM and its tokenizer; 4-bit NF4 by default on CUDA only. int8 ("int8") is read straight
+    into int8 linears (`mmft.quantize.load_int8_lm`: the float checkpoint is never held whole)."""
+    mode = resolve_quantize(quantize, device)
+    tokenizer = load_tokenizer(cfg)
+    if mode == "int8":
+        return load_int8_lm(cfg.lm_model_id, cfg.lm_revision, dtype), tokenizer
+    quantize = mode == "nf4"
     kwargs = dict(revision=cfg.lm_revision, dtype=dtype)
     if quantize:
         from transformers import BitsAndBytesConfig
@@ -121,9 +130,10 @@ def build_model(cfg: MMFTConfig, device=None, dtype=None, quantize=None, with_vi
     mode = resolve_quantize(quantize, device)
     if mode == "int8" and (trainable or device.type != "cpu"):
         raise ValueError("int8 dynamic quantization is for CPU inference; train with quantize='nf4' (CUDA) or 'none'")
-    # int8: load in the checkpoint's own dtype (bf16 for Phi-3.5: half of fp32's peak, lossless)
-    lm, tokenizer = load_lm(cfg, device, "auto" if mode == "int8" else dtype, mode)
+    # CLIP first: its load briefly holds the fp32 checkpoint and the cast copy (~0.9 GB for ViT-B/32),
+    # better before the LM is in memory than on top of it (docs/benchmarks.md, section 5)
     vision = load_vision(cfg, device, dtype) if with_vision else None
+    lm, tokenizer = load_lm(cfg, device, dtype, mode)
     if vision is not None:
         feature_dim = vision.feature_dim
     if feature_dim is None:
@@ -135,8 +145,6 @@ def build_model(cfg: MMFTConfig, device=None, dtype=None, quantize=None, with_vi
         lm = PeftModel.from_pretrained(lm, str(adapter), is_trainable=trainable)
     elif trainable:
         lm = get_peft_model(lm, lora_config(cfg))
-    if mode == "int8":
-        quantize_int8_(lm, dtype)
     return MultimodalModel(cfg, lm, tokenizer, projector, vision)
 
 

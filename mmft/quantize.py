@@ -11,8 +11,9 @@ else, LoRA included, in the model's float dtype:
   and `disable_adapter()` gives exactly the quantized base.
 - It takes and returns any float dtype (fp32, bf16, fp16): the int8 kernel runs in fp32 inside, so
   `quantize="int8"` works with every `dtype` choice.
-- Layers are converted one decoder layer at a time and each float copy is freed at once, so the
-  peak stays near one quantized model plus one float layer.
+- `load_int8_lm` (what `build_model` uses) reads the checkpoint tensor by tensor, without a memory
+  map, and quantizes each linear as soon as it is read: the peak stays near the int8 model plus one
+  float tensor. `quantize_int8_` converts a model already in memory, one decoder layer at a time.
 
 The kernels are torch's own (`torch.ops.quantized.linear_dynamic`, fbgemm on x86), no extra
 dependency; the `torch.ao.quantization` *Python* API around them is deprecated, the ops are not
@@ -22,6 +23,8 @@ used through it.
 from __future__ import annotations
 
 import gc
+import os
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -34,32 +37,49 @@ INT8_SKIP = ("lora_",)  # never quantize an adapter: it must stay float, trainab
 class Int8Linear(nn.Linear):
     """y = x @ W^T + b with W int8 per output channel (symmetric), x quantized per call.
 
-    The weight lives only in fbgemm's packed form; `weight` unpacks it on demand (PEFT reads it
-    for device and dtype when it attaches an adapter), so the module holds one int8 copy.
+    The weight lives only in fbgemm's packed form, so the module holds one int8 copy; `weight` is a
+    value-less stand-in for PEFT (device, dtype, shape), `unpack()` gives the values.
     """
 
     def __init__(self, linear: nn.Linear, reduce_range: bool = True):
+        self._init(linear.weight, linear.bias, reduce_range)
+
+    @classmethod
+    def from_tensors(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, reduce_range: bool = True):
+        """From a float weight [out, in] (and bias [out]) read straight from a checkpoint: no nn.Linear."""
+        q = cls.__new__(cls)
+        q._init(weight, bias, reduce_range)
+        return q
+
+    def _init(self, weight: torch.Tensor, bias: torch.Tensor | None, reduce_range: bool) -> None:
         nn.Module.__init__(self)  # not nn.Linear.__init__: it would allocate a float weight
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        w = linear.weight.detach().float()  # [out, in]
-        # per_channel_symmetric as torch's per-channel observer computes it: max|w| / 127.5
-        scale = (w.abs().amax(dim=1) / 127.5).clamp(min=1e-8).double()
-        with warnings.catch_warnings():  # torch's quantized tensors are deprecated: docs/benchmarks.md
-            warnings.simplefilter("ignore")
-            qweight = torch.quantize_per_channel(w, scale, torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8)
-        bias = None if linear.bias is None else linear.bias.detach().float()
+        self.out_features, self.in_features = weight.shape
+        qweight = quantize_rows(weight.detach())
+        bias = None if bias is None else bias.detach().float()
         self._packed = torch.ops.quantized.linear_prepack(qweight, bias)
+        self._bias = bias  # [out] fp32 (tiny), so that reading it never unpacks
         # fbgemm's x86 kernels saturate int16 intermediates without VNNI: 7-bit activations avoid
         # it (torch's own dynamic Linear always passes True; the error is measured in the bench).
         self.reduce_range = reduce_range
 
     @property
     def weight(self) -> torch.Tensor:
-        return torch.ops.quantized.linear_unpack(self._packed)[0]  # qint8 [out, in]
+        """A stand-in with the weight's shape, dtype (qint8) and device, and no values (one element,
+        expanded). PEFT reads `weight` several times for each adapter it attaches, for device and
+        dtype only, and unpacking fbgemm's packed form costs ~0.6 s for one Phi-3.5 gate_up_proj:
+        minutes per round loaded. Quantized, it fails loudly in float math. The values: `unpack()`."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            one = torch._empty_affine_quantized([1], scale=1.0, zero_point=0, dtype=torch.qint8)
+        return one.expand(self.out_features, self.in_features)  # [out, in], no memory
 
     @property
     def bias(self) -> torch.Tensor | None:
-        return torch.ops.quantized.linear_unpack(self._packed)[1]
+        return self._bias
+
+    def unpack(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The int8 weight (qint8 [out, in], per-channel scales) and the fp32 bias, unpacked (slow)."""
+        return torch.ops.quantized.linear_unpack(self._packed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.ops.quantized.linear_dynamic(x.float(), self._packed, self.reduce_range)  # [..., out] fp32
@@ -67,6 +87,31 @@ class Int8Linear(nn.Linear):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+
+
+ROWS_PER_CHUNK = 2048  # rows converted to fp32 at a time: lm_head (32064 x 3072) in fp32 alone is 394 MB
+
+
+def quantize_rows(weight: torch.Tensor) -> torch.Tensor:
+    """Float weight [out, in] -> qint8 per output channel (symmetric), a chunk of rows at a time.
+
+    Each row's scale and values depend on that row only, so chunking gives exactly what one
+    `quantize_per_channel` over the whole fp32 copy gives, without ever holding that copy."""
+    out = weight.shape[0]
+    values = torch.empty(weight.shape, dtype=torch.int8)  # [out, in]
+    scales = torch.empty(out, dtype=torch.double)
+    zeros = torch.zeros(out, dtype=torch.long)
+    with warnings.catch_warnings():  # torch's quantized tensors are deprecated: docs/benchmarks.md
+        warnings.simplefilter("ignore")
+        for start in range(0, out, ROWS_PER_CHUNK):
+            rows = slice(start, start + ROWS_PER_CHUNK)
+            w = weight[rows].float()  # [chunk, in]
+            # per_channel_symmetric as torch's per-channel observer computes it: max|w| / 127.5
+            # (max(max, -min) is max|w| exactly, without a second [chunk, in] temporary)
+            scale = (torch.maximum(w.amax(dim=1), w.amin(dim=1).neg()) / 127.5).clamp(min=1e-8).double()
+            values[rows] = torch.quantize_per_channel(w, scale, zeros[rows], 0, torch.qint8).int_repr()
+            scales[rows] = scale
+        return torch._make_per_channel_quantized_tensor(values, scales, zeros, 0)
 
 
 def _int8_targets(module: nn.Module) -> dict[str, nn.Linear]:
@@ -114,6 +159,146 @@ def quantize_int8_(lm, dtype: torch.dtype | None = None) -> int:
 
 def int8_linears(module: nn.Module) -> list[str]:
     return [name for name, m in module.named_modules() if isinstance(m, Int8Linear)]
+
+
+def int8_target_names(base) -> set[str]:
+    """What int8 converts in a causal LM without adapters: the decoder layers' plain linears and lm_head."""
+    names = {f"model.layers.{i}.{name}" for i, layer in enumerate(base.model.layers) for name in _int8_targets(layer)}
+    if type(base.lm_head) is nn.Linear:
+        names.add("lm_head")
+    return names
+
+
+# -- int8 straight from the checkpoint ---------------------------------------------------------------
+# Buffers old checkpoints still carry; transformers drops them on load too.
+IGNORED_CHECKPOINT_KEYS = (r"rotary_emb\.inv_freq", r"(^|\.)position_ids$")
+
+
+def load_int8_lm(model_id: str | os.PathLike, revision: str | None = None, dtype: torch.dtype = torch.float32):
+    """The causal LM at `model_id` (a folder or a Hub id at `revision`) with its linears int8 as they are read.
+
+    Why not `from_pretrained` then `quantize_int8_`: transformers maps the whole float checkpoint and
+    touches every page before anything can be quantized, and mapped file pages count in RSS until they
+    are unmapped (Phi-3.5: 13 GB peak for 3.8 GB of int8; docs/benchmarks.md, section 5). Here the model
+    is built without weights and filled one tensor at a time by plain reads (`pread`, no mapping); each
+    linear becomes an `Int8Linear` as soon as its weight is read and the float copy is dropped, so the
+    peak is the int8 model plus one float tensor. The result equals `from_pretrained(dtype="auto")` then
+    `quantize_int8_(lm, dtype)`: same int8 weights and scales, buffers, config (tests/test_quantize.py).
+    Reads safetensors checkpoints (one file or sharded); a missing, unexpected or misshapen tensor is an
+    error that names it, never a random weight.
+    """
+    from accelerate import init_empty_weights
+    from huggingface_hub import is_offline_mode
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils.hub import resolve_revision
+
+    model_id = str(model_id)
+    offline = is_offline_mode()
+    revision = resolve_revision(model_id, revision, local_files_only=offline)  # one commit for every file
+    hub = dict(revision=revision, local_files_only=offline)
+    config = AutoConfig.from_pretrained(model_id, **hub)
+    files = checkpoint_files(model_id, **hub)
+    load_dtype = _auto_dtype(config, files)  # what from_pretrained(dtype="auto") loads in
+    config.name_or_path = model_id
+    with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (rotary) computed for real
+        lm = AutoModelForCausalLM.from_config(config, dtype=load_dtype)
+
+    targets = int8_target_names(lm)
+    tied = lm.get_expanded_tied_weights_keys(all_submodels=True)  # {"lm_head.weight": "model.embed_tokens.weight"}
+    ignored = re.compile("|".join([*IGNORED_CHECKPOINT_KEYS, *(lm._keys_to_ignore_on_load_unexpected or ())]))
+    pending: dict[str, dict[str, torch.Tensor]] = {}  # a linear whose bias or weight is still to come
+    seen: set[str] = set()
+
+    def put(key: str, tensor: torch.Tensor) -> None:
+        module_name, _, attr = key.rpartition(".")
+        if module_name in targets:
+            parts = pending.setdefault(module_name, {})
+            parts[attr] = tensor
+            linear = lm.get_submodule(module_name)
+            if set(parts) == {n for n, p in linear._parameters.items() if p is not None}:
+                parent, _, child = module_name.rpartition(".")
+                setattr(lm.get_submodule(parent), child, Int8Linear.from_tensors(parts["weight"], parts.get("bias")))
+                del pending[module_name]
+        else:
+            lm.get_submodule(module_name).register_parameter(attr, nn.Parameter(tensor.to(dtype)))
+
+    for file in files:
+        with safe_open(file, framework="pt", device="cpu", backend="pread") as f:
+            for key in f.offset_keys():  # in file order: sequential reads
+                if key in tied or ignored.search(key):
+                    continue  # a tied copy (transformers ties over it) or a stale buffer
+                expected = _expected_param(lm, key)
+                shape = list(f.get_slice(key).get_shape())
+                if expected is None or key in seen:
+                    why = "appears twice" if key in seen else f"is not a parameter of {type(lm).__name__}"
+                    raise ValueError(f"{model_id}: checkpoint tensor {key!r} {why}: a checkpoint for another model?")
+                if shape != list(expected.shape):
+                    raise ValueError(f"{model_id}: checkpoint tensor {key!r} has shape {shape}, the model's config "
+                                     f"expects {list(expected.shape)}: the checkpoint and config.json disagree")
+                seen.add(key)
+                tensor = f.get_tensor(key).to(load_dtype)
+                put(key, tensor)
+                for target, source in tied.items():
+                    if source == key:
+                        put(target, tensor)
+                del tensor
+    unset = [n for n, b in lm.named_buffers() if b.is_meta]
+    if unset:  # buffers are computed by the modules themselves, never read: a transformers change?
+        raise RuntimeError(f"{model_id}: buffers {unset[:5]} were not initialised; load with quantize='none'")
+    missing = [*(f"{m}.{a}" for m, parts in pending.items() for a in parts),
+               *(n for n, p in lm.named_parameters() if p.is_meta)]
+    if missing:
+        raise ValueError(f"{model_id}: the checkpoint has no tensor {', '.join(sorted(missing)[:5])}"
+                         f"{' ...' if len(missing) > 5 else ''}: an incomplete download or another model?")
+    lm.config.dtype = dtype
+    lm.eval()
+    lm.adjust_generation_fn(None, True, None, model_id, cache_dir=None, force_download=False, proxies=None,
+                            token=None, subfolder="", trust_remote_code=None, **hub)  # as from_pretrained
+    gc.collect()
+    return lm
+
+
+def _expected_param(lm, key: str) -> torch.Tensor | None:
+    """The (meta) parameter a checkpoint key fills, or None if the model has none by that name."""
+    module_name, _, attr = key.rpartition(".")
+    try:
+        module = lm.get_submodule(module_name)
+    except AttributeError:
+        return None
+    if isinstance(module, Int8Linear):  # already read
+        return None
+    param = module._parameters.get(attr)
+    return param if param is not None and param.is_meta else None
+
+
+def checkpoint_files(model_id: str, **hub) -> list[str]:
+    """The safetensors files of a model folder or Hub repo, resolved (and cached) as transformers does."""
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file
+    from transformers.utils.hub import get_checkpoint_shard_files
+
+    single = cached_file(model_id, SAFE_WEIGHTS_NAME, _raise_exceptions_for_missing_entries=False, **hub)
+    if single is not None:
+        return [single]
+    index = cached_file(model_id, SAFE_WEIGHTS_INDEX_NAME, _raise_exceptions_for_missing_entries=False, **hub)
+    if index is not None:
+        return get_checkpoint_shard_files(model_id, index, **hub)[0]
+    raise FileNotFoundError(f"{model_id} (revision {hub.get('revision') or 'main'}) has no {SAFE_WEIGHTS_NAME} or "
+                            f"{SAFE_WEIGHTS_INDEX_NAME}: the int8 load reads safetensors only (or use quantize='none')")
+
+
+def _auto_dtype(config, files: list[str]) -> torch.dtype:
+    """from_pretrained's dtype="auto": config.json's dtype, else the checkpoint's first float tensor's."""
+    from safetensors import safe_open
+
+    if config.dtype is not None:
+        return getattr(torch, config.dtype) if isinstance(config.dtype, str) else config.dtype
+    names = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    with safe_open(files[0], framework="pt", backend="pread") as f:
+        for key in f.keys():
+            if f.get_slice(key).get_dtype() in names:
+                return names[f.get_slice(key).get_dtype()]
+    return torch.get_default_dtype()
 
 
 # -- the CPU path --------------------------------------------------------------------------------

@@ -160,3 +160,17 @@ def test_side_by_side_tiny(capsys):
         assert not [r for r in result["rows"] if r["engine"] == "llama.cpp"]
     else:
         assert {r["precision"] for r in result["rows"] if r["engine"] == "llama.cpp"} == {"Q4_K_M", "Q8_0"}
+
+
+def test_load_memory_tiny_both_loaders(capsys):
+    """The streamed int8 load and transformers' load + quantize, each in its own process, three rounds."""
+    from bench import load_memory
+
+    load_memory.main(["--tiny", "--threads", "1"])
+    result = _last_json(capsys)
+    rows = {r["loader"]: r for r in result["rows"]}
+    assert set(rows) == {"streamed", "transformers"}
+    for row in rows.values():
+        assert "error" not in row, row
+        assert row["answered"] is True and row["int8_linears"] == 2 * 4 + 1
+        assert 0 < row["rss_1_gb"] <= row["peak_three_rounds_gb"] <= row["peak_after_answer_gb"]

@@ -56,9 +56,33 @@ def test_one_linear_close_to_float_within_the_int8_bound():
     # over 5376 outputs (~4 sigma) is ~2.5 % of the largest output (~1.5). Measured 1.9 %; bound 5 %.
     assert (got - ref).abs().max() < 0.05 * ref.abs().max()
     assert not torch.equal(got, ref)  # it really is quantized
-    assert q.weight.dtype == torch.qint8 and tuple(q.weight.shape) == (256, 512)
-    assert torch.equal(q.bias, linear.bias.detach())
+    assert q.weight.dtype == torch.qint8 and tuple(q.weight.shape) == (256, 512)  # the stand-in PEFT reads
+    weight, bias = q.unpack()
+    assert weight.dtype == torch.qint8 and tuple(weight.shape) == (256, 512)
+    assert torch.equal(q.bias, linear.bias.detach()) and torch.equal(bias, linear.bias.detach())
+    # the values: per-channel symmetric, every weight within half a step of the float one. A row's
+    # largest weight sits exactly half a step away (127.5 -> 127 or -128); |w| is at most 255 half-steps,
+    # so a few fp32 ulps of w and of the dequantized product are ~1e-5 of a half-step: slack 1e-4.
+    steps = weight.q_per_channel_scales().float().unsqueeze(1)  # [out, 1]
+    assert ((weight.dequantize() - linear.weight.detach()).abs() <= steps / 2 * (1 + 1e-4)).all()
     assert isinstance(q, nn.Linear) and q.in_features == 512 and q.out_features == 256
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_quantized_in_chunks_exactly_as_in_one_piece(dtype):
+    """quantize_rows converts a few rows at a time (no whole fp32 copy): the same int8 values and
+    scales as torch's per-channel quantization of the whole fp32 weight, the observer's scale rule."""
+    torch.manual_seed(0)
+    weight = torch.randn(2 * quantize.ROWS_PER_CHUNK + 5, 48).to(dtype)  # [out, in], a ragged last chunk
+    weight[3] = 0  # an all-zero row: the scale's lower clamp
+    w = weight.float()
+    scale = (w.abs().amax(dim=1) / 127.5).clamp(min=1e-8).double()
+    want = torch.quantize_per_channel(w, scale, torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8)
+    got = quantize.quantize_rows(weight)
+    assert got.dtype == torch.qint8 and got.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric)
+    assert torch.equal(got.int_repr(), want.int_repr())
+    assert torch.equal(got.q_per_channel_scales(), want.q_per_channel_scales())
+    assert torch.equal(got.q_per_channel_zero_points(), want.q_per_channel_zero_points())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -168,3 +192,127 @@ def test_load_round_int8_with_every_dtype(tiny_model, tmp_path, dtype):
     assert not int8_linears(trained.lm)  # training on CPU stays float
     frozen = loading.build_model(model.cfg, device="cpu", dtype=torch.float32)  # projector-only training
     assert not int8_linears(frozen.lm)
+
+
+# -- int8 straight from the checkpoint (load_int8_lm) ---------------------------------------------
+def saved_lm(tiny_dir, folder, tie=False, dtype=torch.float32, max_shard_size=None, longrope=False):
+    """The tiny kit's LM config, re-seeded, optionally tied / bf16 / sharded / Phi-3.5's longrope; saved."""
+    from transformers import AutoConfig, Phi3ForCausalLM
+
+    config = AutoConfig.from_pretrained(tiny_dir / "lm")
+    config.tie_word_embeddings = tie
+    if longrope:  # Phi-3.5-mini's rope: two factor lists and an original context the rotary buffers depend on
+        half = config.hidden_size // config.num_attention_heads // 2
+        config.rope_parameters = dict(rope_type="longrope", rope_theta=10000.0, partial_rotary_factor=1.0,
+                                      original_max_position_embeddings=256,
+                                      short_factor=[1.0 + i / half for i in range(half)],
+                                      long_factor=[2.0 + i / half for i in range(half)])
+    torch.manual_seed(3)
+    lm = Phi3ForCausalLM(config).to(dtype)
+    lm.save_pretrained(folder, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    return folder
+
+
+def old_path(folder, dtype):
+    """What build_model did before: transformers' own load (checkpoint dtype), then quantize_int8_."""
+    from transformers import AutoModelForCausalLM
+
+    lm = AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
+    quantize_int8_(lm, dtype)
+    return lm
+
+
+def assert_same_int8_model(old, new):
+    """Exact: module types, int8 values and scales of every linear, every parameter and buffer, configs."""
+    mo, mn = dict(old.named_modules()), dict(new.named_modules())
+    assert mo.keys() == mn.keys()
+    for name, m in mo.items():
+        assert type(m) is type(mn[name]), name
+        if isinstance(m, Int8Linear):
+            a, b = m.unpack()[0], mn[name].unpack()[0]
+            assert torch.equal(a.int_repr(), b.int_repr()), name
+            assert torch.equal(a.q_per_channel_scales(), b.q_per_channel_scales()), name
+            assert (m.bias is None) == (mn[name].bias is None) and (m.bias is None or torch.equal(m.bias, mn[name].bias))
+    for get in (lambda lm: dict(lm.named_parameters()), lambda lm: dict(lm.named_buffers())):
+        to, tn = get(old), get(new)
+        assert to.keys() == tn.keys()
+        for k in to:  # the rotary buffers included: real, not meta, and equal
+            assert not tn[k].is_meta and tn[k].dtype == to[k].dtype and torch.equal(tn[k], to[k]), k
+    assert old.config.to_dict() == new.config.to_dict()
+    assert old.generation_config.to_dict() == new.generation_config.to_dict()
+    assert not new.training
+
+
+VARIANTS = {
+    "untied": {},
+    "tied": dict(tie=True),
+    "sharded": dict(max_shard_size="300KB"),  # the 8 MB embedding alone in one shard, layers in others
+    "bf16-longrope": dict(dtype=torch.bfloat16, longrope=True),  # Phi-3.5 ships bf16, with longrope
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_streamed_int8_load_equals_transformers_load_then_quantize(tiny_dir, tmp_path, variant, dtype):
+    folder = saved_lm(tiny_dir, tmp_path / "lm", **VARIANTS[variant])
+    if variant == "sharded":
+        assert len(list(folder.glob("model-*.safetensors"))) > 2 and (folder / "model.safetensors.index.json").exists()
+    old, new = old_path(folder, dtype), quantize.load_int8_lm(folder, dtype=dtype)
+    assert_same_int8_model(old, new)
+    assert len(int8_linears(new)) == 2 * 4 + 1 and new.get_input_embeddings().weight.dtype == dtype
+    if variant == "tied":
+        assert old.config.tie_word_embeddings and isinstance(new.lm_head, Int8Linear)
+    if variant == "bf16-longrope":
+        assert new.model.rotary_emb.rope_type == "longrope"
+    with torch.no_grad():
+        assert torch.equal(old(input_ids=IDS).logits, new(input_ids=IDS).logits)
+        kwargs = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+        assert torch.equal(old.generate(input_ids=IDS, **kwargs), new.generate(input_ids=IDS, **kwargs))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_adapter_on_the_streamed_base_equals_the_old_order(tiny_dir, tmp_path, dtype):
+    """build_model now attaches the round's adapter to the int8 base (before: float base, then quantize):
+    the same LoRA weights and dtype, the same logits with the adapter on, for a bf16 checkpoint too."""
+    folder = saved_lm(tiny_dir, tmp_path / "lm", dtype=torch.bfloat16)
+    adapter = with_lora(quantize.load_int8_lm(folder, dtype=torch.float32), seed=4)
+    adapter.save_pretrained(tmp_path / "adapter")
+    from transformers import AutoModelForCausalLM
+
+    before = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder, dtype="auto"), str(tmp_path / "adapter"))
+    quantize_int8_(before, dtype)
+    after = PeftModel.from_pretrained(quantize.load_int8_lm(folder, dtype=dtype), str(tmp_path / "adapter"))
+    lora_before = {n: p for n, p in before.named_parameters() if "lora_" in n}
+    lora_after = {n: p for n, p in after.named_parameters() if "lora_" in n}
+    assert lora_before.keys() == lora_after.keys() and lora_before
+    assert all(p.dtype == lora_after[n].dtype and torch.equal(p, lora_after[n]) for n, p in lora_before.items())
+    with torch.no_grad():
+        assert torch.equal(before(input_ids=IDS).logits, after(input_ids=IDS).logits)
+
+
+def rewrite(folder, change):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / "model.safetensors")
+    change(tensors)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_a_missing_misshapen_or_foreign_tensor_is_named(tiny_dir, tmp_path):
+    folder = saved_lm(tiny_dir, tmp_path / "lm")
+    key = "model.layers.1.mlp.down_proj.weight"
+    good = {}
+    rewrite(folder, lambda t: good.update(t))
+
+    rewrite(folder, lambda t: t.pop(key))
+    with pytest.raises(ValueError, match=rf"no tensor {key}: an incomplete download"):
+        quantize.load_int8_lm(folder)
+    rewrite(folder, lambda t: t.update(good, **{key: good[key][:, :-1].contiguous()}))
+    with pytest.raises(ValueError, match=rf"'{key}' has shape \[64, 127\], the model's config expects \[64, 128\]"):
+        quantize.load_int8_lm(folder)
+    rewrite(folder, lambda t: t.update(good, **{"model.layers.0.mlp.extra.weight": torch.zeros(2, 2)}))
+    with pytest.raises(ValueError, match=r"'model.layers.0.mlp.extra.weight' is not a parameter of Phi3ForCausalLM"):
+        quantize.load_int8_lm(folder)
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="has no model.safetensors or model.safetensors.index.json"):
+        quantize.load_int8_lm(folder)
