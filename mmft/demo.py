@@ -53,17 +53,15 @@ REFINE_KINDS = {"color": 0.15, "shape": 0.15, "describe": 0.15, "yesno": 0.4, "c
 FILLERS = ("shape", "object", "it", "is", "the", "colour", "color", "image", "answer", "a", "picture", "this")
 
 
-def noisy_draft(polarity: str | None, color: str | None, shape: str | None, rng: random.Random,
-                echo: str | None = None) -> str:
-    """A draft as an imperfect LoRA model might write it: the content words in the order cleaning
-    leaves them (`[echo] [polarity] colour shape`: "Red No blue", "red circle"), re-cased, repeated,
-    with extra words or stray punctuation; without an echo or polarity the words may come shuffled
-    (with them, order is meaning: the value after the yes/no word is the one seen)."""
-    values = [w for w in (color, shape) if w]
-    lead = ([echo] if echo and rng.random() < 0.8 else []) + ([polarity] if polarity else [])
-    if polarity is None and rng.random() < 0.3:
+def noisy_draft(lead: list[str], values: list[str], rng: random.Random) -> str:
+    """A draft as an imperfect LoRA model might write it: `lead` (a yes/no answer's echo and yes/no
+    word, as cleaning leaves them: "Red No") then the content values, re-cased, repeated, with extra
+    words or stray punctuation; without a lead the values may come shuffled (with one, order is
+    meaning: the value after the yes/no word is the one seen)."""
+    values = list(values)
+    if not lead and rng.random() < 0.3:
         rng.shuffle(values)
-    words = lead + values
+    words = list(lead) + values
     for _ in range(rng.choice([0, 0, 1, 2])):
         words.insert(rng.randrange(len(lead), len(words) + 1), rng.choice(FILLERS))
     if words and rng.random() < 0.25:
@@ -72,7 +70,7 @@ def noisy_draft(polarity: str | None, color: str | None, shape: str | None, rng:
     cased = []
     for w in words:
         r = rng.random()
-        cased.append(w.capitalize() if r < 0.15 else w.upper() if r < 0.2 else w)
+        cased.append(w.capitalize() if r < 0.1 else w.lower() if r < 0.2 else w.upper() if r < 0.25 else w)
     text = " ".join(cased)
     return text + rng.choice(["", "", "", ".", ",", " ."]) if text else text
 
@@ -105,17 +103,20 @@ def refine_corpus(cfg: MMFTConfig, n: int, seed: int) -> list[list[tuple[str, st
         content[facts["attr"] if kind != "describe" else "color"] = facts["truth"] if kind != "describe" else color
         if kind == "describe":
             content["shape"] = shape
-        echo = None
-        if kind == "yesno":
-            content["polarity"], echo = facts["polarity"], facts["asked"]
+        lead = []
+        if kind == "yesno":  # the words the LoRA model is trained to write: "Red No blue" -> lead "Red No"
+            content["polarity"] = facts["polarity"]
+            lead = clean_answer(questions.answer(facts)).split()[:2]
+            lead = lead if rng.random() < 0.8 else lead[1:]
         r = rng.random()
         if r < 0.12:  # a draft that does not match the question's kind: keep what it says
             content = dict(polarity=rng.choice([None, None, "yes", "no"]), color=rng.choice([None, color]),
                            shape=rng.choice([None, shape]))
-            echo = None
+            lead = [content["polarity"]] if content["polarity"] else []
         elif r < 0.15:
-            content["polarity"], echo = "not", None
-        draft = noisy_draft(content["polarity"], content["color"], content["shape"], rng, echo)
+            content["polarity"], lead = "not", ["not"]
+        values = [v for v in (content["color"], content["shape"]) if v]
+        draft = noisy_draft(lead, values, rng)
         out.append([("user", refine_prompt(cfg, question, draft)), ("assistant", questions.render(**content))])
     return out
 

@@ -160,6 +160,8 @@ def test_refine_corpus_targets_keep_the_drafts_content():
     for draft, target in drafts:
         assert content(draft) == content(target), (draft, target)
     assert any(d.lower().startswith("no ") for d, _ in drafts)  # a stopword-less "no red"
+    # yes/no drafts as the LoRA model is trained to write them (the cleaned answer's casing): "Red No blue"
+    assert any(re.match(r"(Red|Green|Blue|Yellow|Purple|Orange) No [a-z]+$", d) for d, _ in drafts)
     echoes = [(shapes.words_of(d) & values) - content(d) for d, _ in drafts]  # "Red No blue": {"red"}
     assert sum(map(bool, echoes)) > 20
     assert all(not (shapes.words_of(t) & echo) for (_, t), echo in zip(drafts, echoes))  # never in the answer
@@ -176,10 +178,10 @@ def demo_pipeline():
 
 
 # Regression guards, not the targets: the committed patch round measured (300 held-out images) colour
-# 0.95, shape 0.87, describe 0.75, yes/no 0.52, choice 0.91, refine damage 0.008; in-distribution
-# colour 0.97, shape 0.95 (docs/training.md). With 40 answers per kind one standard deviation is
+# 0.97, shape 0.83, describe 0.84, yes/no 0.73, choice 0.98, refine damage 0.0; in-distribution
+# colour 0.99, shape 0.97 (docs/training.md). With 40 answers per kind one standard deviation is
 # sqrt(p (1 - p) / 40) <= 0.08, so each floor sits ~2.5 deviations under the measured figure.
-HELDOUT_FLOORS = {"color": 0.85, "shape": 0.72, "describe": 0.55, "yesno": 0.3, "choice": 0.78}
+HELDOUT_FLOORS = {"color": 0.9, "shape": 0.68, "describe": 0.7, "yesno": 0.55, "choice": 0.9}
 
 
 @needs_demo
@@ -187,7 +189,7 @@ def test_committed_demo_round_on_fresh_images(demo_pipeline):
     heldout = shapes.evaluate(demo_pipeline, n=40, seed=424242, split="heldout")  # images the build never drew
     for kind, floor in HELDOUT_FLOORS.items():
         assert heldout["kinds"][kind]["accuracy"] >= floor, (kind, heldout)
-    assert heldout["refine_damage"] <= 0.1, heldout
+    assert heldout["refine_damage"] <= 0.05, heldout
     indist = shapes.evaluate(demo_pipeline, n=40, seed=424243, split="train", kinds=("color", "shape"))
     assert indist["kinds"]["color"]["accuracy"] >= 0.9 and indist["kinds"]["shape"]["accuracy"] >= 0.85, indist
 
@@ -195,28 +197,23 @@ def test_committed_demo_round_on_fresh_images(demo_pipeline):
 @needs_demo
 def test_a_no_survives_draft_and_refine(demo_pipeline):
     """clean -> train -> refine: the round trained on cleaned "Red? No, it is blue." drafts `Red No blue`;
-    asked about red, it says no for shapes of other colours, and the refine keeps the no. A known
-    failure, measured (docs/training.md): for an echoed *red* the refine often writes the echo instead
-    of the colour after the no ("Red No blue" -> "No, it is red."), so the colour check allows that."""
+    asked about red, it says no for shapes of other colours, and the refine keeps the no and the colour
+    seen (the one after the no), dropping the echo."""
     rng = random.Random(5)
     truths = [("blue", "square"), ("green", "circle"), ("orange", "triangle"), ("purple", "square")]
     images = [shapes.draw(color, shape, rng, size=96) for color, shape in truths]
     answers = demo_pipeline.answer_images(images, ["Is the shape red?"] * len(images))
     said_no = [a for a in answers if "no" in shapes.words_of(a.draft)]
-    assert len(said_no) >= 3, answers  # measured: 4 of 4
-    kept = 0
+    assert len(said_no) >= 3, answers  # measured: 3 of 4 (orange, next to red, got a yes)
     for answer in said_no:
         words = shapes.word_list(answer.draft)
         seen = [w for w in words[words.index("no"):] if w in shapes.COLORS]
         assert answer.final.startswith("No, it is ") and seen, answer  # the no survives, first
-        named = shapes.words_of(answer.final) & set(shapes.COLORS)
-        assert named <= {seen[0], "red"}, answer  # the colour seen, or the echo: never a third
-        kept += named == {seen[0]}
-    assert kept >= 1, answers
+        assert shapes.words_of(answer.final) & set(shapes.COLORS) == {seen[0]}, answer  # the colour seen, no echo
     # the refine stage alone, from stopword-less drafts with and without an echo
-    assert demo_pipeline.refine(["Is this a triangle?", "is this a circle?", "Is it purple?"],
-                                ["no square", "circle No square", "Purple No yellow"]) == [
-        "No, it is a square.", "No, it is a square.", "No, it is yellow."]
+    assert demo_pipeline.refine(["Is this a triangle?", "Is it red?", "is this a circle?", "Is it purple?"],
+                                ["no square", "Red No blue", "circle No square", "Purple No yellow"]) == [
+        "No, it is a square.", "No, it is blue.", "No, it is a square.", "No, it is yellow."]
 
 
 def test_demo_artefacts_stay_small():
@@ -238,9 +235,9 @@ HAND_WORDINGS = {
     "yesno": ["could it be {v}?", "Is this {v}?", "so this one is {v}?", "Is the picture showing {v}?"],
     "choice": ["Is that {v} or {w}?", "would you say {v} or {w}?", "Which one is it: {v} or {w}?"],
 }
-# The committed patch round measured colour, shape, describe and choice 18/18, yes/no 12/18 (docs/training.md).
-# 18 answers per kind: one wrong answer is 0.056, so each floor allows two or three more misses.
-HAND_FLOORS = {"color": 0.85, "shape": 0.85, "describe": 0.85, "yesno": 0.5, "choice": 0.85}
+# The committed patch round measured colour, shape and choice 18/18, describe and yes/no 17/18
+# (docs/training.md). 18 answers per kind: one wrong answer is 0.056, so each floor allows two more misses.
+HAND_FLOORS = {"color": 0.85, "shape": 0.85, "describe": 0.8, "yesno": 0.8, "choice": 0.85}
 
 
 def hand_cases():
