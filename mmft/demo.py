@@ -121,6 +121,22 @@ def refine_corpus(cfg: MMFTConfig, n: int, seed: int) -> list[list[tuple[str, st
     return out
 
 
+def _fit(model: torch.nn.Module, steps: int, lr: float, loss_of_batch) -> list[float]:
+    """The demo's pre-training loop: AdamW, a one-cycle schedule, gradients clipped at 1.0."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    losses = []
+    for _ in range(steps):
+        loss = loss_of_batch()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
 def pretrain_text(lm_dir: str | Path, cfg: MMFTConfig, conversations: list, steps: int, lr: float = 3e-3,
                   batch_size: int = 32, seed: int = 0, save_dtype: torch.dtype = torch.float16) -> list[float]:
     """Full fine-tuning of the tiny base LM on text conversations, saved back to `lm_dir`.
@@ -132,21 +148,16 @@ def pretrain_text(lm_dir: str | Path, cfg: MMFTConfig, conversations: list, step
     tokenizer = AutoTokenizer.from_pretrained(lm_dir)
     lm = AutoModelForCausalLM.from_pretrained(lm_dir, dtype=torch.float32).train()
     examples = [vars(encode_chat(tokenizer, cfg, c, clean_answers=False)) for c in conversations]
-    optimizer = torch.optim.AdamW(lm.parameters(), lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
-    rng, losses = random.Random(seed), []
-    for _ in range(steps):
+    rng = random.Random(seed)
+
+    def loss_of_batch() -> torch.Tensor:
         batch = pad_batch(rng.sample(examples, batch_size), tokenizer.pad_token_id)
         hidden = lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         targets = batch["labels"][:, 1:]  # [B, T-1]: position t predicts token t+1
         keep = targets != -100
-        loss = F.cross_entropy(lm.lm_head(hidden[:, :-1][keep]), targets[keep])  # [N, V] vs [N]
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+        return F.cross_entropy(lm.lm_head(hidden[:, :-1][keep]), targets[keep])  # [N, V] vs [N]
+
+    losses = _fit(lm, steps, lr, loss_of_batch)
     lm.to(save_dtype).save_pretrained(lm_dir)
     return losses
 
@@ -168,24 +179,18 @@ def pretrain_clip(clip_dir: Path, steps: int, batch_size: int = 64, lr: float = 
     images = [shapes.draw(c, s, rng, size=None, style=shapes.CLIP_STYLE) for c, s in pairs]
     pixels = processor(images=images, return_tensors="pt")["pixel_values"]  # [pool, 3, 56, 56]
     ids = torch.tensor([[0, 2 + colors.index(c), 2 + len(colors) + shapes.SHAPES.index(s), 1] for c, s in pairs])
-    optimizer = torch.optim.AdamW(clip.parameters(), lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
-    losses = []
-    for _ in range(steps):
+
+    def loss_of_batch() -> torch.Tensor:
         pick = torch.tensor(rng.sample(range(pool), batch_size))
         batch_ids = ids[pick]
         # identical captions in a batch are true positives too: soft targets over equal captions
         same = (batch_ids[:, None, 1:3] == batch_ids[None, :, 1:3]).all(-1).float()
         out = clip(input_ids=batch_ids, pixel_values=pixels[pick])
         targets = same / same.sum(1, keepdim=True)
-        loss = (torch.sum(-targets * out.logits_per_image.log_softmax(-1), -1).mean()
+        return (torch.sum(-targets * out.logits_per_image.log_softmax(-1), -1).mean()
                 + torch.sum(-targets * out.logits_per_text.log_softmax(-1), -1).mean()) / 2
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(clip.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+
+    losses = _fit(clip, steps, lr, loss_of_batch)
     clip.save_pretrained(clip_dir)
     return losses
 
