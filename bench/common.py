@@ -29,6 +29,7 @@ from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
 from mmft.config import MMFTConfig
 from mmft.model import MultimodalModel
 from mmft.projector import Projector
+from mmft.quantize import quantize_module_int8_
 from mmft.vision import VisionEncoder
 
 GB = 1e9
@@ -192,16 +193,6 @@ def _quantizable(module: nn.Module) -> dict[str, nn.Linear]:
     return linears
 
 
-def _quantize_int8(module: nn.Module) -> None:
-    """The app's int8 (`mmft.quantize.Int8Linear`: per-channel weights, activations per call, fbgemm)
-    on the quantizable linears."""
-    from mmft.quantize import Int8Linear
-
-    for name, child in _quantizable(module).items():
-        parent, _, attr = name.rpartition(".")
-        setattr(module.get_submodule(parent) if parent else module, attr, Int8Linear(child))
-
-
 def _quantize_nf4(module: nn.Module) -> None:
     """Linears -> bitsandbytes Linear4bit (NF4, double quant, bf16 compute), as `load_lm` asks for."""
     import bitsandbytes as bnb
@@ -238,7 +229,7 @@ def build_real_lm(layers: int = 32, precision: str = "fp32", seed: int = 0, lora
             lm = get_peft_model(lm, lora)
     base = lm.get_base_model() if lora is not None else lm
     store = torch.bfloat16 if precision == "bf16" else torch.float32
-    convert = {"int8": _quantize_int8, "nf4": _quantize_nf4}.get(precision)
+    convert = {"int8": quantize_module_int8_, "nf4": _quantize_nf4}.get(precision)  # int8: the app's own
     _materialize(base.model.embed_tokens, store, generator)
     _materialize(base.model.norm, store, generator)
     for layer in base.model.layers:
