@@ -344,12 +344,14 @@ def accuracy(rows: list[dict]) -> list[dict]:
 
 # -- the run ----------------------------------------------------------------------------------------
 def default_spec() -> str:
-    """The app's CPU default: `pick_dtype` on this CPU + `pick_cpu_path` (what `build_model` does)."""
-    from mmft.loading import pick_dtype, resolve_quantize
+    """The app's CPU default: `pick_cpu_path`'s quantization and dtype (`pick_dtype` on this CPU where
+    the path names none), as `build_model` picks them."""
+    from mmft.loading import pick_dtype
+    from mmft.quantize import pick_cpu_path
 
-    cpu = torch.device("cpu")
-    name = {v: k for k, v in DTYPE_NAMES.items()}[pick_dtype(cpu)]
-    return f"{name}:{resolve_quantize(None, cpu, inference=True)}"
+    path = pick_cpu_path()
+    name = {v: k for k, v in DTYPE_NAMES.items()}[pick_dtype(torch.device("cpu"), path.dtype)]
+    return f"{name}:{path.quantize}"
 
 
 def goal_check(rows: list[dict], default: str) -> dict:

@@ -1,8 +1,8 @@
 """Loading, shared by training, the app and the Hub: device, dtype, quantization, rounds.
 
-CUDA -> 4-bit NF4 with bf16 compute (QLoRA); CPU inference -> int8 linears under the adapters
-(`mmft.quantize`), CPU training -> none; dtype bf16 only where the CPU reports bf16 (else fp32).
-Every choice can be overridden.
+CUDA -> 4-bit NF4 with bf16 compute (QLoRA); CPU inference -> int8 linears under the adapters with
+float32 around them (`mmft.quantize.pick_cpu_path`), CPU training -> none; otherwise the dtype is
+bf16 only where the CPU reports bf16 (else fp32). Every choice can be overridden.
 No `trust_remote_code`: Phi-3 and CLIP are native to transformers.
 """
 
@@ -126,8 +126,10 @@ def build_model(cfg: MMFTConfig, device=None, dtype=None, quantize=None, with_vi
     `quantize`: "nf4", "int8", "none" or None (the device's default). `cfg` is not changed: the
     model carries a copy with the projector sizes filled in (`model.cfg`)."""
     device = pick_device(device)
-    dtype = pick_dtype(device, dtype)
     mode = resolve_quantize(quantize, device)
+    if dtype is None and mode == "int8":  # the measured CPU path: float32 around the int8 linears
+        dtype = pick_cpu_path().dtype
+    dtype = pick_dtype(device, dtype)
     if mode == "int8" and (trainable or device.type != "cpu"):
         raise ValueError("int8 dynamic quantization is for CPU inference; train with quantize='nf4' (CUDA) or 'none'")
     # CLIP first: its load briefly holds the fp32 checkpoint and the cast copy (~0.9 GB for ViT-B/32),

@@ -304,16 +304,20 @@ def _auto_dtype(config, files: list[str]) -> torch.dtype:
 # -- the CPU path --------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class CPUPath:
-    """What CPU inference uses when nothing is asked for: a quantization mode and why."""
+    """What CPU inference uses when nothing is asked for: a quantization mode, the dtype of everything
+    around it (None: `mmft.loading.pick_dtype`), and why."""
 
     quantize: str
+    dtype: torch.dtype | None
     why: str
 
 
 CPU_INFERENCE = CPUPath(
     quantize="int8",
-    why="int8 weights: fastest decode and prefill on CPUs with and without native bf16, and the only "
-        "path that fits 16 GB with rounds loaded (docs/benchmarks.md, 'CPU path')",
+    dtype=torch.float32,
+    why="int8 weights with float32 around them: fastest decode and prefill measured on CPUs with and "
+        "without native bf16, and the only path that fits 16 GB with rounds loaded; around int8, bf16 "
+        "prefilled slower than float32 (docs/benchmarks.md, 'CPU path')",
 )
 
 
@@ -321,5 +325,5 @@ def pick_cpu_path(trainable: bool = False) -> CPUPath:
     """int8 for inference everywhere on CPU; training on CPU stays unquantized (gradients must flow
     through the base linears, to LoRA or to the projector, and the int8 kernel has no backward)."""
     if trainable:
-        return CPUPath("none", "CPU training: float weights")
+        return CPUPath("none", None, "CPU training: float weights")
     return CPU_INFERENCE

@@ -175,6 +175,23 @@ def test_cpu_path_defaults(monkeypatch):
     assert loading.resolve_quantize(None, torch.device("cuda")) == "nf4"
     assert loading.resolve_quantize("none", cpu) == "none"
     assert quantize.pick_cpu_path().quantize == "int8" and quantize.pick_cpu_path(trainable=True).quantize == "none"
+    assert quantize.pick_cpu_path().dtype == torch.float32  # measured: as fast to decode, faster to prefill
+    assert quantize.pick_cpu_path(trainable=True).dtype is None  # pick_dtype decides
+
+
+def test_cpu_default_is_int8_in_float32_even_where_pick_dtype_says_bf16(tiny_model, tmp_path, monkeypatch):
+    """No dtype and no quantization asked: int8 linears with float32 around them, on CPUs with and
+    without native bf16 (pick_dtype alone would say bf16 on the former); asked for, bf16 is kept."""
+    tiny_model.save_pretrained(tmp_path / "r")
+    for native in (True, False):
+        monkeypatch.setattr(loading, "cpu_has_bf16", lambda native=native: native)
+        model, _ = loading.load_round(tmp_path / "r", device="cpu")
+        assert int8_linears(model.lm)
+        floats = {p.dtype for p in model.parameters() if p.is_floating_point()}
+        assert floats == {torch.float32}, floats  # embeddings, norms, LoRA, projector, CLIP
+        assert loading.pick_dtype(torch.device("cpu")) == (torch.bfloat16 if native else torch.float32)
+    model, _ = loading.load_round(tmp_path / "r", device="cpu", dtype="bfloat16")
+    assert int8_linears(model.lm) and model.lm.get_input_embeddings().weight.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
