@@ -1,6 +1,9 @@
 """Rebuild the bundled shapes demo (demo/base, demo/round, demo/round-pooled) from nothing.
 
-    OMP_NUM_THREADS=2 python -m train.build_demo     # a few minutes on 2 quiet CPU cores (1 thread on a busy one)
+    python -m train.build_demo     # about 5 minutes on 2 quiet CPU cores
+
+The two pre-trainings (CLIP, LM), and then the two rounds, run side by side, one process per core
+(`--workers 1`: one after the other).
 
 Prints accuracy per question kind, held-out (phrasings and image styles training never saw) and
 in-distribution, the refine damage rate, and held-out accuracy split by what made a question held-out
@@ -21,11 +24,15 @@ def main(argv=None):
     parser.add_argument("--modes", default="patch,pooled", help="feature modes to train; the first is served")
     parser.add_argument("--samples", type=int, default=4000)
     parser.add_argument("--steps", type=int, default=900)
+    parser.add_argument("--batch_size", type=int, default=16, help="rounds' batch size")
     parser.add_argument("--lm_steps", type=int, default=800)
+    parser.add_argument("--lm_batch_size", type=int, default=32, help="the base LM's text pre-training batch size")
     parser.add_argument("--clip_steps", type=int, default=800)
     parser.add_argument("--eval_n", type=int, default=300, help="fresh held-out images (each asked every kind)")
     parser.add_argument("--indist_n", type=int, default=100, help="fresh in-distribution images")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=None,
+                        help="processes side by side (default: one per core, at most 2)")
     args = parser.parse_args(argv)
     from transformers.utils import logging as hf_logging
 
@@ -36,7 +43,8 @@ def main(argv=None):
     hf_logging.disable_progress_bar()
     modes = args.modes.split(",")
     results = build_demo(args.out, tuple(modes), args.samples, args.steps, args.lm_steps, args.clip_steps,
-                         args.eval_n, args.indist_n, args.seed)
+                         args.eval_n, args.indist_n, args.seed, args.workers,
+                         args.batch_size, args.lm_batch_size)
     table = {}
     for mode in modes:
         for split, metrics in (("held-out", results[mode]["heldout"]), ("in-dist", results[mode]["in_distribution"])):
@@ -56,7 +64,7 @@ def main(argv=None):
                       "by_family": {k: v["accuracy"] for k, v in results[modes[0]]["heldout"].get("by_family", {}).items()},
                       "modes": {m: {"heldout": table[(m, "held-out")], "in_distribution": table[(m, "in-dist")]}
                                 for m in modes},
-                      "seconds": results["seconds"]}))
+                      "seconds": results["seconds"], "workers": results["workers"]}))
 
 
 if __name__ == "__main__":
