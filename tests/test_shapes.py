@@ -178,10 +178,10 @@ def demo_pipeline():
 
 
 # Regression guards, not the targets: the committed patch round measured (300 held-out images) colour
-# 0.97, shape 0.83, describe 0.84, yes/no 0.73, choice 0.98, refine damage 0.0; in-distribution
-# colour 0.99, shape 0.97 (docs/training.md). With 40 answers per kind one standard deviation is
+# 0.95, shape 0.85, describe 0.70, yes/no 0.75, choice 0.96, refine damage 0.0; in-distribution
+# colour 0.96, shape 0.96 (docs/training.md). With 40 answers per kind one standard deviation is
 # sqrt(p (1 - p) / 40) <= 0.08, so each floor sits ~2.5 deviations under the measured figure.
-HELDOUT_FLOORS = {"color": 0.9, "shape": 0.68, "describe": 0.7, "yesno": 0.55, "choice": 0.9}
+HELDOUT_FLOORS = {"color": 0.85, "shape": 0.68, "describe": 0.52, "yesno": 0.57, "choice": 0.88}
 
 
 @needs_demo
@@ -235,7 +235,7 @@ HAND_WORDINGS = {
     "yesno": ["could it be {v}?", "Is this {v}?", "so this one is {v}?", "Is the picture showing {v}?"],
     "choice": ["Is that {v} or {w}?", "would you say {v} or {w}?", "Which one is it: {v} or {w}?"],
 }
-# The committed patch round measured colour, shape and choice 18/18, describe and yes/no 17/18
+# The committed patch round measured colour, yes/no and choice 18/18, shape and describe 17/18
 # (docs/training.md). 18 answers per kind: one wrong answer is 0.056, so each floor allows two more misses.
 HAND_FLOORS = {"color": 0.85, "shape": 0.85, "describe": 0.8, "yesno": 0.8, "choice": 0.85}
 
@@ -301,3 +301,46 @@ def test_hand_drawn_shapes_with_hand_written_questions(demo_pipeline):
     print({k: f"{v}/{len(cases)}" for k, v in right.items()})
     for kind, floor in HAND_FLOORS.items():
         assert right[kind] / len(cases) >= floor, (kind, right)
+
+
+# -- the build's two processes ---------------------------------------------------------------------
+def _threads_and_pid(x):
+    import os
+
+    return x * x, torch.get_num_threads(), os.getpid()
+
+
+def test_worker_pool_runs_jobs_in_one_thread_processes_and_inline_without_one():
+    import os
+
+    from mmft import demo
+
+    (value, threads, pid), seconds = demo.submit(None, _threads_and_pid, 3).result()
+    assert (value, pid) == (9, os.getpid()) and seconds >= 0  # no pool: here, now
+    with demo.worker_pool(2) as pool:
+        done = [demo.submit(pool, _threads_and_pid, x).result()[0] for x in (2, 5)]
+    assert [d[0] for d in done] == [4, 25]
+    assert {d[1] for d in done} == {max(1, len(os.sched_getaffinity(0)) // 2)}  # one core's share each
+    assert os.getpid() not in {d[2] for d in done}
+    with demo.worker_pool(1) as pool:
+        assert pool is None
+
+
+@pytest.mark.slow
+def test_build_demo_side_by_side_writes_both_rounds_and_their_figures(tmp_path):
+    """The whole two-process schedule at toy size: base, both rounds beside it, metrics, stage times."""
+    from mmft import demo
+    from mmft.loading import load_round
+
+    results = demo.build_demo(tmp_path / "demo", samples=24, steps=2, lm_steps=2, clip_steps=2, eval_n=2,
+                              indist_n=2, workers=2)
+    assert results["workers"] == 2
+    assert set(results["seconds"]) == {"base", "base_lm", "base_clip", "data", "patch_train", "patch_eval",
+                                       "pooled_train", "pooled_eval", "total"}
+    for mode, folder in (("patch", "round"), ("pooled", "round-pooled")):
+        assert results[mode]["heldout"]["images"] == 2 and set(results[mode]["heldout"]["kinds"]) == set(questions.KINDS)
+        cfg = json.loads((tmp_path / "demo" / folder / "config.json").read_text())
+        assert cfg["mmft"]["lm_model_id"] == "../base/lm" and cfg["mmft"]["vit_feature_mode"] == mode
+        assert "indist_color_accuracy" in cfg["round"]["metrics"], cfg["round"].keys()
+    model, _ = load_round(tmp_path / "demo" / "round", device="cpu", dtype=torch.float32)
+    assert model.cfg.vit_feature_mode == "patch"
