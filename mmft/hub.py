@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
@@ -43,7 +42,7 @@ from safetensors import SafetensorError
 
 from mmft.card import CARD_TEMPLATE, REPO_ID_RE, TAG_PREFIX, render_card, round_tag
 from mmft.config import CONFIG_NAME, MMFTConfig, load_config
-from mmft.round import ADAPTER_DIR, PROJECTOR_NAME, check_round_folder
+from mmft.round import ADAPTER_DIR, PROJECTOR_NAME, check_round_folder, is_local_path, without_local_paths
 
 ROUND_PATTERNS = [CONFIG_NAME, "projector.safetensors", "adapter/*", "metrics.json", "loss.png"]
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl")
@@ -148,29 +147,14 @@ def find_pickles(folder: str | Path) -> list[str]:
 
 
 # -- publishing ----------------------------------------------------------------------------------
-def _is_local_path(value: str) -> bool:
-    return os.path.isabs(value) or value.startswith("~") or bool(re.match(r"[A-Za-z]:[\\/]", value))
-
-
-def _sanitize(value):
-    """The round info without build-machine paths: an absolute path becomes its base name."""
-    if isinstance(value, dict):
-        return {k: _sanitize(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_sanitize(v) for v in value]
-    if isinstance(value, str) and _is_local_path(value):
-        return Path(value.rstrip("/\\")).name or value
-    return value
-
-
 def published_config(folder: Path) -> tuple[bytes, list[str]]:
     """config.json as published (round info sanitized; the model config as it is) and warnings to show."""
     data = json.loads((folder / CONFIG_NAME).read_text())
     if "round" in data:
-        data["round"] = _sanitize(data["round"])
+        data["round"] = without_local_paths(data["round"])
     warnings = [f"{key} is the local path {data['mmft'][key]!r}: this round loads only where that path exists. "
                 "Train on a Hub model id to publish a round anyone can load."
-                for key in ("lm_model_id", "vit_model_id") if _is_local_path(str(data["mmft"].get(key, "")))]
+                for key in ("lm_model_id", "vit_model_id") if is_local_path(str(data["mmft"].get(key, "")))]
     return (json.dumps(data, indent=2) + "\n").encode(), warnings
 
 
@@ -226,7 +210,7 @@ def plan_upload(folder: str | Path, repo_id: str, number: int | None = None,
     files = {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()}
     files = {k: v for k, v in files.items() if any(fnmatch(k, pat) for pat in ROUND_PATTERNS)}
     files[CONFIG_NAME], warnings = published_config(folder)
-    card = render_card(cfg, _sanitize(round_info), repo_id, number, "loss.png" in files, template)
+    card = render_card(cfg, without_local_paths(round_info), repo_id, number, "loss.png" in files, template)
     return RoundUpload(repo_id, number, files, card, warnings)
 
 

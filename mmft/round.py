@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 from mmft.config import CONFIG_NAME
@@ -27,3 +29,19 @@ def check_round_folder(folder: str | Path) -> Path:
     if missing:
         raise FileNotFoundError(f"{folder} is not a complete round folder: missing {', '.join(missing)}")
     return folder
+
+
+def is_local_path(value: str) -> bool:
+    """An absolute (or home-relative) path: it names a place on one machine only."""
+    return os.path.isabs(value) or value.startswith("~") or bool(re.match(r"[A-Za-z]:[\\/]", value))
+
+
+def without_local_paths(value):
+    """Round info as it may leave the build machine: every absolute path becomes its base name."""
+    if isinstance(value, dict):
+        return {k: without_local_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_local_paths(v) for v in value]
+    if isinstance(value, str) and is_local_path(value):
+        return Path(value.rstrip("/\\")).name or value
+    return value
