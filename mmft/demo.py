@@ -37,6 +37,7 @@ from mmft.features import INDEX_NAME, build_cache
 from mmft.loading import load_round
 from mmft.pipeline import Pipeline
 from mmft.prompt import encode_chat, refine_prompt
+from mmft.round import ADAPTER_DIR, without_local_paths
 from mmft.testing import make_clip, make_lm, make_tokenizer
 from mmft.text import clean_answer
 from mmft.training import default_training_args, finetune
@@ -259,13 +260,20 @@ def train_round(base: Path, work: Path, mode: str, samples: int, steps: int, see
 
 
 def relocate(round_dir: Path, dest: Path, base_rel: str) -> Path:
-    """Copy a round next to its base models, naming them relative to the round (`../base/lm`)."""
+    """Copy a round next to its base models, naming them relative to the round (`../base/lm`), with no
+    path of the build machine left in it: not in config.json's round info, not in the adapter's config
+    (its base, for information only: loading passes the base) and no PEFT stub card naming it."""
     if dest.exists():
         shutil.rmtree(dest)
     shutil.copytree(round_dir, dest)
     cfg, info = load_config(dest)
     cfg.lm_model_id, cfg.vit_model_id = f"{base_rel}/lm", f"{base_rel}/clip"
-    save_config(dest, cfg, info)
+    save_config(dest, cfg, without_local_paths(info))
+    adapter_config = dest / ADAPTER_DIR / "adapter_config.json"
+    adapter = json.loads(adapter_config.read_text())
+    adapter["base_model_name_or_path"] = cfg.lm_model_id
+    adapter_config.write_text(json.dumps(adapter, indent=2, sort_keys=True) + "\n")
+    (dest / ADAPTER_DIR / "README.md").unlink(missing_ok=True)
     return dest
 
 
@@ -352,7 +360,7 @@ def default_workers() -> int:
 
 
 def build_demo(out: Path = DEMO_DIR, modes=("patch", "pooled"), samples: int = 4000, steps: int = 900,
-               lm_steps: int = 800, clip_steps: int = 800, eval_n: int = 300, indist_n: int = 100,
+               lm_steps: int = 800, clip_steps: int = 1200, eval_n: int = 300, indist_n: int = 100,
                seed: int = 0, workers: int | None = None, batch_size: int = 16, lm_batch_size: int = 32) -> dict:
     """The whole rebuild; returns metrics per mode and stage times. `out/round` is the first mode's."""
     start = time.time()
