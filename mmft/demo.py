@@ -334,7 +334,7 @@ def worker_pool(workers: int):
     if workers <= 1:
         yield None
         return
-    threads = max(1, len(os.sched_getaffinity(0)) // workers)
+    threads = max(1, _cores() // workers)
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_one_worker, initargs=(threads,)) as pool:
         yield pool
@@ -354,9 +354,14 @@ def submit(pool: ProcessPoolExecutor | None, fn, *args, **kwargs) -> Future:
     return done
 
 
+def _cores() -> int:
+    """The cores this process may run on (all of them where the OS cannot say)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def default_workers() -> int:
     """One process per core, at most one per job (two pre-trainings, two rounds)."""
-    return max(1, min(2, len(os.sched_getaffinity(0))))
+    return max(1, min(2, _cores()))
 
 
 def build_demo(out: Path = DEMO_DIR, modes=("patch", "pooled"), samples: int = 4000, steps: int = 900,
