@@ -240,7 +240,8 @@ def prepare_features(base: Path, work: Path, modes, samples: int, seed: int = 0)
     for mode in modes:
         if not (work / f"cache-{mode}" / INDEX_NAME).exists():
             cfg = _round_cfg(base, mode)
-            build_cache(VisionEncoder.from_config(cfg), cfg.vit_model_id, data / "images", names, work / f"cache-{mode}")
+            vision = VisionEncoder.from_config(cfg)
+            build_cache(vision, cfg.vit_model_id, data / "images", names, work / f"cache-{mode}")
 
 
 def train_round(base: Path, work: Path, mode: str, samples: int, steps: int, seed: int = 0,
@@ -252,7 +253,8 @@ def train_round(base: Path, work: Path, mode: str, samples: int, steps: int, see
                        feature_cache=str(work / f"cache-{mode}"), projector_lr=3e-3, quantize="none",
                        dataset_name="synthetic shapes world (mmft.shapes)")
     targs = TrainingArguments(**default_training_args(
-        output_dir=str(work / f"runs-{mode}"), max_steps=steps, learning_rate=3e-3, per_device_train_batch_size=batch_size,
+        output_dir=str(work / f"runs-{mode}"), max_steps=steps, learning_rate=3e-3,
+        per_device_train_batch_size=batch_size,
         eval_steps=max(steps // 4, 1), save_steps=steps, logging_steps=max(steps // 20, 1), seed=seed,
         disable_tqdm=True, activation_checkpointing=False, prediction_loss_only=True))
     folder, _ = finetune(_round_cfg(base, mode), run, targs)
@@ -381,7 +383,8 @@ def build_demo(out: Path = DEMO_DIR, modes=("patch", "pooled"), samples: int = 4
         lm = submit(pool, pretrain_text, base / "lm", cfg, refine_corpus(cfg, 6000, seed), steps=lm_steps,
                     batch_size=lm_batch_size, seed=seed)
         if clip_steps:
-            results["seconds"]["base_clip"] = submit(pool, pretrain_clip, base / "clip", clip_steps, seed=seed).result()[1]
+            clip = submit(pool, pretrain_clip, base / "clip", clip_steps, seed=seed)
+            results["seconds"]["base_clip"] = clip.result()[1]
         data = submit(pool, prepare_features, base, work, modes, samples, seed)
         results["seconds"].update(data=data.result()[1], base_lm=lm.result()[1], base=round(time.time() - start, 1))
         rounds = [submit(pool, round_job, base, work, mode, samples, steps, seed, batch_size,

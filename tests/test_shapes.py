@@ -354,7 +354,8 @@ def test_build_demo_side_by_side_writes_both_rounds_and_their_figures(tmp_path):
     assert set(results["seconds"]) == {"base", "base_lm", "base_clip", "data", "patch_train", "patch_eval",
                                        "pooled_train", "pooled_eval", "total"}
     for mode, folder in (("patch", "round"), ("pooled", "round-pooled")):
-        assert results[mode]["heldout"]["images"] == 2 and set(results[mode]["heldout"]["kinds"]) == set(questions.KINDS)
+        heldout = results[mode]["heldout"]
+        assert heldout["images"] == 2 and set(heldout["kinds"]) == set(questions.KINDS)
         cfg = json.loads((tmp_path / "demo" / folder / "config.json").read_text())
         assert cfg["mmft"]["lm_model_id"] == "../base/lm" and cfg["mmft"]["vit_feature_mode"] == mode
         assert "indist_color_accuracy" in cfg["round"]["metrics"], cfg["round"].keys()

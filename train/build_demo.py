@@ -2,8 +2,9 @@
 
     python -m train.build_demo     # about 5 minutes on 2 quiet CPU cores
 
-The two pre-trainings (CLIP, LM), and then the two rounds, run side by side, one process per core
-(`--workers 1`: one after the other).
+The two pre-trainings (CLIP, LM), and then the two rounds, run side by side, one process of one
+thread per core, so a rebuild gives the same weights and figures. `--workers 1` runs them one after
+the other in this process, on its threads: figures then move by a few points from run to run.
 
 Prints accuracy per question kind, held-out (phrasings and image styles training never saw) and
 in-distribution, the refine damage rate, and held-out accuracy split by what made a question held-out
