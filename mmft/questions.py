@@ -133,6 +133,15 @@ def _fill(frame: str, attr: str, x: str, y: str, c: str, o: str) -> str:
     return frame.format(c=c, o=o, x=x, y=y, v=_value(attr, x), w=_value(attr, y))
 
 
+def _family(kind: str, attr: str, split: str) -> tuple[list[str], tuple[str, ...], tuple[str, ...]]:
+    """What a training family draws from: frames, colour words, object words. `train`: the training
+    ones; `text`: those, the text frames and every synonym (the held-out ones included)."""
+    text = split == "text"
+    return (frames(kind, attr, "train") + (frames(kind, attr, "text") if text else []),
+            COLOR_WORDS["train"] + (COLOR_WORDS["heldout"] if text else ()),
+            OBJECT_WORDS["train"] + (OBJECT_WORDS["heldout"] if text else ()))
+
+
 def _canonical(kind: str, attr: str, x: str, y: str, rng: random.Random, split: str) -> tuple[str, str | None]:
     """A question before surface noise, and what makes it held-out: None; "frame" (wording no model
     saw: a held-out frame or prefix); "synonym" (else: a held-out synonym, known only to the base LM).
@@ -141,9 +150,7 @@ def _canonical(kind: str, attr: str, x: str, y: str, rng: random.Random, split: 
     a training prefix, any synonym."""
     pick = rng.choice
     if split in ("train", "text"):
-        colors = COLOR_WORDS["train"] + (COLOR_WORDS["heldout"] if split == "text" else ())
-        objects = OBJECT_WORDS["train"] + (OBJECT_WORDS["heldout"] if split == "text" else ())
-        family = frames(kind, attr, "train") + (frames(kind, attr, "text") if split == "text" else [])
+        family, colors, objects = _family(kind, attr, split)
         return pick(PREFIXES["train"]) + _fill(pick(family), attr, x, y, pick(colors), pick(objects)), None
     c, o = pick(COLOR_WORDS["train"] + COLOR_WORDS["heldout"]), pick(OBJECT_WORDS["train"] + OBJECT_WORDS["heldout"])
     prefix = pick(PREFIXES["train"] + PREFIXES["heldout"])
@@ -215,12 +222,12 @@ def render(polarity: str | None, color: str | None, shape: str | None) -> str:
 def training_phrasings(kind: str, split: str = "train") -> set[str]:
     """Every question of `kind` a training family (`train`, or the base LM's `text`) can draw, before
     surface noise, for the values red/blue, circle/square."""
-    text = split == "text"
     out = set()
     for attr, (x, y) in (("color", ("red", "blue")), ("shape", ("circle", "square"))):
-        for frame in frames(kind, attr, "train") + (frames(kind, attr, "text") if text else []):
-            for c in COLOR_WORDS["train"] + (COLOR_WORDS["heldout"] if text else ()):
-                for o in OBJECT_WORDS["train"] + (OBJECT_WORDS["heldout"] if text else ()):
+        family, colors, objects = _family(kind, attr, split)
+        for frame in family:
+            for c in colors:
+                for o in objects:
                     for prefix in PREFIXES["train"]:
                         out.add(prefix + _fill(frame, attr, x, y, c, o))
     return out
