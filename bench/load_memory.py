@@ -114,7 +114,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--tiny", action="store_true", help="toy shapes (tests)")
     parser.add_argument("--loaders", default=",".join(LOADERS))
-    parser.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: mmft.loading.pick_dtype)")
+    parser.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: the app's, around int8)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--keep", default=None, help="keep the saved weights here (a re-run reuses them)")
     parser.add_argument("--worker", choices=(*LOADERS, "save"), help=argparse.SUPPRESS)
@@ -128,9 +128,9 @@ def main(argv=None) -> dict:
         print(json.dumps(worker(Path(args.folder), args.worker, args.dtype)), flush=True)
         return {}
 
-    from mmft.loading import pick_dtype
+    from bench.side_by_side import default_spec
 
-    dtype = args.dtype or str(pick_dtype(torch.device("cpu"))).removeprefix("torch.")
+    dtype = args.dtype or default_spec().split(":")[0]  # what the app loads int8 with on this CPU
     loaders = [name for name in args.loaders.split(",") if name]
     if not set(loaders) <= set(LOADERS):
         parser.error(f"--loaders: choose from {LOADERS}, got {loaders}")
