@@ -310,11 +310,11 @@ def evaluate_round(folder: Path, n: int, n_indist: int, seed: int) -> dict:
 
 
 def round_job(base: Path, work: Path, mode: str, samples: int, steps: int, seed: int, batch_size: int,
-              dest: Path, eval_n: int, indist_n: int) -> tuple[dict, float]:
+              dest: Path, eval_n: int, indist_n: int, eval_seed: int) -> tuple[dict, float]:
     """Train one feature mode's round, move it to `dest` beside the base, evaluate it."""
     folder, seconds = _timed(train_round, (base, work, mode, samples, steps, seed, batch_size), {})
     relocate(folder, dest, "../base")
-    return evaluate_round(dest, eval_n, indist_n, seed + 10_000), seconds
+    return evaluate_round(dest, eval_n, indist_n, eval_seed), seconds
 
 
 def _one_worker(threads: int) -> None:
@@ -368,8 +368,12 @@ def default_workers() -> int:
 
 def build_demo(out: Path = DEMO_DIR, modes=("patch", "pooled"), samples: int = 4000, steps: int = 900,
                lm_steps: int = 800, clip_steps: int = 1200, eval_n: int = 300, indist_n: int = 100,
-               seed: int = 0, workers: int | None = None, batch_size: int = 16, lm_batch_size: int = 32) -> dict:
-    """The whole rebuild; returns metrics per mode and stage times. `out/round` is the first mode's."""
+               seed: int = 0, workers: int | None = None, batch_size: int = 16, lm_batch_size: int = 32,
+               eval_seed: int | None = None) -> dict:
+    """The whole rebuild; returns metrics per mode and stage times. `out/round` is the first mode's.
+    `eval_seed` (default `seed + 10_000`) draws the evaluation's images and questions: another one
+    checks a recipe change on a draw its choice never saw."""
+    eval_seed = seed + 10_000 if eval_seed is None else eval_seed
     start = time.time()
     workers = default_workers() if workers is None else workers
     out.mkdir(parents=True, exist_ok=True)
@@ -388,7 +392,7 @@ def build_demo(out: Path = DEMO_DIR, modes=("patch", "pooled"), samples: int = 4
         data = submit(pool, prepare_features, base, work, modes, samples, seed)
         results["seconds"].update(data=data.result()[1], base_lm=lm.result()[1], base=round(time.time() - start, 1))
         rounds = [submit(pool, round_job, base, work, mode, samples, steps, seed, batch_size,
-                         out / ("round" if i == 0 else f"round-{mode}"), eval_n, indist_n)
+                         out / ("round" if i == 0 else f"round-{mode}"), eval_n, indist_n, eval_seed)
                   for i, mode in enumerate(modes)]
         for mode, future in zip(modes, rounds):
             (metrics, train_s), total_s = future.result()

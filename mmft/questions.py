@@ -142,20 +142,23 @@ def _family(kind: str, attr: str, split: str) -> tuple[list[str], tuple[str, ...
             OBJECT_WORDS["train"] + (OBJECT_WORDS["heldout"] if text else ()))
 
 
-def _canonical(kind: str, attr: str, x: str, y: str, rng: random.Random, split: str) -> tuple[str, str | None]:
-    """A question before surface noise, and what makes it held-out: None; "frame" (wording no model
-    saw: a held-out frame or prefix); "synonym" (else: a held-out synonym, known only to the base LM).
+def _canonical(kind: str, attr: str, x: str, y: str, rng: random.Random, split: str) -> tuple[str, str | None, str]:
+    """A question before surface noise, what makes it held-out: None; "frame" (wording no model
+    saw: a held-out frame or prefix); "synonym" (else: a held-out synonym, known only to the base LM);
+    and its frame (the evaluation's per-frame figures).
     Held-out: a held-out frame (any synonyms, any prefix), or a training frame with a held-out
     synonym in one of its slots (or, slot-less, a held-out prefix). `text`: a training or text frame,
     a training prefix, any synonym."""
     pick = rng.choice
     if split in ("train", "text"):
         family, colors, objects = _family(kind, attr, split)
-        return pick(PREFIXES["train"]) + _fill(pick(family), attr, x, y, pick(colors), pick(objects)), None
+        prefix, frame = pick(PREFIXES["train"]), pick(family)
+        return prefix + _fill(frame, attr, x, y, pick(colors), pick(objects)), None, frame
     c, o = pick(COLOR_WORDS["train"] + COLOR_WORDS["heldout"]), pick(OBJECT_WORDS["train"] + OBJECT_WORDS["heldout"])
     prefix = pick(PREFIXES["train"] + PREFIXES["heldout"])
     if rng.random() < 0.6:
-        return prefix + _fill(pick(frames(kind, attr, "heldout")), attr, x, y, c, o), "frame"
+        frame = pick(frames(kind, attr, "heldout"))
+        return prefix + _fill(frame, attr, x, y, c, o), "frame", frame
     frame = pick(frames(kind, attr, "train"))
     slots = [s for s in "co" if "{" + s + "}" in frame]
     why = "frame" if prefix in PREFIXES["heldout"] else "synonym"  # a held-out prefix: no model saw it
@@ -165,13 +168,14 @@ def _canonical(kind: str, attr: str, x: str, y: str, rng: random.Random, split: 
         c = pick(COLOR_WORDS["heldout"])
     else:
         o = pick(OBJECT_WORDS["heldout"])
-    return prefix + _fill(frame, attr, x, y, c, o), why
+    return prefix + _fill(frame, attr, x, y, c, o), why, frame
 
 
 def ask(kind: str, color: str, shape: str, rng: random.Random, split: str = "train",
         typo_rate: float = 0.08) -> tuple[str, dict]:
     """(question, facts) about a `color` `shape`; facts say what a right answer holds, and carry
-    the question before surface noise (`canonical`). `answer(facts)` is the training answer."""
+    the question before surface noise (`canonical`) and its `frame`. `answer(facts)` is the
+    training answer."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     attr = rng.choice(("color", "shape")) if kind in ("yesno", "choice") else kind
@@ -187,7 +191,7 @@ def ask(kind: str, color: str, shape: str, rng: random.Random, split: str = "tra
     elif kind == "choice":
         x, y = (truth, other) if rng.random() < 0.5 else (other, truth)
         facts["options"] = (x, y)
-    facts["canonical"], facts["heldout"] = _canonical(kind, attr, x, y, rng, split)
+    facts["canonical"], facts["heldout"], facts["frame"] = _canonical(kind, attr, x, y, rng, split)
     return _surface(facts["canonical"], rng, typo_rate), facts
 
 

@@ -171,7 +171,8 @@ def evaluate(pipeline, n: int = 300, seed: int = 10_000, split: str = "heldout",
 
     `split="heldout"` draws held-out images and phrasings; `"train"` the training ones (fresh
     images, the distribution training saw). Refine damage: the share of calls whose draft was
-    right and whose final answer is wrong."""
+    right and whose final answer is wrong. `by_frame`: accuracy per kind and frame, so a wording the
+    model cannot place shows up by name, not only as a lower average."""
     rng = random.Random(seed)
     style = HELDOUT_STYLE if split == "heldout" else TRAIN_STYLE
     truths = [sample(rng) for _ in range(n)]
@@ -179,6 +180,7 @@ def evaluate(pipeline, n: int = 300, seed: int = 10_000, split: str = "heldout",
     out = {"split": split, "images": n, "kinds": {}, "examples": []}
     damaged = calls = 0
     families = {}  # what made a held-out question held-out -> [right or not]
+    by_frame = {}  # kind -> frame -> [right or not]
     for kind in kinds:
         asked = [ask(kind, color, shape, rng, split) for color, shape in truths]
         answers = pipeline.answer_images(images, [q for q, _ in asked], batch_size=batch_size)
@@ -187,6 +189,7 @@ def evaluate(pipeline, n: int = 300, seed: int = 10_000, split: str = "heldout",
         damage = sum(d and not f for d, f in zip(drafts_ok, finals_ok))
         for (_, facts), ok in zip(asked, finals_ok):
             families.setdefault(facts["heldout"], []).append(ok)
+            by_frame.setdefault(kind, {}).setdefault(facts["frame"], []).append(ok)
         out["kinds"][kind] = {"accuracy": round(sum(finals_ok) / n, 4), "draft_accuracy": round(sum(drafts_ok) / n, 4),
                               "refine_damage": round(damage / n, 4)}
         damaged, calls = damaged + damage, calls + n
@@ -195,6 +198,8 @@ def evaluate(pipeline, n: int = 300, seed: int = 10_000, split: str = "heldout",
         out["examples"] += [{"kind": kind, "question": a.question, "draft": a.draft, "answer": a.final, "right": ok}
                             for a, ok in [(a, True) for a in right[:1]] + [(a, False) for a in wrong[:2]]]
     out["refine_damage"] = round(damaged / calls, 4)
+    out["by_frame"] = {kind: {frame: {"questions": len(v), "accuracy": round(sum(v) / len(v), 4)}
+                              for frame, v in sorted(frames.items())} for kind, frames in by_frame.items()}
     if split == "heldout":  # "frame": no model saw the wording; "synonym": only the base LM knew the word
         out["by_family"] = {k: {"questions": len(v), "accuracy": round(sum(v) / len(v), 4)} for k, v in families.items()}
     return out

@@ -53,6 +53,25 @@ def test_no_heldout_question_is_a_training_question(kind):
     assert len({_norm(q) for q in drawn["heldout"]}) > 30  # many phrasings, not a handful
 
 
+@pytest.mark.parametrize("kind", questions.KINDS)
+def test_each_question_names_its_frame(kind):
+    """`facts["frame"]` (the evaluation's per-frame figures) is the frame the question was built on:
+    one of its family's, a held-out one exactly when the wording is held-out ("frame")."""
+    for split in questions.SPLITS:
+        rng = random.Random(11)
+        for _ in range(300):
+            _, facts = questions.ask(kind, *shapes.sample(rng), rng, split)
+            attr, frame = facts["attr"], facts["frame"]
+            if split == "heldout" and facts["heldout"] == "frame" and frame in questions.frames(kind, attr, "heldout"):
+                continue
+            family = questions.frames(kind, attr, "train") + (questions.frames(kind, attr, "text") if split == "text" else [])
+            assert frame in family, (split, facts)
+            fills = {questions._fill(frame, attr, *(facts.get("options") or (facts.get("asked", facts["truth"]),) * 2), c, o)
+                     for c in questions.COLOR_WORDS["train"] + questions.COLOR_WORDS["heldout"]
+                     for o in questions.OBJECT_WORDS["train"] + questions.OBJECT_WORDS["heldout"]}
+            assert any(facts["canonical"].endswith(f) for f in fills), facts
+
+
 def test_questions_read_as_intended():
     rng = random.Random(3)
     for _ in range(200):
@@ -190,6 +209,10 @@ def test_committed_demo_round_on_fresh_images(demo_pipeline):
     for kind, floor in HELDOUT_FLOORS.items():
         assert heldout["kinds"][kind]["accuracy"] >= floor, (kind, heldout)
     assert heldout["refine_damage"] <= 0.05, heldout
+    for kind, frames in heldout["by_frame"].items():  # per-frame figures add up to the kind's
+        assert sum(v["questions"] for v in frames.values()) == 40
+        right = sum(v["questions"] * v["accuracy"] for v in frames.values())
+        assert right == pytest.approx(40 * heldout["kinds"][kind]["accuracy"], abs=0.01), (kind, frames)
     indist = shapes.evaluate(demo_pipeline, n=40, seed=424243, split="train", kinds=("color", "shape"))
     assert indist["kinds"]["color"]["accuracy"] >= 0.9 and indist["kinds"]["shape"]["accuracy"] >= 0.85, indist
 
@@ -349,13 +372,13 @@ def test_build_demo_side_by_side_writes_both_rounds_and_their_figures(tmp_path):
     from mmft.loading import load_round
 
     results = demo.build_demo(tmp_path / "demo", samples=24, steps=2, lm_steps=2, clip_steps=2, eval_n=2,
-                              indist_n=2, workers=2)
+                              indist_n=2, workers=2, eval_seed=5)
     assert results["workers"] == 2
     assert set(results["seconds"]) == {"base", "base_lm", "base_clip", "data", "patch_train", "patch_eval",
                                        "pooled_train", "pooled_eval", "total"}
     for mode, folder in (("patch", "round"), ("pooled", "round-pooled")):
         heldout = results[mode]["heldout"]
-        assert heldout["images"] == 2 and set(heldout["kinds"]) == set(questions.KINDS)
+        assert heldout["images"] == 2 and set(heldout["kinds"]) == set(heldout["by_frame"]) == set(questions.KINDS)
         cfg = json.loads((tmp_path / "demo" / folder / "config.json").read_text())
         assert cfg["mmft"]["lm_model_id"] == "../base/lm" and cfg["mmft"]["vit_feature_mode"] == mode
         assert "indist_color_accuracy" in cfg["round"]["metrics"], cfg["round"].keys()

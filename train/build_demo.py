@@ -32,6 +32,9 @@ def main(argv=None):
     parser.add_argument("--eval_n", type=int, default=300, help="fresh held-out images (each asked every kind)")
     parser.add_argument("--indist_n", type=int, default=100, help="fresh in-distribution images")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval_seed", type=int, default=None,
+                        help="draw of the evaluation's images and questions (default: seed + 10000); another one "
+                             "checks a recipe on material its choice never saw")
     parser.add_argument("--workers", type=int, default=None,
                         help="processes side by side (default: one per core, at most 2)")
     args = parser.parse_args(argv)
@@ -45,7 +48,7 @@ def main(argv=None):
     modes = args.modes.split(",")
     results = build_demo(args.out, tuple(modes), args.samples, args.steps, args.lm_steps, args.clip_steps,
                          args.eval_n, args.indist_n, args.seed, args.workers,
-                         args.batch_size, args.lm_batch_size)
+                         args.batch_size, args.lm_batch_size, args.eval_seed)
     table = {}
     for mode in modes:
         for split, metrics in (("held-out", results[mode]["heldout"]), ("in-dist", results[mode]["in_distribution"])):
@@ -56,6 +59,9 @@ def main(argv=None):
         families = results[mode]["heldout"].get("by_family", {})
         print(f"{mode:7s} held-out by what made it held-out: " + "  ".join(
             f"{k} {v['accuracy']:.3f} ({v['questions']} questions)" for k, v in sorted(families.items())))
+        weak = sorted((v["accuracy"], kind, frame) for kind, frames in results[mode]["heldout"]["by_frame"].items()
+                      for frame, v in frames.items() if v["accuracy"] < 0.8)
+        print(f"{mode:7s} held-out frames under 0.8: " + ("; ".join(f"{k} {f!r} {a:.2f}" for a, k, f in weak) or "none"))
         for example in results[mode]["heldout"]["examples"]:
             mark = "ok " if example["right"] else "BAD"
             print(f"    {mark} {example['kind']:8s} {example['question']!r}: draft {example['draft']!r} "
