@@ -331,14 +331,14 @@ def worker_pool(workers: int):
 
     The demo's models are so small that a second thread speeds a training step up by 0-30 %, while
     a second process doing other work doubles the throughput (`build_demo` says what runs beside
-    what). Spawned, not forked: no fork of a process holding torch threads; one pool for the whole
-    build, so torch is imported once per worker."""
+    what). One thread whatever the core count, so a build on a bigger machine computes as the 2-core
+    one does. Spawned, not forked: no fork of a process holding torch threads; one pool for the
+    whole build, so torch is imported once per worker."""
     if workers <= 1:
         yield None
         return
-    threads = max(1, _cores() // workers)
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_one_worker, initargs=(threads,)) as pool:
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_one_worker, initargs=(1,)) as pool:
         yield pool
 
 

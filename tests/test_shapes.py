@@ -349,17 +349,18 @@ def _threads_and_pid(x):
     return x * x, torch.get_num_threads(), os.getpid()
 
 
-def test_worker_pool_runs_jobs_in_one_thread_processes_and_inline_without_one():
+def test_worker_pool_runs_jobs_in_one_thread_processes_and_inline_without_one(monkeypatch):
     import os
 
     from mmft import demo
 
     (value, threads, pid), seconds = demo.submit(None, _threads_and_pid, 3).result()
     assert (value, pid) == (9, os.getpid()) and seconds >= 0  # no pool: here, now
+    monkeypatch.setattr(demo, "_cores", lambda: 16)  # a bigger machine computes as the 2-core build does
     with demo.worker_pool(2) as pool:
         done = [demo.submit(pool, _threads_and_pid, x).result()[0] for x in (2, 5)]
     assert [d[0] for d in done] == [4, 25]
-    assert {d[1] for d in done} == {max(1, demo._cores() // 2)}  # one core's share each
+    assert {d[1] for d in done} == {1}  # one thread each
     assert os.getpid() not in {d[2] for d in done}
     with demo.worker_pool(1) as pool:
         assert pool is None
