@@ -155,6 +155,8 @@ def test_side_by_side_tiny(capsys):
     assert goals["default"] == side_by_side.default_spec()
     if goals["default"] in ("float32:int8",):  # the default row ran here: the pipeline was timed
         assert goals["image_question_s"]["value"] > 0
+        pipe = rows["int8 (float32)"]["pipeline"]  # timed warm: after a first, shorter question
+        assert pipe["warm_up_1_plus_1_tokens_s"] > 0 and pipe["total_s"] == goals["image_question_s"]["value"]
     if not os.environ.get("MMFT_LLAMA_CPP"):
         assert "llama.cpp half skipped" in result["llama_cpp"]
         assert not [r for r in result["rows"] if r["engine"] == "llama.cpp"]
