@@ -317,10 +317,9 @@ def round_job(base: Path, work: Path, mode: str, samples: int, steps: int, seed:
     return evaluate_round(dest, eval_n, indist_n, eval_seed), seconds
 
 
-def _one_worker(threads: int) -> None:
-    torch.set_num_threads(threads)
+def _one_worker() -> None:
     from transformers.utils import logging as hf_logging
-
+    torch.set_num_threads(1)
     hf_logging.set_verbosity_warning()
     hf_logging.disable_progress_bar()
 
@@ -329,16 +328,15 @@ def _one_worker(threads: int) -> None:
 def worker_pool(workers: int):
     """`workers` spawned processes of one thread each (None for 1: jobs then run here, in order).
 
-    The demo's models are so small that a second thread speeds a training step up by 0-30 %, while
-    a second process doing other work doubles the throughput (`build_demo` says what runs beside
-    what). One thread whatever the core count, so a build on a bigger machine computes as the 2-core
-    one does. Spawned, not forked: no fork of a process holding torch threads; one pool for the
-    whole build, so torch is imported once per worker."""
+    The models are so small that a second thread speeds a step up by 0-30 %, while a second process
+    doubles the throughput (`build_demo` says what runs beside what); one thread whatever the core
+    count, so a bigger machine computes as the 2-core build does. Spawned, not forked (no fork of a
+    process holding torch threads); one pool per build, so torch is imported once per worker."""
     if workers <= 1:
         yield None
         return
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_one_worker, initargs=(1,)) as pool:
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_one_worker) as pool:
         yield pool
 
 
@@ -371,8 +369,7 @@ def build_demo(out: Path = DEMO_DIR, modes=("patch", "pooled"), samples: int = 4
                seed: int = 0, workers: int | None = None, batch_size: int = 16, lm_batch_size: int = 32,
                eval_seed: int | None = None) -> dict:
     """The whole rebuild; returns metrics per mode and stage times. `out/round` is the first mode's.
-    `eval_seed` (default `seed + 10_000`) draws the evaluation's images and questions: another one
-    checks a recipe change on a draw its choice never saw."""
+    `eval_seed` (default `seed + 10_000`) draws the evaluation's images and questions."""
     eval_seed = seed + 10_000 if eval_seed is None else eval_seed
     start = time.time()
     workers = default_workers() if workers is None else workers
