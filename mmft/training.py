@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,6 +36,7 @@ from mmft.round import ADAPTER_DIR, PROJECTOR_NAME, check_round_folder
 logger = logging.getLogger(__name__)
 CHECKPOINT_WEIGHTS = "model.safetensors"  # the Trainer's name: its resume path looks for it
 TRAINER_STATE = "trainer_state.json"  # written last into a checkpoint: its presence means "complete"
+COMMIT_RE = re.compile(r"[0-9a-f]{40}")  # a Hub commit id: the one revision that never moves
 
 
 class MMFTTrainer(Trainer):
@@ -95,16 +97,17 @@ def last_complete_checkpoint(output_dir: str | Path) -> str | None:
 
 
 def pin_revisions(cfg: MMFTConfig) -> MMFTConfig:
-    """Record the Hub commit of the base LM and CLIP when the user named none, so a round says exactly
-    which weights it was trained on. Local folders have no commit: their revision stays None."""
+    """Record the Hub commit of the base LM and CLIP, so a round says exactly which weights it was trained
+    on: none given, or a branch or tag (which can move), becomes the commit it points to now; a commit id
+    is kept. Local folders have no commit: their revision stays None."""
     from transformers.utils.hub import cached_file, extract_commit_hash
 
     pins = {}
     for id_key, rev_key in (("lm_model_id", "lm_revision"), ("vit_model_id", "vit_revision")):
         model_id, revision = getattr(cfg, id_key), getattr(cfg, rev_key)
-        if revision is None and not Path(model_id).exists():
+        if not Path(model_id).exists() and not (revision and COMMIT_RE.fullmatch(revision)):
             # the Hub cache keeps files under snapshots/<commit>/: the commit of what will be loaded
-            pins[rev_key] = extract_commit_hash(cached_file(model_id, "config.json"), None)
+            pins[rev_key] = extract_commit_hash(cached_file(model_id, "config.json", revision=revision), None)
     return replace(cfg, **pins)
 
 

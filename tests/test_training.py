@@ -241,9 +241,13 @@ def test_base_revisions_are_pinned_to_the_hub_commit(tiny_dir, hub_online):
         commits[name] = api.upload_folder(repo_id=f"base/{name}", folder_path=str(tiny_dir / name)).oid
     cfg = pin_revisions(MMFTConfig(lm_model_id="base/lm", vit_model_id="base/clip"))
     assert (cfg.lm_revision, cfg.vit_revision) == (commits["lm"], commits["clip"])
-    # a revision the user gave is kept; local folders have no commit
-    assert pin_revisions(MMFTConfig(lm_model_id="base/lm", lm_revision="v1", vit_model_id=str(tiny_dir / "clip"))
-                         ).lm_revision == "v1"
+    # a branch or tag the user gave becomes the commit it points to now (both can move); a commit id is kept
+    api.create_tag("base/lm", tag="v1", revision=commits["lm"])
+    later = api.upload_file(path_or_fileobj=b"main moves on", path_in_repo="later.txt", repo_id="base/lm").oid
+    for revision, commit in (("v1", commits["lm"]), ("main", later), (commits["lm"], commits["lm"])):
+        assert pin_revisions(MMFTConfig(lm_model_id="base/lm", lm_revision=revision,
+                                        vit_model_id=str(tiny_dir / "clip"))).lm_revision == commit, revision
+    # local folders have no commit
     local = pin_revisions(MMFTConfig(lm_model_id=str(tiny_dir / "lm"), vit_model_id=str(tiny_dir / "clip")))
     assert (local.lm_revision, local.vit_revision) == (None, None)
 
