@@ -218,8 +218,11 @@ def export_llava(round_dir: str | Path, out: str | Path, dtype=None, text_model:
     vision_config = vision.vision_model.config
     n_patches = (vision_config.image_size // vision_config.patch_size) ** 2
     num_image_tokens = n_patches + (1 if strategy == "full" else 0)  # CLIP adds one CLS token
+    # `_name_or_path` is where this machine loaded each model from: no place in a published config.json
+    text_dict, vision_dict = ({k: v for k, v in c.to_dict().items() if k != "_name_or_path"}
+                              for c in (lm.config, vision_config))
     config = LlavaConfig(
-        vision_config=vision_config.to_dict(), text_config=lm.config.to_dict(),
+        vision_config=vision_dict, text_config=text_dict,
         image_token_index=image_id, image_seq_length=num_image_tokens, projector_hidden_act="gelu",
         vision_feature_select_strategy=strategy, vision_feature_layer=layer, multimodal_projector_bias=True,
         tie_word_embeddings=bool(getattr(lm.config, "tie_word_embeddings", False)),

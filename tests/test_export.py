@@ -158,6 +158,8 @@ def test_demo_round_exports_and_answers_like_mmft(tmp_path):
     processor = theirs["processor"]
     answer = processor.decode(theirs["new"], skip_special_tokens=True)
     assert answer == ours["draft"] and answer.strip()
+    config = (folder / "config.json").read_text()  # the round names its base "../base/lm": no absolute path out
+    assert str(ROOT) not in config and str(tmp_path) not in config and "_name_or_path" not in config
     layer, strategy = feature_choice(ours["model"].cfg)
     assert (theirs["llava"].config.vision_feature_layer, theirs["llava"].config.vision_feature_select_strategy) == \
         (layer, strategy)
