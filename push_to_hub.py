@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--export", choices=["llava"], help="also export the round as a LlavaForConditionalGeneration "
                         "and publish it to OWNER/NAME-llava, tagged round-N (mmft.export_hub)")
     args = parser.parse_args(argv)
-    from mmft.hub import plan_upload, publish  # after parsing: --help stays instant
+    from mmft.hub import error_line, plan_upload, publish  # after parsing: --help stays instant
 
     try:
         upload = plan_upload(args.round_dir, args.repo_id, args.round)
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
                                       private=args.private)
             print(f"export:   {exported.repo_id} at {exported.tag}, commit {exported.commit_id}, {exported.url}")
     except Exception as err:  # one readable line, no traceback (and so no local variables) on the console
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {error_line(err)}", file=sys.stderr)
         return 1
     if done.already:
         print(f"already published, identical: {done.tag} holds exactly these files; nothing was sent.")

@@ -70,7 +70,7 @@ def _datasets(round_info: dict) -> tuple[list[str] | None, str]:
 def render_card(cfg: MMFTConfig, round_info: dict, repo_id: str, number: int, has_loss_plot: bool,
                 template: str | Path = CARD_TEMPLATE) -> ModelCard:
     """The round's README.md: Hub metadata + feature mode, models, every round so far, plot, usage."""
-    lm_is_hub_id = bool(REPO_ID_RE.fullmatch(cfg.lm_model_id)) and not Path(cfg.lm_model_id).exists()
+    lm_is_hub_id = bool(REPO_ID_RE.fullmatch(cfg.lm_model_id))  # from the string: the card never depends on the machine
     datasets, data_text = _datasets(round_info)
     data = ModelCardData(
         base_model=cfg.lm_model_id if lm_is_hub_id else None,  # the Hub only accepts repo ids here

@@ -42,9 +42,11 @@ from safetensors import SafetensorError
 
 from mmft.card import CARD_TEMPLATE, REPO_ID_RE, TAG_PREFIX, render_card, round_tag
 from mmft.config import CONFIG_NAME, MMFTConfig, load_config
-from mmft.round import ADAPTER_DIR, PROJECTOR_NAME, check_round_folder, is_local_path, without_local_paths
+from mmft.round import ADAPTER_DIR, PROJECTOR_NAME, check_round_folder, without_local_paths
 
-ROUND_PATTERNS = [CONFIG_NAME, "projector.safetensors", "adapter/*", "metrics.json", "loss.png"]
+# An allow-list: a checkpoint's other files (optimizer state, RNG pickles, PEFT's stub README) stay home.
+ROUND_PATTERNS = [CONFIG_NAME, "projector.safetensors", "adapter/*.safetensors", "adapter/*.json", "metrics.json",
+                  "loss.png"]
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl")
 TAG_RE = re.compile(r"round-(\d+)")
 
@@ -100,7 +102,10 @@ def _check_adapter(folder: Path, cfg: MMFTConfig, adapter_cfg: dict) -> None:
     path = folder / ADAPTER_DIR / "adapter_model.safetensors"
     shapes = _tensors(path)
     targets = adapter_cfg.get("target_modules") or []
-    targets = [targets] if isinstance(targets, str) else list(targets)
+    targets = [targets] if isinstance(targets, str) else targets
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise ValueError(f"{folder / ADAPTER_DIR}/adapter_config.json: target_modules is {targets!r}, "
+                         "expected a module name or a list of them")
     if sorted(targets) != sorted(cfg.lora_target_modules) or adapter_cfg.get("r") != cfg.lora_r:
         raise ValueError(f"{folder / ADAPTER_DIR}/adapter_config.json (r={adapter_cfg.get('r')}, targets {targets}) "
                          f"does not match config.json (lora_r={cfg.lora_r}, lora_target_modules="
@@ -113,6 +118,7 @@ def _check_adapter(folder: Path, cfg: MMFTConfig, adapter_cfg: dict) -> None:
                              f"weights of the targets {targets}")
         pairs.setdefault(match["module"], {})[match["ab"]] = shape
     fixed_rank = not adapter_cfg.get("rank_pattern")
+    maps: dict[str, tuple[str, tuple[int, int]]] = {}  # target -> (first module, its d_in -> d_out)
     for module, ab in sorted(pairs.items()):
         if set(ab) != {"A", "B"}:
             raise ValueError(f"{path}: {module} has lora_{''.join(ab)} but not its pair")
@@ -122,6 +128,11 @@ def _check_adapter(folder: Path, cfg: MMFTConfig, adapter_cfg: dict) -> None:
         if cfg.mp_output_dim and cfg.mp_output_dim not in (d_in, d_out):
             raise ValueError(f"{path}: {module} maps {d_in} -> {d_out}, but the LM's hidden size is "
                              f"{cfg.mp_output_dim} (mp_output_dim): an adapter for another LM?")
+        # every layer's copy of a target has the same shape (the base LM is not read here)
+        first, shape = maps.setdefault(LORA_KEY_RE.fullmatch(module + ".lora_A.weight")["target"], (module, (d_in, d_out)))
+        if shape != (d_in, d_out):
+            raise ValueError(f"{path}: {module} maps {d_in} -> {d_out}, but {first} maps {shape[0]} -> {shape[1]}: "
+                             "the file is damaged or mixes two adapters")
 
 
 def check_round(folder: str | Path) -> tuple[MMFTConfig, dict]:
@@ -152,9 +163,16 @@ def published_config(folder: Path) -> tuple[bytes, list[str]]:
     data = json.loads((folder / CONFIG_NAME).read_text())
     if "round" in data:
         data["round"] = without_local_paths(data["round"])
-    warnings = [f"{key} is the local path {data['mmft'][key]!r}: this round loads only where that path exists. "
-                "Train on a Hub model id to publish a round anyone can load."
-                for key in ("lm_model_id", "vit_model_id") if is_local_path(str(data["mmft"].get(key, "")))]
+    warnings = []
+    for key in ("lm_model_id", "vit_model_id"):
+        value = str(data["mmft"].get(key, ""))
+        if not REPO_ID_RE.fullmatch(value):  # absolute, "../base/lm", "a/b/c": a folder on some machine
+            warnings.append(f"{key} is the local path {value!r}: this round loads only where that path exists "
+                            "(relative paths: from the folder the app runs in). Train on a Hub model id to "
+                            "publish a round anyone can load.")
+        elif Path(value).exists():  # the published bytes never depend on this; the warning may
+            warnings.append(f"{key} {value!r} is a folder here but a Hub repo id anywhere else: the round loads "
+                            f"that folder here and the Hub repo {value} elsewhere.")
     return (json.dumps(data, indent=2) + "\n").encode(), warnings
 
 
@@ -284,6 +302,15 @@ def publish(upload: RoundUpload, force: bool = False, private: bool = False) -> 
         api.delete_tag(upload.repo_id, tag=upload.tag)
     api.create_tag(upload.repo_id, tag=upload.tag, revision=commit_id, tag_message=f"Round {upload.round}")
     return Published(upload.repo_id, upload.tag, commit_id, url)
+
+
+def error_line(err: BaseException) -> str:
+    """An error as one console line. The Hub client's errors span several (URL, docs link, server text);
+    a 401 gets what to do about it. The token is never in them: it is only ever sent as a header."""
+    text = " ".join(str(err).split())
+    if getattr(getattr(err, "response", None), "status_code", None) == 401:
+        text += " (no valid token: set HF_TOKEN or run `hf auth login`)"
+    return text
 
 
 # -- pulling -------------------------------------------------------------------------------------

@@ -32,16 +32,18 @@ def check_round_folder(folder: str | Path) -> Path:
 
 
 def is_local_path(value: str) -> bool:
-    """An absolute (or home-relative) path: it names a place on one machine only."""
-    return os.path.isabs(value) or value.startswith("~") or bool(re.match(r"[A-Za-z]:[\\/]", value))
+    """An absolute (or home-relative) path, POSIX or Windows (drive or UNC): a place on one machine only."""
+    return (os.path.isabs(value) or value.startswith(("~", "\\\\"))
+            or bool(re.match(r"[A-Za-z]:[\\/]", value)))
 
 
 def without_local_paths(value):
-    """Round info as it may leave the build machine: every absolute path becomes its base name."""
+    """Round info as it may leave the build machine: every absolute path becomes its base name (split at
+    either separator: a round trained on Windows is published from Linux too)."""
     if isinstance(value, dict):
         return {k: without_local_paths(v) for k, v in value.items()}
     if isinstance(value, list):
         return [without_local_paths(v) for v in value]
     if isinstance(value, str) and is_local_path(value):
-        return Path(value.rstrip("/\\")).name or value
+        return re.split(r"[\\/]+", value.rstrip("/\\"))[-1] or value
     return value

@@ -52,10 +52,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variable", action="append", default=[], metavar="KEY=VALUE",
                         help="a Space variable to set, e.g. MMFT_REPO=OWNER/NAME (repeatable)")
     args = parser.parse_args(argv)
-    variables = dict(item.split("=", 1) for item in args.variable if "=" in item)
-    if len(variables) != len(args.variable):
-        print(f"error: --variable takes KEY=VALUE, got {args.variable}", file=sys.stderr)
-        return 2
+    variables = {}
+    for item in args.variable:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            print(f"error: --variable takes KEY=VALUE, got {key!r} without '='" if not sep else
+                  "error: --variable takes KEY=VALUE, got an empty KEY", file=sys.stderr)
+            return 2
+        if key in variables:
+            print(f"error: --variable {key} is given twice", file=sys.stderr)
+            return 2
+        variables[key] = value
     files = space_files()
     if args.dry_run:
         for path in files:
@@ -65,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         info = deploy(args.space_id, private=args.private, variables=variables)
     except Exception as err:  # one line, no traceback (and so no token) on the console
-        print(f"error: {err}", file=sys.stderr)
+        from mmft.hub import error_line
+
+        print(f"error: {error_line(err)}", file=sys.stderr)
         return 1
     print(f"deployed {len(files)} files: {info.commit_url}")
     return 0

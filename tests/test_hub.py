@@ -170,10 +170,17 @@ def test_card_names_the_data_the_run_declared(data, datasets, text):
     assert "![Training and evaluation loss of round 1](loss.png)" in card.text
 
 
-@pytest.mark.parametrize("lm_id", ["./base/lm", "microsoft/Phi-3.5-mini-instruct"])
-def test_card_claims_a_base_model_only_for_a_hub_id(lm_id):
-    card = ModelCard(str(render_card(MMFTConfig(lm_model_id=lm_id), {"round": 1}, "me/x", 1, False)))
-    assert card.data.base_model == (None if lm_id.startswith(".") else lm_id)
+@pytest.mark.parametrize("lm_id", ["./base/lm", "../base/lm", "/srv/base/lm", "microsoft/Phi-3.5-mini-instruct", "base/lm"])
+def test_card_claims_a_base_model_only_for_a_hub_id(lm_id, tmp_path, monkeypatch):
+    cfg = MMFTConfig(lm_model_id=lm_id)
+    cards = []
+    for cwd in (tmp_path, tmp_path / "base" / "lm" / "x"):  # where "base/lm" is and is not a folder
+        cwd.mkdir(parents=True, exist_ok=True)
+        monkeypatch.chdir(cwd)
+        cards.append(str(render_card(cfg, {"round": 1}, "me/x", 1, False)))
+    assert cards[0] == cards[1]  # the same bytes wherever the push runs: a re-run stays identical
+    hub_id = lm_id in ("microsoft/Phi-3.5-mini-instruct", "base/lm")
+    assert ModelCard(cards[0]).data.base_model == (lm_id if hub_id else None)
 
 
 def test_a_changed_round_under_an_existing_tag_is_refused_and_force_republishes(hub_online, rounds, tmp_path):
@@ -234,7 +241,8 @@ def test_published_config_has_no_build_machine_paths(hub_online, rounds, tmp_pat
     shutil.copytree(rounds[0], folder)
     config = json.loads((folder / "config.json").read_text())
     config["round"]["data"].update(train_json="/tmp/tmpy9ihr99t/data/train.json",
-                                   feature_cache="/tmp/tmpy9ihr99t/cache-patch/", image_dir="images")
+                                   feature_cache="/tmp/tmpy9ihr99t/cache-patch/", image_dir="images",
+                                   eval_json=r"C:\Users\alice\data\eval.json", mirror=r"\\buildbox\share\cache")
     config["round"]["parent"] = {"round": 0, "source": "/home/me/runs/round-0"}
     (folder / "config.json").write_text(json.dumps(config))
     done = push_cli(hub_online, folder, "--repo-id", REPO)
@@ -244,8 +252,35 @@ def test_published_config_has_no_build_machine_paths(hub_online, rounds, tmp_pat
     assert "/tmp/" not in json.dumps(published["round"]) and "/home/" not in json.dumps(published["round"])
     data = published["round"]["data"]
     assert (data["train_json"], data["feature_cache"], data["image_dir"]) == ("train.json", "cache-patch", "images")
+    assert (data["eval_json"], data["mirror"]) == ("eval.json", "cache")  # trained on Windows, published here
     assert published["round"]["parent"] == {"round": 0, "source": "round-0"}
     assert published["mmft"] == config["mmft"]  # the model config travels as it is (the tiny models' paths: warned)
+
+
+def test_only_the_rounds_own_files_travel_and_local_bases_are_warned_about(rounds, tmp_path, monkeypatch):
+    folder = tmp_path / "round"
+    shutil.copytree(rounds[0], folder)
+    for name in ("adapter/rng_state.pickle", "adapter/last.ckpt", "adapter/README.md", "notes.txt"):
+        (folder / name).write_bytes(b"not for the Hub")  # a checkpoint's leftovers, PEFT's stub card
+    config = json.loads((folder / "config.json").read_text())
+    config["mmft"].update(lm_model_id="../base/lm", vit_model_id="base/clip")
+    (folder / "config.json").write_text(json.dumps(config))
+    (tmp_path / "base" / "clip").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    upload = plan_upload(folder, REPO)
+    assert set(upload.files) == {"config.json", "projector.safetensors", "adapter/adapter_config.json",
+                                 "adapter/adapter_model.safetensors", "metrics.json", "loss.png"}
+    lm, clip = upload.warnings
+    assert lm.startswith("lm_model_id is the local path '../base/lm'")
+    assert clip.startswith("vit_model_id 'base/clip' is a folder here but a Hub repo id anywhere else")
+
+
+def test_hub_errors_reach_the_console_as_one_line_saying_what_to_do(hub_online, rounds):
+    done = push_cli(hub_online, rounds[0], "--repo-id", REPO, token="")  # no token at all
+    assert done.returncode == 1 and done.stdout.startswith("Publishing ")
+    lines = [line for line in done.stderr.splitlines() if not line.startswith("warning: ")]  # the tiny bases' paths
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("error: ") and "401" in lines[0] and "set HF_TOKEN" in lines[0]
 
 
 def test_pulled_round_reproduces_the_local_round(hub_online, rounds):
@@ -342,6 +377,13 @@ def test_local_folder_is_returned_as_is(rounds):
      "o_proj has lora_A but not its pair"),
     (lambda f: _edit_tensors(f / "adapter/adapter_model.safetensors",
                              lambda t: {k: v * float("inf") for k, v in t.items()}), "NaN or Inf"),
+    (lambda f: _edit_tensors(f / "adapter/adapter_model.safetensors",  # one layer's B for another width
+                             lambda t: {k: (v[:7] if "layers.1.self_attn.o_proj.lora_B" in k else v)
+                                        for k, v in t.items()}),
+     r"layers.1.self_attn.o_proj maps 64 -> 7, but .*layers.0.self_attn.o_proj maps 64 -> 64"),
+    (lambda f: (f / "adapter/adapter_config.json").write_text(json.dumps(
+        {**json.loads((f / "adapter/adapter_config.json").read_text()), "target_modules": 5})),
+     "adapter_config.json: target_modules is 5, expected a module name or a list"),
 ])
 def test_bad_folders_are_refused_before_any_request(hub_online, rounds, tmp_path, damage, message):
     folder = tmp_path / "round"
@@ -383,6 +425,18 @@ def _is_binary(data: bytes) -> bool:
     except UnicodeDecodeError:
         return True
     return b"\0" in data
+
+
+@pytest.mark.parametrize("variables, message", [
+    (["MMFT_THREADS=2", "MMFT_THREADS=4"], "error: --variable MMFT_THREADS is given twice"),
+    (["MMFT_THREADS=2", "MMFT_QUANTIZE"], "error: --variable takes KEY=VALUE, got 'MMFT_QUANTIZE' without '='"),
+    (["=none"], "error: --variable takes KEY=VALUE, got an empty KEY"),
+])
+def test_space_variables_are_checked_one_by_one(variables, message, capsys):
+    from mmft.space import main
+
+    assert main(["user/space", "--dry-run", *[a for v in variables for a in ("--variable", v)]]) == 2
+    assert capsys.readouterr().err.splitlines() == [message]
 
 
 @pytest.mark.slow
