@@ -50,18 +50,26 @@ class AdapterSwitch:
 
     def refresh(self) -> None:
         self.layers = [m for m in self.lm.modules() if isinstance(m, BaseTunerLayer)]
+        # The adapter every layer has active, if they agree. When the active adapter is deleted, PEFT picks
+        # a successor per layer (rounds may cover different modules) and reports the first layer's: then
+        # `selected` is None and the next `select` sets them all.
+        active = {tuple(m.active_adapters) for m in self.layers}
+        only = next(iter(active)) if len(active) == 1 else ()
+        self.selected = only[0] if len(only) == 1 else None
         if self.layers and not all(hasattr(m, "_disable_adapters") for m in self.layers):
             raise RuntimeError("this peft version's LoRA layers have no `_disable_adapters` flag: "
                                "mmft.model.AdapterSwitch needs peft as pinned in requirements.txt")
 
     def select(self, name: str | None) -> None:
-        """Make `name` the active adapter (a no-op when it already is; rare: only when rounds share a base)."""
-        if name is None or not isinstance(self.lm, PeftModel) or self.lm.active_adapter == name:
+        """Make `name` the active adapter on every layer (a no-op when it already is, as in training;
+        switching is rare: only when rounds share a base)."""
+        if name is None or not isinstance(self.lm, PeftModel) or self.selected == name:
             return
         if name not in self.lm.peft_config:
             raise RuntimeError(f"adapter {name!r} is no longer loaded (its round was dropped from the cache); "
                                "load the round again")
         self.lm.set_adapter(name, inference_mode=True)
+        self.selected = name
 
     def set_enabled(self, enabled: bool) -> None:
         # The instance dict directly: nn.Module.__setattr__ costs ~20 us a call, 128 layers at real size.

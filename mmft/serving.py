@@ -63,7 +63,7 @@ class RoundCache:
         self.cache_size, self.max_bases = cache_size, max_bases
         self._rounds: OrderedDict[str, Pipeline] = OrderedDict()
         self._base_of: dict[str, tuple] = {}
-        self._bases: OrderedDict[tuple, object] = OrderedDict()  # base key -> the MultimodalModel that loaded it
+        self._bases: OrderedDict[tuple, object] = OrderedDict()  # base key -> a loaded round's MultimodalModel on it
         self._names = (f"round{i}" for i in itertools.count(1))  # adapter names; round keys may hold "/" or "."
         self._lock = threading.RLock()
 
@@ -113,7 +113,15 @@ class RoundCache:
         projector.to(base.device).eval().requires_grad_(False)
         name = next(self._names)
         with base.switch.lock:  # no generation on this base while its adapters change
-            base.lm.load_adapter(str(folder / ADAPTER_DIR), adapter_name=name, is_trainable=False)
+            try:
+                base.lm.load_adapter(str(folder / ADAPTER_DIR), adapter_name=name, is_trainable=False)
+            except Exception:  # PEFT adds the adapter's layers before it reads the weights: take them off
+                if name in base.lm.peft_config:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", UserWarning)
+                        base.lm.delete_adapter(name)
+                base.switch.refresh()
+                raise
             return base.sibling(cfg, projector, name)
 
     def _drop_round(self, key: str) -> None:
@@ -128,6 +136,9 @@ class RoundCache:
             warnings.simplefilter("ignore", UserWarning)
             base.lm.delete_adapter(pipe.model.adapter_name)
             base.switch.refresh()
+        if base is pipe.model:  # the base's handle is this round's model: hand it to a round that stays,
+            survivor = next(k for k, b in self._base_of.items() if b == bkey)  # so its projector can go
+            self._bases[bkey] = self._rounds[survivor].model
         log.info("dropped round %s from the cache", key)
 
     def _drop_base(self, bkey: tuple) -> None:

@@ -140,6 +140,57 @@ def test_int8_base_takes_more_rounds(three_rounds):
         assert vars(pipe.answer_image(IMAGE, QUESTION)) == vars(own.answer_image(IMAGE, QUESTION))
 
 
+def test_dropping_the_active_round_leaves_the_others_answering_as_alone(three_rounds, alone):
+    """Rounds covering different modules: PEFT picks a successor adapter per layer when the active one is
+    deleted (qkv_proj's can differ from o_proj's) and reports only the first layer's."""
+    cache = RoundCache(cache_size=3)
+    qkv_only = cache.load("a", three_rounds[2], **FP32)  # the base, its adapter on qkv_proj only
+    first = cache.load("b", three_rounds[0], **FP32)
+    cache.load("c", three_rounds[1], **FP32).answer_image(IMAGE, QUESTION)  # c's adapter is the active one
+    cache.get("a"), cache.get("b")
+    cache.load("d", three_rounds[2], **FP32)  # evicts c
+    assert cache.loaded() == ["a", "b", "d"]
+    assert vars(first.answer_image(IMAGE, QUESTION)) == alone[0]
+    assert vars(qkv_only.answer_image(IMAGE, QUESTION)) == alone[2]
+
+
+def test_a_dropped_round_frees_its_projector_even_when_it_loaded_the_base(three_rounds):
+    import gc
+    import weakref
+
+    cache = RoundCache(cache_size=2)
+    loader = cache.load("a", three_rounds[0], **FP32)  # the round that loads the base
+    projector = weakref.ref(loader.model.projector)
+    cache.load("b", three_rounds[1], **FP32)
+    cache.load("c", three_rounds[2], **FP32)  # evicts a; b and c stay on the base
+    del loader
+    gc.collect()
+    assert cache.loaded() == ["b", "c"] and projector() is None
+
+
+def test_a_round_that_fails_to_load_leaves_the_base_as_it_was(three_rounds, alone, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "bad"
+    shutil.copytree(three_rounds[0], bad)
+    tensors = load_file(str(bad / "adapter/adapter_model.safetensors"))
+    last = sorted(k for k in tensors if "lora_B" in k)[-1]  # PEFT has added every layer before it reads this
+    tensors[last] = torch.zeros(tensors[last].shape[0] + 1, tensors[last].shape[1])
+    save_file(tensors, str(bad / "adapter/adapter_model.safetensors"))
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    cache = RoundCache(cache_size=3)
+    served = cache.load("a", three_rounds[2], **FP32)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        cache.load("bad", bad, **FP32)
+    assert cache.loaded() == ["a"] and list(served.model.lm.peft_config) == ["default"]  # no half-loaded adapter
+    # the wrappers PEFT added stay, empty (as after any delete_adapter); the switch lists them all
+    assert served.model.switch.layers == [m for m in served.model.lm.modules() if isinstance(m, BaseTunerLayer)]
+    assert vars(served.answer_image(IMAGE, QUESTION)) == alone[2]
+
+
 def test_a_dropped_round_says_so(three_rounds):
     cache = RoundCache(cache_size=1)
     old = cache.load("a", three_rounds[0], **FP32)
