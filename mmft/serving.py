@@ -27,7 +27,7 @@ from pathlib import Path
 
 
 from mmft.config import MMFTConfig
-from mmft.hub import RoundNotFound, list_rounds, pull_round
+from mmft.hub import RoundNotFound, error_line, list_rounds, pull_round
 from mmft.loading import load_round, projector_for, round_config
 from mmft.pipeline import Pipeline
 from mmft.projector import load_projector
@@ -209,13 +209,18 @@ class Rounds:
         try:
             self.get(key)
             return key, None
-        except RoundNotFound as err:
-            log.warning("serving the demo round instead: %s", err)
+        except (RoundNotFound, OSError, RuntimeError, ValueError) as err:
+            if not (isinstance(err, RoundNotFound) or self.on_hub):
+                raise  # a local round folder is its developer's: app.py says what is wrong and stops
+            # pulled but not loadable (its base is not on the Hub, a mismatched adapter): a Space stays up
+            reason = str(err) if isinstance(err, RoundNotFound) else \
+                f"{self.repo} at {key!r} was pulled but cannot be loaded: {error_line(err)}"
+            log.warning("serving the demo round instead: %s", reason)
             try:
                 self.get(DEMO_KEY)
             except FileNotFoundError as missing:
-                raise FileNotFoundError(f"{err} The fallback failed too: {missing}") from err
-            return DEMO_KEY, str(err)
+                raise FileNotFoundError(f"{reason} The fallback failed too: {missing}") from err
+            return DEMO_KEY, reason
 
     def choices(self, current: str) -> list[tuple[str, str]]:
         """(label, key) for the round picker: the repo's round-N tags, newest first, and what is served."""

@@ -344,6 +344,15 @@ def test_offline_with_nothing_cached_serves_the_demo_and_says_why(standin_round)
     assert "Serving the bundled shapes demo round" in text and "--revision round-N" in text
 
 
+def test_a_hub_round_that_pulls_but_cannot_load_serves_the_demo_and_says_why(hub_online, standin_round):
+    publish(plan_upload(standin_round, "user/relative-base"))  # its base, "../base/lm", is on no Hub
+    rounds = Rounds(Settings(demo_round=standin_round, repo="user/relative-base"))
+    key, problem = rounds.start()
+    assert key == DEMO_KEY and rounds.loaded() == [DEMO_KEY]
+    assert problem.startswith("user/relative-base at 'main' was pulled but cannot be loaded: ")
+    assert "\n" not in problem and "base/clip" in problem  # the base it looked for
+
+
 def test_a_round_that_cannot_be_loaded_keeps_the_current_one(standin_round, tmp_path):
     rounds = Rounds(Settings(demo_round=standin_round, repo=str(tmp_path / "x")))
     rounds.get(DEMO_KEY)
