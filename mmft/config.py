@@ -91,6 +91,10 @@ class MMFTConfig:
             self.lora_target_modules = [m.strip() for m in joined.split(",") if m.strip()]
         if self.mp_depth < 2:
             raise ValueError(f"mp_depth must be >= 2 (Linear -> GELU -> Linear), got {self.mp_depth}")
+        _at_least(self, 1, "lora_r", "prompt_max_question_tokens", "prompt_max_answer_tokens", "gen_max_new_tokens",
+                  "vit_max_pixels")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if "{question}" not in self.pipe_refine_template or "{draft}" not in self.pipe_refine_template:
             raise ValueError("pipe_refine_template must contain {question} and {draft}")
 
@@ -111,6 +115,14 @@ class MMFTConfig:
         if unknown:
             raise ValueError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
         return cls(**{**OLD_ROUND_FEATURES, **data})
+
+
+def _at_least(config, low: int, *names: str) -> None:
+    """A clear error for a count or size below `low` (None: unset, allowed)."""
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and value < low:
+            raise ValueError(f"{name} must be >= {low}, got {value}")
 
 
 @dataclass
@@ -140,6 +152,12 @@ class RunArguments:
         "help": "stage 1: LM frozen, train the projector (the round still carries a zero-effect LoRA adapter)"})
 
     def __post_init__(self):
+        _at_least(self, 0, "data_offset")
+        _at_least(self, 1, "max_eval_samples", "max_samples")
+        if not 0 <= self.eval_fraction < 1:
+            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if not self.projector_lr > 0:
+            raise ValueError(f"projector_lr must be > 0, got {self.projector_lr}")
         if self.quantize is not None and self.quantize not in QUANTIZE_MODES:
             raise ValueError(f"quantize must be one of {QUANTIZE_MODES} (or unset for the device's default), "
                              f"got {self.quantize!r}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -22,17 +23,23 @@ from mmft.vision import ImageError, VisionEncoder
 
 logger = logging.getLogger(__name__)
 INDEX_NAME = "cache.json"
+INDEX_KEYS = ("vit_model_id", "vit_feature_mode", "num_tokens", "feature_dim", "files", "unreadable")
 
 
 def build_cache(vision: VisionEncoder, vit_model_id: str, image_dir: str | Path, names: list[str],
                 out_dir: str | Path, shard_size: int = 1024, batch_size: int = 32) -> dict:
-    """Encode every image in `names` (relative to `image_dir`) into `out_dir/features-NNNNN.safetensors`."""
+    """Encode every image in `names` (relative to `image_dir`) into `out_dir/features-NNNNN.safetensors`.
+
+    Interrupt-safe: an old index is removed first and the new one is written last, each file through a
+    temporary name and `os.replace`, so a cache folder either has a complete index whose shards all exist
+    with the sizes it records, or no index at all (and a re-run builds it again)."""
     image_dir, out_dir = Path(image_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / INDEX_NAME).unlink(missing_ok=True)  # from here on, old shards are never served
     names = sorted(set(names))
     index = {"vit_model_id": vit_model_id, "vit_feature_mode": vision.mode, "vit_feature_layer": vision.feature_layer,
              "vit_feature_select_strategy": vision.select_strategy, "num_tokens": vision.num_tokens,
-             "feature_dim": vision.feature_dim, "files": {}, "unreadable": {}}
+             "feature_dim": vision.feature_dim, "files": {}, "unreadable": {}, "shard_bytes": {}}
     for shard_no, start in enumerate(range(0, len(names), shard_size)):
         shard_name = f"features-{shard_no:05d}.safetensors"
         tensors = {}
@@ -50,11 +57,19 @@ def build_cache(vision: VisionEncoder, vit_model_id: str, image_dir: str | Path,
                 features = vision(torch.cat(pixels)).float().cpu()  # [b, N_tok, D_v]
                 tensors.update({name: features[j].contiguous() for j, name in enumerate(good)})
         if tensors:
-            save_file(tensors, str(out_dir / shard_name))
+            _replace(out_dir / shard_name, lambda tmp: save_file(tensors, str(tmp)))
             index["files"].update({name: shard_name for name in tensors})
-    (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=1) + "\n")
+            index["shard_bytes"][shard_name] = (out_dir / shard_name).stat().st_size
+    _replace(out_dir / INDEX_NAME, lambda tmp: tmp.write_text(json.dumps(index, indent=1) + "\n"))
     logger.info("cached %d images, %d unreadable", len(index["files"]), len(index["unreadable"]))
     return index
+
+
+def _replace(path: Path, write) -> None:
+    """`write(tmp)` then rename onto `path`: readers see the old file or the whole new one, never half."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
 
 
 def _describe(choice: dict) -> str:
@@ -73,9 +88,18 @@ class FeatureCache:
         if not path.is_file():
             raise DataError(f"{path} not found: build the cache with python -m train.cache_features")
         try:
-            self.index = {**OLD_ROUND_FEATURES, **json.loads(path.read_text())}  # old caches: last layer + CLS
+            index = json.loads(path.read_text())
         except json.JSONDecodeError as err:
             raise DataError(f"{path} is not valid JSON ({err}); rebuild the cache") from None
+        missing = [k for k in INDEX_KEYS if k not in index] if isinstance(index, dict) else list(INDEX_KEYS)
+        if missing:
+            raise DataError(f"{path} is not a feature cache index (no {', '.join(missing)}); rebuild the cache")
+        self.index = {**OLD_ROUND_FEATURES, **index}  # old caches: last layer + CLS
+        for shard, size in self.index.get("shard_bytes", {}).items():  # older caches did not record sizes
+            found = (self.folder / shard).stat().st_size if (self.folder / shard).is_file() else None
+            if found != size:
+                raise DataError(f"{self.folder / shard} is {'missing' if found is None else f'{found} bytes'}, "
+                                f"the index says {size} bytes: the cache is damaged; rebuild it")
         self._handles = {}
 
     def check(self, cfg: MMFTConfig) -> None:

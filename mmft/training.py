@@ -25,10 +25,10 @@ from safetensors.torch import save_file
 from transformers import Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from mmft.config import MMFTConfig, RunArguments, load_config
+from mmft.config import MMFTConfig, RunArguments
 from mmft.data import Collator, ConversationDataset, DataError, read_llava
 from mmft.features import FeatureCache
-from mmft.loading import build_model
+from mmft.loading import build_model, round_config
 from mmft.model import MultimodalModel
 from mmft.projector import load_projector
 from mmft.round import ADAPTER_DIR, PROJECTOR_NAME, check_round_folder
@@ -128,7 +128,7 @@ def prepare_model(cfg: MMFTConfig, run: RunArguments, device, feature_dim: int |
     with_vision = feature_dim is None
     if run.resume_round:
         folder = check_round_folder(run.resume_round)
-        cfg, parent = load_config(folder)
+        cfg, parent = round_config(folder)  # "../base/lm" is relative to the round (the bundled demo's)
         model = build_model(cfg, device, dtype, quantize=run.quantize, with_vision=with_vision,
                             feature_dim=feature_dim, adapter=folder / ADAPTER_DIR, trainable=True)
         load_projector(model.projector, folder / PROJECTOR_NAME)
@@ -157,6 +157,9 @@ def read_data(run: RunArguments, cache: FeatureCache | None, seed: int):
         eval_records, records = records[:n_eval], records[n_eval:]
     if not records:
         raise DataError(f"{run.train_json}: no usable training records ({report.summary()})")
+    if not eval_records:  # else the run would train to the end and fail at its evaluation, saving nothing
+        raise DataError(f"{run.eval_json or run.train_json}: no usable evaluation records "
+                        f"({report.summary() if run.eval_json else 'the training file is too small to split'})")
     return records, eval_records, report
 
 
@@ -229,7 +232,7 @@ def finetune(cfg: MMFTConfig, run: RunArguments, targs: TrainingArguments, callb
     `evaluate(model)`, if given, runs on the main process after training; its dict is the round's
     `metrics` (in `config.json`, `metrics.json` and the model card's history)."""
     if run.resume_round:
-        cfg = load_config(check_round_folder(run.resume_round))[0]
+        cfg = round_config(check_round_folder(run.resume_round))[0]
     cache = FeatureCache(run.feature_cache) if run.feature_cache else None
     if cache is not None:
         cache.check(cfg)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -168,6 +169,80 @@ def test_mismatched_feature_cache_is_refused(tiny_dir, shapes_data, tmp_path):
         finetune(*_args(tiny_dir, shapes_data, tmp_path / "y", steps=2, feature_cache=str(tmp_path / "cache-full")))
 
 
+def test_an_interrupted_cache_build_is_never_served_and_damage_is_named(tiny_dir, shapes_data, tmp_path):
+    from mmft.data import DataError
+
+    names = [f"train-{i:05d}.png" for i in range(4)]
+    pooled = VisionEncoder.from_pretrained(str(tiny_dir / "clip"), "pooled", 10**8)
+    build_cache(pooled, str(tiny_dir / "clip"), shapes_data[1], names, tmp_path / "cache", shard_size=2)
+    assert FeatureCache(tmp_path / "cache")[names[0]].shape == (1, pooled.feature_dim)
+    patch = VisionEncoder.from_pretrained(str(tiny_dir / "clip"), "patch", 10**8)
+    calls = []
+
+    def dies_on_the_second_shard(pixels):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed after the first shard was rewritten
+        return VisionEncoder.forward(patch, pixels)
+
+    patch.forward = dies_on_the_second_shard
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(patch, str(tiny_dir / "clip"), shapes_data[1], names, tmp_path / "cache", shard_size=2, batch_size=2)
+    with pytest.raises(DataError, match="cache.json not found: build the cache"):  # not the old index over new shards
+        FeatureCache(tmp_path / "cache")
+    patch.forward = lambda pixels: VisionEncoder.forward(patch, pixels)
+    build_cache(patch, str(tiny_dir / "clip"), shapes_data[1], names, tmp_path / "cache", shard_size=2)  # re-run
+    assert FeatureCache(tmp_path / "cache")[names[3]].shape == (patch.num_tokens, patch.feature_dim)
+
+    shard = tmp_path / "cache" / "features-00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:100])  # cut short under a complete index
+    with pytest.raises(DataError, match=r"features-00001.safetensors is 100 bytes, the index says \d+ bytes"):
+        FeatureCache(tmp_path / "cache")
+    (tmp_path / "cache" / "cache.json").write_text("[]")
+    with pytest.raises(DataError, match="cache.json is not a feature cache index"):
+        FeatureCache(tmp_path / "cache")
+
+
+def test_a_run_without_evaluation_records_stops_before_loading_anything(tiny_dir, shapes_data, tmp_path):
+    from mmft.data import DataError
+
+    eval_json = tmp_path / "eval.json"
+    eval_json.write_text(json.dumps([{"id": "1", "image": "missing.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "Red."}]}]))
+    with pytest.raises(DataError, match=f"^{eval_json}: no usable evaluation records"):
+        finetune(*_args(tiny_dir, shapes_data, tmp_path / "out", steps=2, eval_json=str(eval_json)))
+    assert not (tmp_path / "out").exists()  # refused before any model was loaded or step trained
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(lora_r=0), "lora_r must be >= 1, got 0"), (dict(lora_dropout=1.5), r"lora_dropout must be in \[0, 1\)"),
+    (dict(prompt_max_answer_tokens=0), "prompt_max_answer_tokens must be >= 1"),
+    (dict(data_offset=-5), "data_offset must be >= 0, got -5"), (dict(max_samples=-30), "max_samples must be >= 1"),
+    (dict(max_eval_samples=0), "max_eval_samples must be >= 1"), (dict(eval_fraction=-1), "eval_fraction must be in"),
+    (dict(projector_lr=-1), "projector_lr must be > 0"),
+])
+def test_config_values_out_of_range_are_refused_by_name(fields, message):
+    config = MMFTConfig if set(fields) <= set(MMFTConfig.__dataclass_fields__) else RunArguments
+    with pytest.raises(ValueError, match=message):
+        config(**fields)
+
+
+def test_a_round_naming_its_bases_relative_to_itself_continues(tiny_dir, shapes_data, tmp_path):
+    """The bundled demo's layout: round/config.json names ../base/lm, ../base/clip; run from elsewhere."""
+    from mmft.config import load_config, save_config
+
+    first, _ = finetune(*_args(tiny_dir, shapes_data, tmp_path / "r1", steps=2))
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "base").symlink_to(tiny_dir, target_is_directory=True)
+    shutil.copytree(first, tmp_path / "demo" / "round")
+    cfg, info = load_config(tmp_path / "demo" / "round")
+    cfg.lm_model_id, cfg.vit_model_id = "../base/lm", "../base/clip"
+    save_config(tmp_path / "demo" / "round", cfg, info)
+    second, info = finetune(*_args(tiny_dir, shapes_data, tmp_path / "r2", steps=2,
+                                   resume_round=str(tmp_path / "demo" / "round")))
+    assert info["round"] == 2 and (second / "adapter" / "adapter_model.safetensors").is_file()
+
+
 @pytest.mark.parametrize("content, problem", [(None, "data file not found"), ("", "the data file is empty"),
                                               ('[{"id": "1", "conv', "not valid JSON at line 1.*truncated")])
 def test_bad_data_file_is_one_clear_error(tiny_dir, shapes_data, tmp_path, content, problem):
@@ -191,6 +266,17 @@ def test_cli_bad_data_file_exits_with_one_line(tiny_dir, tmp_path):
     assert proc.stderr.strip().splitlines() == [
         f"error: {path}: not valid JSON at line 1, column 59 (Unterminated string starting at); "
         "is the file truncated? Download or write it again"], proc.stderr[-2000:]
+
+
+def test_cli_broken_round_config_exits_with_one_line(tiny_dir, shapes_data, tmp_path):
+    (tmp_path / "round" / "adapter").mkdir(parents=True)
+    for name in ("config.json", "projector.safetensors", "adapter/adapter_config.json", "adapter/adapter_model.safetensors"):
+        (tmp_path / "round" / name).write_text("{}" if name != "config.json" else '{"mmft": {"lora_r": 8')
+    proc = subprocess.run([sys.executable, "-m", "train.finetune", "--train_json", str(shapes_data[0]),
+                           "--resume_round", str(tmp_path / "round"), "--output_dir", str(tmp_path / "out")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
+    assert proc.stderr.startswith(f"error: {tmp_path / 'round' / 'config.json'}")
 
 
 def test_cli_help_lists_every_config_field_without_loading_torch():

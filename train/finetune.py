@@ -40,7 +40,7 @@ def main(argv=None):
         parser.error(str(err))
     try:
         folder, info = finetune(cfg, run, targs)
-    except (DataError, FileNotFoundError) as err:
+    except (DataError, FileNotFoundError, ValueError) as err:  # bad data, a round folder or its config.json
         sys.exit(f"error: {err}")
     print(f"[rank {targs.process_index}/{targs.world_size}] finished at step {info['steps']}")
     if targs.process_index == 0:
