@@ -72,7 +72,7 @@ def _replace(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def _describe(choice: dict) -> str:
+def describe_features(choice: dict) -> str:
     text = f"CLIP {choice['vit_model_id']!r} in {choice['vit_feature_mode']!r} mode"
     if choice["vit_feature_mode"] == "patch":
         text += f" (layer {choice['vit_feature_layer']}, {choice['vit_feature_select_strategy']!r})"
@@ -108,8 +108,8 @@ class FeatureCache:
         built = {key: self.index[key] for key in wanted}
         if built != wanted:
             raise DataError(
-                f"feature cache {self.folder} was built with {_describe(built)}, but this run uses "
-                f"{_describe(wanted)}; rebuild it with python -m train.cache_features"
+                f"feature cache {self.folder} was built with {describe_features(built)}, but this run uses "
+                f"{describe_features(wanted)}; rebuild it with python -m train.cache_features"
             )
 
     def problem(self, name: str) -> str | None:

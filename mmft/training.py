@@ -27,7 +27,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from mmft.config import MMFTConfig, RunArguments
 from mmft.data import Collator, ConversationDataset, DataError, read_llava
-from mmft.features import FeatureCache
+from mmft.features import FeatureCache, describe_features
 from mmft.loading import build_model, round_config
 from mmft.model import MultimodalModel
 from mmft.projector import load_projector
@@ -236,6 +236,11 @@ def finetune(cfg: MMFTConfig, run: RunArguments, targs: TrainingArguments, callb
     cache = FeatureCache(run.feature_cache) if run.feature_cache else None
     if cache is not None:
         cache.check(cfg)
+    if run.init_projector and not run.resume_round:  # its shapes are checked on load; what it saw, here
+        built = round_config(check_round_folder(run.init_projector))[0].feature_choice
+        if built != cfg.feature_choice:
+            raise DataError(f"--init_projector {run.init_projector} was trained on {describe_features(built)}, but "
+                            f"this run uses {describe_features(cfg.feature_choice)}: train it with the same features")
     # Data errors surface before any model is loaded.
     records, eval_records, report = read_data(run, cache, targs.seed)
     set_seed(targs.seed)  # LoRA and projector initialisation, before the Trainer seeds itself

@@ -203,6 +203,16 @@ def test_an_interrupted_cache_build_is_never_served_and_damage_is_named(tiny_dir
         FeatureCache(tmp_path / "cache")
 
 
+def test_a_projector_trained_on_other_features_is_refused_before_training(tiny_dir, shapes_data, tmp_path):
+    from mmft.data import DataError
+
+    first, _ = finetune(*_args(tiny_dir, shapes_data, tmp_path / "r1", steps=2, vit_feature_layer=-1))
+    with pytest.raises(DataError, match=r"--init_projector .* was trained on .*\(layer -1, 'default'\), but this run "
+                                        r"uses .*\(layer -2, 'default'\)"):
+        finetune(*_args(tiny_dir, shapes_data, tmp_path / "r2", steps=2, init_projector=str(first)))
+    assert not (tmp_path / "r2").exists()
+
+
 def test_a_run_without_evaluation_records_stops_before_loading_anything(tiny_dir, shapes_data, tmp_path):
     from mmft.data import DataError
 
