@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -23,13 +24,32 @@ DEMO_ROUND = Path(__file__).resolve().parent / "demo" / "round"
 QUANTIZE = ["nf4", "int8", "none"]
 
 
+TRUE, FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+
+
+def _positive(value: str) -> int:
+    """argparse type: a whole number >= 1 (ASCII digits: "²".isdigit() is True, int("²") fails)."""
+    value = value.strip()
+    if not (value.isascii() and value.isdigit()) or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a positive whole number")
+    return int(value)
+
+
 def _int(environ, name: str) -> int | None:
     value = (environ.get(name) or "").strip()
     if not value:
         return None
-    if not value.isdigit() or int(value) < 1:
-        sys.exit(f"app.py: {name}={value!r} is not a positive whole number")
-    return int(value)
+    try:
+        return _positive(value)
+    except argparse.ArgumentTypeError as err:
+        sys.exit(f"app.py: {name}: {err}")
+
+
+def _flag(environ, name: str) -> bool:
+    value = (environ.get(name) or "").strip().lower()
+    if value not in TRUE + FALSE:
+        sys.exit(f"app.py: {name}={value!r}: use one of {', '.join(TRUE)} (on) or {', '.join(FALSE[1:])} (off)")
+    return value in TRUE
 
 
 def parse_args(argv=None, environ=os.environ) -> argparse.Namespace:
@@ -40,11 +60,11 @@ def parse_args(argv=None, environ=os.environ) -> argparse.Namespace:
                              "unset: the bundled shapes demo round")
     parser.add_argument("--revision", default=environ.get("MMFT_REVISION") or None,
                         help="round-N tag, branch or commit id [env MMFT_REVISION]; default: main")
-    parser.add_argument("--demo", action="store_true", default=environ.get("MMFT_DEMO", "") in ("1", "true"),
+    parser.add_argument("--demo", action="store_true", default=_flag(environ, "MMFT_DEMO"),
                         help="serve the bundled shapes demo round even if a repo is set [env MMFT_DEMO=1]")
     parser.add_argument("--host", default=environ.get("GRADIO_SERVER_NAME") or "127.0.0.1",
                         help="address to listen on [env GRADIO_SERVER_NAME; Spaces set 0.0.0.0]")
-    parser.add_argument("--port", type=int, default=_int(environ, "GRADIO_SERVER_PORT") or 7860,
+    parser.add_argument("--port", type=_positive, default=_int(environ, "GRADIO_SERVER_PORT") or 7860,
                         help="[env GRADIO_SERVER_PORT] (default: 7860)")
     parser.add_argument("--device", default=environ.get("MMFT_DEVICE") or None,
                         help="cpu, cuda, cuda:1 ... [env MMFT_DEVICE] (default: CUDA when present)")
@@ -55,20 +75,22 @@ def parse_args(argv=None, environ=os.environ) -> argparse.Namespace:
                         choices=QUANTIZE,
                         help="nf4 (bitsandbytes 4-bit, the default on CUDA), int8 (int8 linears under LoRA, the "
                              "default on CPU, see docs/benchmarks.md) or none [env MMFT_QUANTIZE]")
-    parser.add_argument("--threads", type=int, default=_int(environ, "MMFT_THREADS"),
+    parser.add_argument("--threads", type=_positive, default=_int(environ, "MMFT_THREADS"),
                         help="CPU threads for torch [env MMFT_THREADS] (default: torch's choice; a free CPU "
                              "Space has 2 vCPUs)")
     parser.add_argument("--asr-model", default=environ.get("MMFT_ASR_MODEL") or None,
                         help="speechbrain ASR model id [env MMFT_ASR_MODEL] (default: mmft.speech.DEFAULT_MODEL_ID)")
-    parser.add_argument("--cache-size", type=int, default=_int(environ, "MMFT_CACHE_SIZE") or 4,
+    parser.add_argument("--cache-size", type=_positive, default=_int(environ, "MMFT_CACHE_SIZE") or 4,
                         help="rounds kept loaded for the round picker; rounds on the same base share it and cost "
                              "their adapter + projector only [env MMFT_CACHE_SIZE] (default: 4)")
-    parser.add_argument("--max-bases", type=int, default=_int(environ, "MMFT_MAX_BASES") or 1,
+    parser.add_argument("--max-bases", type=_positive, default=_int(environ, "MMFT_MAX_BASES") or 1,
                         help="base models (LM + CLIP) kept loaded; a round on another base drops the least recently "
                              "used one first when this many are loaded [env MMFT_MAX_BASES] (default: 1)")
     args = parser.parse_args(argv)
     if args.quantize is not None and args.quantize not in QUANTIZE:  # argparse checks flags, not env defaults
         parser.error(f"MMFT_QUANTIZE={args.quantize!r}: choose one of {', '.join(QUANTIZE)}")
+    if args.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?|mps", args.device):
+        parser.error(f"--device / MMFT_DEVICE {args.device!r}: use cpu, cuda, cuda:N or mps")
     return args
 
 
@@ -90,6 +112,12 @@ def main(argv=None) -> None:
 
     if args.dtype is not None and args.dtype not in DTYPES:
         sys.exit(f"app.py: --dtype / MMFT_DTYPE {args.dtype!r} is not one of {', '.join(sorted(DTYPES))}")
+    if args.device and args.device != "cpu":
+        index = int(args.device.partition(":")[2] or 0)
+        here = (torch.cuda.device_count() > index if args.device.startswith("cuda")
+                else torch.backends.mps.is_available())
+        if not here:
+            sys.exit(f"app.py: --device / MMFT_DEVICE {args.device!r}: no such device here (unset it: CUDA when present)")
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = Settings(demo_round=DEMO_ROUND, repo=args.repo, revision=args.revision, demo=args.demo,

@@ -17,13 +17,14 @@ import tempfile
 from pathlib import Path
 
 import gradio as gr
+from PIL import Image
 
 from mmft import shapes
 from mmft.hub import RoundNotFound
 from mmft.serving import DEMO_KEY, Rounds, Settings  # noqa: F401 (Settings: for app.py and tests)
 from mmft.speech import (DEFAULT_MODEL_ID, GO_ONLINE, MAX_SECONDS, AudioError, SpeechUnavailable, Transcriber,
                          prepare_audio)
-from mmft.vision import ImageError, load_image
+from mmft.vision import RESIZE_HINT, ImageError, load_image
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,9 @@ def guarded_image(**kwargs) -> gr.Image:
     def preprocess(payload):
         try:
             return stock(payload)
+        except Image.DecompressionBombError as err:  # PIL's guard, in Gradio's own open
+            name = getattr(payload, "orig_name", None) or "the upload"
+            raise _bad(f"{name} is too large to decode safely: {RESIZE_HINT}.") from err
         except Exception as err:
             name = getattr(payload, "orig_name", None) or "the upload"
             raise _bad(f"{name} cannot be read as an image ({type(err).__name__}): upload a PNG, JPEG or "

@@ -211,12 +211,26 @@ def _huge_image(tmp):
     return handle_file(tmp / "huge.png"), QUESTION
 
 
+def _bomb_png(tmp):
+    """A PNG header claiming 20000 x 20000 pixels (over twice PIL's limit: its DecompressionBombError)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0))
+    data = b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    return upload(tmp, "holiday.png", data), QUESTION
+
+
 BAD_INPUTS = {
     "no image": ("/image", lambda tmp: (None, QUESTION), "No image"),
     "not an image": ("/image", lambda tmp: (upload(tmp, "notes.png", b"notes, not a picture"), QUESTION),
                      "notes.png cannot be read as an image"),
     "truncated image": ("/image", _truncated_png, "damaged or truncated"),
     "huge image": ("/image", _huge_image, "56,000,000 pixels, over the limit"),
+    "bomb image": ("/image", _bomb_png, "holiday.png is too large to decode safely: resize it"),
     "empty question": ("/image", lambda tmp: (handle_file(picture(tmp / "ok.png")), "   "), "question is empty"),
     "empty text": ("/text", lambda tmp: ("",), "question is empty"),
     "no audio": ("/audio", lambda tmp: (None,), "No audio was received"),
@@ -383,12 +397,20 @@ def test_flags_and_environment():
     assert (a.quantize, a.cache_size) == ("none", 3)
     assert (a.cache_size, a.max_bases) == (3, 2) and app_py.parse_args([], environ={}).cache_size == 4
     for name, value, message in (("MMFT_QUANTIZE", "int4", "choose one of nf4, int8, none"),
-                                 ("MMFT_CACHE_SIZE", "many", "not a positive whole number")):
+                                 ("MMFT_CACHE_SIZE", "many", "not a positive whole number"),
+                                 ("MMFT_THREADS", "²", "'²' is not a positive whole number"),  # "²".isdigit()
+                                 ("MMFT_DEMO", "maybe", "use one of 1, true, yes, on"),
+                                 ("MMFT_DEVICE", "gpu", "use cpu, cuda, cuda:N or mps")):
         with pytest.raises(SystemExit):
             app_py.parse_args([], environ={name: value})
         done = subprocess.run([sys.executable, str(ROOT / "app.py")], env={**os.environ, name: value},
                               capture_output=True, text=True, timeout=60)
-        assert done.returncode != 0 and message in done.stderr and "Traceback" not in done.stderr
+        assert done.returncode != 0 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+    for argv, message in ((["--threads", "-2"], "'-2' is not a positive whole number"),
+                          (["--device", "cuda:7"], "no such device here")):  # flags too; no CI machine has 8 GPUs
+        done = subprocess.run([sys.executable, str(ROOT / "app.py"), *argv], capture_output=True, text=True, timeout=120)
+        assert done.returncode != 0 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert app_py.parse_args([], environ={"MMFT_DEMO": "Yes"}).demo and not app_py.parse_args([], environ={"MMFT_DEMO": "off"}).demo
     for argv, before, offline in (([], {}, "1"), (["--repo", "o/n"], {}, None), (["--repo", "o/n", "--demo"], {}, "1"),
                                   ([], {"HF_HUB_OFFLINE": "0"}, "0")):
         environ = dict(before)
