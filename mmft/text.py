@@ -7,8 +7,12 @@ here (NLTK's English list, 179 words) instead of `nltk.download`.
 
 The rule: a token is dropped when it is an NLTK stopword or pure punctuation, EXCEPT
 - negations, which change the meaning: `no`, `not`, `nor` stay, and every `n't` form (`isn't`,
-  `won't`, `can't`...) becomes `not` (its stem `is`/`wo`/`ca` goes);
-- numbers keep their sign, decimals, thousands, currency and percent: `-3`, `3.5`, `1,000`, `$5`, `50%`.
+  `won't`, `can't`, with a straight or a typographic apostrophe) becomes `not` (its stem `is`/`wo`/`ca`
+  goes);
+- the list's bare contraction stems (`won`, `don`, `isn`, `haven`...): the Treebank tokenizer never
+  produces them from a contraction (it splits `won't` into `wo` + `n't`), so they are words ("He won",
+  "Don", "a safe haven") and stay;
+- numbers keep their sign, decimals, thousands, currency and percent: `-3`, `3.5`, `1,000`, `$5`, `€5`, `50%`.
 So "No, there isn't a dog." -> "No not dog"; "It is -3 degrees, 50% off." -> "-3 degrees 50% off".
 """
 
@@ -33,19 +37,19 @@ STOPWORDS = frozenset(
 )
 assert len(STOPWORDS) == 179
 # Kept although NLTK lists them: without them "No, it is blue." would train as "blue".
-NEGATIONS = frozenset({"no", "not", "nor"} | {w for w in STOPWORDS if w.endswith("n't")}
-                      | {"don", "aren", "couldn", "didn", "doesn", "hadn", "hasn", "haven", "isn", "mightn",
-                         "mustn", "needn", "shan", "shouldn", "wasn", "weren", "won", "wouldn", "ain"})
-DROPPED = STOPWORDS - NEGATIONS
+NEGATIONS = frozenset({"no", "not", "nor"} | {w for w in STOPWORDS if w.endswith("n't")})
+STEMS = frozenset({"don", "aren", "couldn", "didn", "doesn", "hadn", "hasn", "haven", "isn", "mightn", "mustn",
+                   "needn", "shan", "shouldn", "wasn", "weren", "won", "wouldn", "ain"})
+DROPPED = STOPWORDS - NEGATIONS - STEMS
 
 _tokenizer = TreebankWordTokenizer()
 _EDGE_PUNCT = re.compile(r"^[\W_]+|[\W_]+$")
-_NUMBER = re.compile(r"^[-+\u2212]?\d[\d,]*(?:\.\d+)?$")
+_NUMBER = re.compile(r"^[$€£]?[-+\u2212]?\d[\d,]*(?:\.\d+)?$")  # "€5" is one Treebank token, "$5" two
 
 
 def clean_answer(text: str) -> str:
     """'The cat is sitting on a red mat.' -> 'cat sitting red mat'; 'No, it isn't.' -> 'No not'."""
-    tokens = _tokenizer.tokenize(text)
+    tokens = _tokenizer.tokenize(text.replace("\u2019", "'"))  # "isn’t" as "isn't": the tokenizer knows only '
     kept = []
     for i, token in enumerate(tokens):
         low = token.lower()

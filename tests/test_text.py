@@ -20,9 +20,13 @@ from mmft.text import DROPPED, NEGATIONS, STOPWORDS, clean_answer, tidy
     ("Neither red nor blue.", "Neither red nor blue"),
     ("It won't fit, we can't say, I don't know.", "not fit not say not know"),
     ("The cup isn't full and they aren't here.", "cup not full not"),
+    ("He isn’t here, I won’t go, don’t.", "not not go not"),  # typographic apostrophes
+    # NLTK's bare contraction stems are words here (Treebank never makes them from a contraction)
+    ("He won the race.", "won race"), ("Don painted a safe haven.", "Don painted safe haven"),
     # numbers keep sign, decimals, thousands, currency and percent
     ("It is -3 degrees, 50% off, $5 for 1,000 cups and 3.5 kg.", "-3 degrees 50% $5 1,000 cups 3.5 kg"),
     ("There are 2 dogs and one cat.", "2 dogs one cat"),
+    ("It costs €5, £2.50 or $5.", "costs €5 £2.50 $5"),
 ])
 def test_clean_answer(text, cleaned):
     assert clean_answer(text) == cleaned
