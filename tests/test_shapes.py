@@ -161,6 +161,28 @@ def test_judge(text, facts, ok):
     assert shapes.judge(text, facts) is ok
 
 
+def test_refine_corpus_prompts_are_the_pipelines_own(tmp_path):
+    """The base LM trains on refine prompts as `Pipeline._encode_refine` builds them: the training path cuts
+    the whole user message to the question budget, the pipeline only the question, so no message may reach
+    the budget (the demo's is 64 tokens; its longest message is 54)."""
+    from mmft.demo import init_base, refine_corpus
+    from mmft.prompt import encode_chat, refine_prompt
+    from mmft.testing import make_tokenizer
+
+    tokenizer = make_tokenizer()
+    cfg = init_base(tmp_path)  # the demo's config: its budgets and refine template
+    for turns in refine_corpus(cfg, 2000, seed=0):
+        message = turns[0][1]
+        assert len(tokenizer(message, add_special_tokens=False)["input_ids"]) < cfg.prompt_max_question_tokens
+        if message.startswith("Question: "):
+            question, _, rest = message[len("Question: "):].partition("\nDraft answer: ")
+            draft = rest.split("\n")[0]
+            trained = encode_chat(tokenizer, cfg, [("user", message)])  # pretrain_text's encoding
+            served = encode_chat(tokenizer, cfg, [("user", refine_prompt(cfg, question, draft, tokenizer))],
+                                 budget_questions=False)
+            assert trained.input_ids == served.input_ids
+
+
 def test_refine_corpus_targets_keep_the_drafts_content():
     from mmft.demo import refine_corpus
 
