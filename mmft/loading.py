@@ -42,6 +42,8 @@ def pick_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> 
             raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
         return DTYPES[dtype]
     if dtype is not None:
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"dtype must be a float dtype, one of {sorted(DTYPES)}, got {dtype!r}")
         return dtype
     if device.type == "cuda":
         return torch.bfloat16

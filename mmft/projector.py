@@ -20,6 +20,8 @@ class Projector(nn.Module):
 
     def __init__(self, input_dim: int, output_dim: int, hidden_dim: int | None = None, depth: int = 2):
         super().__init__()
+        if depth < 2:  # one linear would ignore output_dim or hidden_dim: LLaVA's projector has two or more
+            raise ValueError(f"a projector has depth >= 2 (Linear -> GELU -> Linear), got {depth}")
         hidden_dim = hidden_dim or output_dim
         self.depth = depth
         self.linear_1 = nn.Linear(input_dim, hidden_dim)

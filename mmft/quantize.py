@@ -82,8 +82,9 @@ class Int8Linear(nn.Linear):
         return torch.ops.quantized.linear_unpack(self._packed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.quantized.linear_dynamic(x.float(), self._packed, self.reduce_range)  # [..., out] fp32
-        return y.to(x.dtype)
+        rows = x.float().reshape(-1, self.in_features)  # [N, in]: the kernel wants 2-D at least (1-D: one row)
+        y = torch.ops.quantized.linear_dynamic(rows, self._packed, self.reduce_range)  # [N, out] fp32
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)  # [..., out]
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
@@ -143,6 +144,8 @@ def quantize_int8_(lm, dtype: torch.dtype | None = None) -> int:
         base.lm_head = Int8Linear(base.lm_head)
         gc.collect()
         count += 1
+    else:  # wrapped by an adapter: its base layer
+        count += quantize_module_int8_(base.lm_head)
     # What stays float is copied, cast to `dtype`: a checkpoint loaded as a memory map (safetensors)
     # stays mapped, all of it, while any tensor still views it; copying releases the map, and the
     # pages of the float weights just replaced (docs/benchmarks.md, section 5: 1.89 -> 1.44 GB at 2 layers).

@@ -16,6 +16,9 @@ def test_dtype_choice(monkeypatch):
     assert loading.pick_dtype(cpu, "fp32") == torch.float32
     with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
         loading.pick_dtype(cpu, "fp8")
+    for bad in (torch.int8, torch.qint8, 16):
+        with pytest.raises(ValueError, match="dtype must be a float dtype"):
+            loading.pick_dtype(cpu, bad)
 
 
 def test_device_choice(monkeypatch):

@@ -18,6 +18,11 @@ def test_layout_matches_llava_projector_names():
     assert deep(torch.zeros(1, 1, 16)).shape == (1, 1, 64)
 
 
+def test_a_one_linear_projector_is_refused():
+    with pytest.raises(ValueError, match="depth >= 2"):
+        Projector(16, 64, 32, depth=1)  # it would return 32 features, not the 64 asked for
+
+
 def test_round_trip_is_exact(tmp_path):
     a, b = Projector(16, 64), Projector(16, 64)
     load_projector(b, save_projector(a, tmp_path / "projector.safetensors"))

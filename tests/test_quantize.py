@@ -97,6 +97,22 @@ def test_every_float_dtype_in_and_out(dtype):
     assert (y.float() - linear(x).float()).abs().max() < 0.06 * linear(x).float().abs().max()
 
 
+def test_one_row_as_a_vector_like_nn_linear():
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 32)
+    q, x = Int8Linear(linear), torch.randn(64)
+    assert q(x).shape == linear(x).shape == (32,)
+    assert torch.equal(q(x), q(x[None])[0])  # the same row as a batch of one
+
+
+def test_an_adapter_on_lm_head_attached_first_still_gets_an_int8_base():
+    from peft import LoraConfig, get_peft_model
+
+    peft = get_peft_model(toy_lm(torch.float32), LoraConfig(r=4, target_modules=["o_proj", "lm_head"]))
+    assert quantize_int8_(peft) == 2 * 4 + 1
+    assert isinstance(peft.get_base_model().lm_head.base_layer, Int8Linear)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_quantized_under_lora_toggle_exact_and_lora_untouched(dtype):
     ref_lm = toy_lm(dtype)
