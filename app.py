@@ -117,7 +117,8 @@ def main(argv=None) -> None:
         here = (torch.cuda.device_count() > index if args.device.startswith("cuda")
                 else torch.backends.mps.is_available())
         if not here:
-            sys.exit(f"app.py: --device / MMFT_DEVICE {args.device!r}: no such device here (unset it: CUDA when present)")
+            sys.exit(f"app.py: --device / MMFT_DEVICE {args.device!r}: no such device here "
+                     "(unset it: CUDA when present)")
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = Settings(demo_round=DEMO_ROUND, repo=args.repo, revision=args.revision, demo=args.demo,

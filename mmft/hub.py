@@ -129,7 +129,8 @@ def _check_adapter(folder: Path, cfg: MMFTConfig, adapter_cfg: dict) -> None:
             raise ValueError(f"{path}: {module} maps {d_in} -> {d_out}, but the LM's hidden size is "
                              f"{cfg.mp_output_dim} (mp_output_dim): an adapter for another LM?")
         # every layer's copy of a target has the same shape (the base LM is not read here)
-        first, shape = maps.setdefault(LORA_KEY_RE.fullmatch(module + ".lora_A.weight")["target"], (module, (d_in, d_out)))
+        target = module.rpartition(".")[2]
+        first, shape = maps.setdefault(target, (module, (d_in, d_out)))
         if shape != (d_in, d_out):
             raise ValueError(f"{path}: {module} maps {d_in} -> {d_out}, but {first} maps {shape[0]} -> {shape[1]}: "
                              "the file is damaged or mixes two adapters")
