@@ -126,7 +126,7 @@ def main(argv=None) -> None:
                         cache_size=args.cache_size, max_bases=args.max_bases)
     try:
         app = create_app(settings)
-    except (FileNotFoundError, ValueError) as err:  # a missing demo round, a broken local round folder
+    except (OSError, RuntimeError, ValueError) as err:  # a missing demo round, a broken local round folder
         sys.exit(f"app.py: cannot start: {err}")
     launch(app, args.host, args.port)
 
