@@ -126,7 +126,7 @@ def main(argv=None) -> None:
                         cache_size=args.cache_size, max_bases=args.max_bases)
     try:
         app = create_app(settings)
-    except (OSError, RuntimeError, ValueError) as err:  # a missing demo round, a broken local round folder
+    except Exception as err:  # a missing demo round, a broken local round folder (a damaged file: SafetensorError)
         sys.exit(f"app.py: cannot start: {err}")
     launch(app, args.host, args.port)
 

@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         out = export_llava(args.round_dir, args.out, args.dtype, args.text_model, args.force)
-    except (ExportError, FileNotFoundError, ValueError, OSError) as err:
+    except Exception as err:  # one line, no traceback: a damaged round file (SafetensorError), a full disk...
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"wrote {out} (LlavaForConditionalGeneration)" + (f" and {args.text_model}" if args.text_model else ""))

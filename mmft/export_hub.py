@@ -47,7 +47,8 @@ or `pipeline("image-text-to-text", model="{repo}")` with the same `messages` (th
 - **It is mmft's draft stage**: image + question -> a short answer. Image features: CLIP's hidden
   state at layer {layer}, {strategy_text} ({num_tokens} image tokens); the chat template puts them
   at the start of the first user turn, where mmft puts them. Checked: logits equal mmft's (fp32)
-  and greedy answers are the same tokens.
+  and greedy answers are the same tokens, for questions within mmft's budget of
+  {max_question_tokens} tokens: mmft cuts a longer question to that, this chat template does not.
 - **It is not** mmft's staged pipeline: mmft rewrites each draft with the *base* model (adapter
   off) into a clean sentence and tidies the text; this export has the adapter merged in, so there
   is no base model inside it. Use the round repo with mmft for that.
@@ -74,7 +75,11 @@ def render_export_card(cfg: MMFTConfig, round_info: dict, repo: str, num_tokens:
     data = ModelCardData(library_name="transformers", pipeline_tag="image-text-to-text",
                          tags=["llava", "mmft", "clip", "phi3", f"feature-strategy-{strategy}"],
                          license=round_info.get("license"))
-    content = CARD.format(title=repo.rsplit("/", 1)[-1], vit_id=cfg.vit_model_id, lm_id=cfg.lm_model_id, repo=repo,
+    from mmft.round import without_local_paths  # a base trained from a local folder: its name, not this machine's path
+
+    vit_id, lm_id = without_local_paths(cfg.vit_model_id), without_local_paths(cfg.lm_model_id)
+    content = CARD.format(title=repo.rsplit("/", 1)[-1], vit_id=vit_id, lm_id=lm_id, repo=repo,
+                          max_question_tokens=cfg.prompt_max_question_tokens,
                           revision_arg=f', revision="{revision}"' if revision else "",
                           max_new_tokens=cfg.gen_max_new_tokens, layer=layer, strategy_text=strategy_text,
                           num_tokens=num_tokens, llama_cpp=llama_cpp, source=source)

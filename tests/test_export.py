@@ -12,6 +12,7 @@ logits by >1e-2).
 import hashlib
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -199,6 +200,15 @@ def test_cli_refuses_an_existing_folder_and_reruns_after_an_interruption(kit_rou
     assert pooled.returncode == 1 and "Traceback" not in pooled.stderr
     assert pooled.stderr.strip().splitlines() == [pooled.stderr.strip()]
     assert pooled.stderr.startswith("error: this round uses vit_feature_mode='pooled'")
+    # A round whose adapter was cut short (an interrupted copy): one line too, not safetensors' traceback
+    cut = tmp_path / "cut-round"
+    shutil.copytree(round_dir, cut)
+    adapter = cut / "adapter" / "adapter_model.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[:200])
+    capsys.readouterr()
+    assert main([str(cut), str(tmp_path / "cut-out")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
 
 
 # -- publishing (local Hub server, real huggingface_hub client) ---------------------------------
@@ -208,7 +218,7 @@ def _push(hub, *args):
                           capture_output=True, text=True, timeout=300)
 
 
-def test_push_with_export_publishes_a_loadable_llava_repo(hub_online, kit_round, tmp_path):
+def test_push_with_export_publishes_a_loadable_llava_repo(hub_online, kit_round, tiny_dir, tmp_path):
     from huggingface_hub import ModelCard, snapshot_download
 
     round_dir, folder = kit_round
@@ -233,6 +243,8 @@ def test_push_with_export_publishes_a_loadable_llava_repo(hub_online, kit_round,
     assert 'LlavaForConditionalGeneration.from_pretrained("user/shapes-llava", revision="round-3")' in card.text
     kept = load_config(round_dir)[0].vit_feature_select_strategy == "full"
     assert "is not** mmft's staged pipeline" in card.text
+    assert str(tiny_dir) not in card.text and "/tmp/" not in card.text  # the base's name, not this machine's path
+    assert "within mmft's budget of\n  256 tokens" in card.text  # where the export and mmft can differ
     assert ("CLS token kept" if kept else "CLS token dropped") in card.text
     code = [line.strip() for line in card.text.splitlines()]
     assert not [line for line in code if line.startswith(("import mmft", "from mmft"))]  # no mmft needed
