@@ -115,13 +115,12 @@ def guarded_image(**kwargs) -> gr.Image:
     stock = image.preprocess
 
     def preprocess(payload):
+        name = getattr(payload, "orig_name", None) or "the upload"
         try:
             return stock(payload)
         except Image.DecompressionBombError as err:  # PIL's guard, in Gradio's own open
-            name = getattr(payload, "orig_name", None) or "the upload"
             raise _bad(f"{name} is too large to decode safely: {RESIZE_HINT}.") from err
         except Exception as err:
-            name = getattr(payload, "orig_name", None) or "the upload"
             raise _bad(f"{name} cannot be read as an image ({type(err).__name__}): upload a PNG, JPEG or "
                        "WebP picture.") from err
 

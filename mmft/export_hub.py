@@ -16,6 +16,7 @@ from pathlib import Path
 from huggingface_hub import ModelCard, ModelCardData
 
 from mmft.config import MMFTConfig
+from mmft.round import without_local_paths
 
 EXPORT_SUFFIX = "-llava"
 
@@ -75,8 +76,7 @@ def render_export_card(cfg: MMFTConfig, round_info: dict, repo: str, num_tokens:
     data = ModelCardData(library_name="transformers", pipeline_tag="image-text-to-text",
                          tags=["llava", "mmft", "clip", "phi3", f"feature-strategy-{strategy}"],
                          license=round_info.get("license"))
-    from mmft.round import without_local_paths  # a base trained from a local folder: its name, not this machine's path
-
+    # a base trained from a local folder: its name, not this machine's path
     vit_id, lm_id = without_local_paths(cfg.vit_model_id), without_local_paths(cfg.lm_model_id)
     content = CARD.format(title=repo.rsplit("/", 1)[-1], vit_id=vit_id, lm_id=lm_id, repo=repo,
                           max_question_tokens=cfg.prompt_max_question_tokens,

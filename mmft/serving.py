@@ -54,6 +54,15 @@ def base_key(cfg: MMFTConfig, device=None, dtype=None, quantize=None) -> tuple:
     return (*((n, repr(getattr(cfg, n))) for n in names), ("load", str(device), str(dtype), str(quantize)))
 
 
+def _delete_adapter(base, name: str) -> None:
+    """Take a named adapter off a shared base (if PEFT holds it) and re-list the base's LoRA layers."""
+    with base.switch.lock, warnings.catch_warnings():  # "Adapter ... was active which is now deleted"
+        warnings.simplefilter("ignore", UserWarning)
+        if name in base.lm.peft_config:
+            base.lm.delete_adapter(name)
+        base.switch.refresh()
+
+
 class RoundCache:
     """Loaded rounds by key, least recently used dropped first; rounds on one base share it."""
 
@@ -116,11 +125,7 @@ class RoundCache:
             try:
                 base.lm.load_adapter(str(folder / ADAPTER_DIR), adapter_name=name, is_trainable=False)
             except Exception:  # PEFT adds the adapter's layers before it reads the weights: take them off
-                if name in base.lm.peft_config:
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore", UserWarning)
-                        base.lm.delete_adapter(name)
-                base.switch.refresh()
+                _delete_adapter(base, name)
                 raise
             return base.sibling(cfg, projector, name)
 
@@ -132,10 +137,7 @@ class RoundCache:
             self._drop_base(bkey)
             return
         base = self._bases[bkey]
-        with base.switch.lock, warnings.catch_warnings():  # "Adapter ... was active which is now deleted"
-            warnings.simplefilter("ignore", UserWarning)
-            base.lm.delete_adapter(pipe.model.adapter_name)
-            base.switch.refresh()
+        _delete_adapter(base, pipe.model.adapter_name)
         if base is pipe.model:  # the base's handle is this round's model: hand it to a round that stays,
             survivor = next(k for k, b in self._base_of.items() if b == bkey)  # so its projector can go
             self._bases[bkey] = self._rounds[survivor].model
