@@ -56,10 +56,13 @@ def machine() -> dict:
     import transformers
 
     from mmft.loading import cpu_has_bf16
+    from mmft.quantize import cpu_has_amx
 
     return dict(
         cpu=cpu_model(), cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
-        cpu_native_bf16=cpu_has_bf16(), ram_gb=round(psutil.virtual_memory().total / GB, 1),
+        # oneDNN's "bf16" is True on any AVX-512 core (emulated); the two probes say what is native
+        cpu_onednn_bf16=cpu_has_bf16(), cpu_avx512_bf16=bool(torch.cpu._is_avx512_bf16_supported()),
+        cpu_amx=cpu_has_amx(), ram_gb=round(psutil.virtual_memory().total / GB, 1),
         torch=torch.__version__, transformers=transformers.__version__, python=platform.python_version(),
         date=datetime.datetime.now().isoformat(timespec="seconds"), load_avg=load_avg(),
     )

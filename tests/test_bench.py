@@ -176,3 +176,37 @@ def test_load_memory_tiny_both_loaders(capsys):
         assert "error" not in row, row
         assert row["answered"] is True and row["int8_linears"] == 2 * 4 + 1
         assert 0 < row["rss_1_gb"] <= row["peak_three_rounds_gb"] <= row["peak_after_answer_gb"]
+
+
+def test_kernels_tiny_rows_and_errors(capsys):
+    """Every kernel row runs at toy shapes; errors are each kernel's own rounding, bytes as packed."""
+    from bench import kernels
+
+    kernels.main(["--tiny", "--repeats", "1", "--copies", "2"])
+    rows = {r["kernel"].split(" ")[0] + " " + r["kernel"].split(" ")[1]: r for r in _last_json(capsys)["rows"]}
+    assert all(r["decode_ms"] > 0 and r["prefill_ms"] > 0 for r in rows.values())
+    assert rows["fp32 F.linear"]["error"] == 0
+    # bf16 keeps 8 mantissa bits (2^-8 = 0.004 relative per product, averaging down over K);
+    # int8 per-channel with 7-bit activations ~0.02; int4 g128 ~0.1 (measured 0.12 at these shapes).
+    assert rows["bf16 F.linear"]["error"] < 0.01
+    assert rows["int8 fbgemm"]["error"] < 0.05 and rows["int8 weight-only"]["error"] < 0.05
+    assert 0.02 < rows["int4 g128"]["error"] < 0.25
+    mb = [rows[k]["weight_mb"] for k in ("fp32 F.linear", "bf16 F.linear", "int8 fbgemm", "int4 g128")]
+    assert mb == sorted(mb, reverse=True) and mb[0] > 6 * mb[3]  # 4, 2, 1 and ~0.53 bytes a weight
+
+
+def test_int4_pack_matches_its_dequantization():
+    """The int4 layout is understood: the kernel equals F.linear on the dequantized weight, up to
+    bf16 activations (relative 2^-8 per element; 0.02 leaves 5x margin over the measured ~0.004)."""
+    from bench.kernels import GROUP, int4_pack
+
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(256, 512, generator=g) * 0.02, torch.randn(3, 512, generator=g)
+    packed, sz = int4_pack(w)
+    y = torch._weight_int4pack_mm_for_cpu(x.bfloat16(), packed, GROUP, sz).float()
+    groups = w.reshape(256, -1, GROUP)
+    lo, hi = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+    scale = ((hi - lo) / 15).clamp(min=1e-8)
+    deq = (((groups - lo) / scale).round().clamp(0, 15) * scale + lo).reshape(256, 512)
+    ref = torch.nn.functional.linear(x, deq)
+    assert float((y - ref).abs().max() / ref.abs().max()) < 0.02
