@@ -69,8 +69,9 @@ def parse_args(argv=None, environ=os.environ) -> argparse.Namespace:
     parser.add_argument("--device", default=environ.get("MMFT_DEVICE") or None,
                         help="cpu, cuda, cuda:1 ... [env MMFT_DEVICE] (default: CUDA when present)")
     parser.add_argument("--dtype", default=environ.get("MMFT_DTYPE") or None,
-                        help="float32, bfloat16 or float16 [env MMFT_DTYPE] (default: bf16 on CUDA; float32 around "
-                             "int8 on CPU; unquantized on CPU, bf16 where native, else float32; the demo: float32)")
+                        help="float32, bfloat16 or float16 [env MMFT_DTYPE] (default: bf16 on CUDA; around int8 on CPU, "
+                             "bf16 with AMX, else float32; unquantized on CPU, bf16 where native, else "
+                             "float32; the demo: float32)")
     parser.add_argument("--quantize", nargs="?", const="nf4", default=environ.get("MMFT_QUANTIZE") or None,
                         choices=QUANTIZE,
                         help="nf4 (bitsandbytes 4-bit, the default on CUDA), int8 (int8 linears under LoRA, the "

@@ -1,8 +1,8 @@
 """Loading, shared by training, the app and the Hub: device, dtype, quantization, rounds.
 
 CUDA -> 4-bit NF4 with bf16 compute (QLoRA); CPU inference -> int8 linears under the adapters with
-float32 around them (`mmft.quantize.pick_cpu_path`), CPU training -> none; otherwise the dtype is
-bf16 only where the CPU reports bf16 (else fp32). Every choice can be overridden.
+bf16 around them where the CPU has AMX, float32 elsewhere (`mmft.quantize.pick_cpu_path`), CPU
+training -> none; otherwise the dtype is bf16 only where the CPU reports bf16 (else fp32). Every choice can be overridden.
 No `trust_remote_code`: Phi-3 and CLIP are native to transformers.
 """
 
@@ -129,7 +129,7 @@ def build_model(cfg: MMFTConfig, device=None, dtype=None, quantize=None, with_vi
     model carries a copy with the projector sizes filled in (`model.cfg`)."""
     device = pick_device(device)
     mode = resolve_quantize(quantize, device)
-    if dtype is None and mode == "int8":  # the measured CPU path: float32 around the int8 linears
+    if dtype is None and mode == "int8":  # the measured CPU path: bf16 (AMX) or float32 around int8
         dtype = pick_cpu_path().dtype
     dtype = pick_dtype(device, dtype)
     if mode == "int8" and (trainable or device.type != "cpu"):

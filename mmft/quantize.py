@@ -315,18 +315,36 @@ class CPUPath:
     why: str
 
 
+def cpu_has_amx() -> bool:
+    """AMX tiles present and usable (Sapphire Rapids and later Xeons). torch's own probe (cpuinfo, as
+    inductor uses it), not oneDNN's "bf16 supported", which is True on any AVX-512 core because oneDNN
+    emulates bf16 there (docs/benchmarks.md, 'CPU path')."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    try:
+        return bool(probe and probe())
+    except RuntimeError:
+        return False
+
+
 CPU_INFERENCE = CPUPath(
     quantize="int8",
     dtype=torch.float32,
-    why="int8 weights with float32 around them: fastest decode and prefill measured on CPUs with and "
-        "without native bf16, and the only path that fits 16 GB with rounds loaded; around int8, bf16 "
-        "prefilled slower than float32 (docs/benchmarks.md, 'CPU path')",
+    why="int8 weights with float32 around them: on a CPU without AMX (bf16 emulated) as fast to decode "
+        "as bf16 around them and faster to prefill; the only path that fits 16 GB with rounds loaded "
+        "(docs/benchmarks.md, 'CPU path')",
+)
+CPU_INFERENCE_AMX = CPUPath(
+    quantize="int8",
+    dtype=torch.bfloat16,
+    why="int8 weights with bf16 around them: on a CPU with AMX, faster to decode and prefill than float32 "
+        "around them and faster to decode than llama.cpp's Q4_K_M in the same run (docs/benchmarks.md)",
 )
 
 
 def pick_cpu_path(trainable: bool = False) -> CPUPath:
-    """int8 for inference everywhere on CPU; training on CPU stays unquantized (gradients must flow
-    through the base linears, to LoRA or to the projector, and the int8 kernel has no backward)."""
+    """int8 for inference everywhere on CPU, bf16 around it where the CPU has AMX, float32 elsewhere;
+    training on CPU stays unquantized (gradients must flow through the base linears, to LoRA or to
+    the projector, and the int8 kernel has no backward)."""
     if trainable:
         return CPUPath("none", None, "CPU training: float weights")
-    return CPU_INFERENCE
+    return CPU_INFERENCE_AMX if cpu_has_amx() else CPU_INFERENCE

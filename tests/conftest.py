@@ -25,6 +25,16 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 pytest_plugins = ["tests.hub_server"]
 
 
+@pytest.fixture(autouse=True)
+def _no_amx(monkeypatch):
+    """The CPU default's dtype depends on the CPU (bf16 around int8 where it has AMX, float32 elsewhere):
+    tests run the float32 one on every machine, so that figures and answers do not depend on where they
+    run. `tests/test_quantize.py` sets both on purpose."""
+    from mmft import quantize
+
+    monkeypatch.setattr(quantize, "cpu_has_amx", lambda: False)
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """Tiny CLIP + Phi-3 + tokenizer, written with save_pretrained (shared, read-only by convention)."""

@@ -184,30 +184,58 @@ def test_adapters_attach_after_quantization_and_share_one_base(tmp_path):
 
 def test_cpu_path_defaults(monkeypatch):
     cpu = torch.device("cpu")
-    for native in (True, False):  # the same path on CPUs with and without native bf16
+    for native in (True, False):  # int8 on CPUs with and without native bf16
         monkeypatch.setattr(loading, "cpu_has_bf16", lambda native=native: native)
         assert loading.resolve_quantize(None, cpu, inference=True) == "int8"
         assert loading.resolve_quantize(None, cpu) == "none"  # build_model for training, projector-only too
     assert loading.resolve_quantize(None, torch.device("cuda")) == "nf4"
     assert loading.resolve_quantize("none", cpu) == "none"
-    assert quantize.pick_cpu_path().quantize == "int8" and quantize.pick_cpu_path(trainable=True).quantize == "none"
-    assert quantize.pick_cpu_path().dtype == torch.float32  # measured: as fast to decode, faster to prefill
-    assert quantize.pick_cpu_path(trainable=True).dtype is None  # pick_dtype decides
+    for amx, dtype in ((False, torch.float32), (True, torch.bfloat16)):  # measured: docs/benchmarks.md
+        monkeypatch.setattr(quantize, "cpu_has_amx", lambda amx=amx: amx)
+        assert quantize.pick_cpu_path().quantize == "int8" and quantize.pick_cpu_path().dtype == dtype
+        assert quantize.pick_cpu_path(trainable=True).quantize == "none"
+        assert quantize.pick_cpu_path(trainable=True).dtype is None  # pick_dtype decides
 
 
-def test_cpu_default_is_int8_in_float32_even_where_pick_dtype_says_bf16(tiny_model, tmp_path, monkeypatch):
-    """No dtype and no quantization asked: int8 linears with float32 around them, on CPUs with and
-    without native bf16 (pick_dtype alone would say bf16 on the former); asked for, bf16 is kept."""
+def test_cpu_has_amx_asks_torch_not_onednn(monkeypatch):
+    """oneDNN says "bf16 supported" on any AVX-512 core, where it emulates bf16; the AMX probe is
+    torch's cpuinfo one, and a torch without it (or failing) means no AMX, never an error."""
+    monkeypatch.undo()  # the real cpu_has_amx (conftest pins it to False)
+    assert quantize.cpu_has_amx() == bool(torch.cpu._is_amx_tile_supported())
+    monkeypatch.setattr(loading, "cpu_has_bf16", lambda: True)  # what oneDNN says on an AVX-512 Xeon
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert quantize.cpu_has_amx() is False and quantize.pick_cpu_path().dtype == torch.float32
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert quantize.cpu_has_amx() is True and quantize.pick_cpu_path().dtype == torch.bfloat16
+
+    def broken():
+        raise RuntimeError("cpuinfo failed")
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", broken)
+    assert quantize.cpu_has_amx() is False
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert quantize.cpu_has_amx() is False
+
+
+def test_cpu_default_dtype_follows_amx(tiny_model, tmp_path, monkeypatch):
+    """No dtype and no quantization asked: int8 linears with float32 around them on a CPU without AMX
+    (whatever oneDNN says about bf16: pick_dtype alone would say bf16), bf16 around them with AMX;
+    asked for, a dtype is kept."""
     tiny_model.save_pretrained(tmp_path / "r")
-    for native in (True, False):
+    for amx, native in ((False, True), (False, False), (True, True)):
+        monkeypatch.setattr(quantize, "cpu_has_amx", lambda amx=amx: amx)
         monkeypatch.setattr(loading, "cpu_has_bf16", lambda native=native: native)
         model, _ = loading.load_round(tmp_path / "r", device="cpu")
         assert int8_linears(model.lm)
-        floats = {p.dtype for p in model.parameters() if p.is_floating_point()}
-        assert floats == {torch.float32}, floats  # embeddings, norms, LoRA, projector, CLIP
+        want = torch.bfloat16 if amx else torch.float32
+        # the base's floats (embeddings, norms, CLIP); the projector stays float32 and PEFT keeps
+        # LoRA in float32 under a bf16 base (autocast_adapter_dtype)
+        floats = {p.dtype for n, p in model.named_parameters()
+                  if p.is_floating_point() and "lora_" not in n and not n.startswith("projector.")}
+        assert floats == {want}, (amx, floats)
         assert loading.pick_dtype(torch.device("cpu")) == (torch.bfloat16 if native else torch.float32)
-    model, _ = loading.load_round(tmp_path / "r", device="cpu", dtype="bfloat16")
-    assert int8_linears(model.lm) and model.lm.get_input_embeddings().weight.dtype == torch.bfloat16
+    model, _ = loading.load_round(tmp_path / "r", device="cpu", dtype="float32")
+    assert int8_linears(model.lm) and model.lm.get_input_embeddings().weight.dtype == torch.float32
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
