@@ -28,7 +28,7 @@ from pathlib import Path
 
 from mmft.config import MMFTConfig
 from mmft.hub import RoundNotFound, error_line, list_rounds, pull_round
-from mmft.loading import load_round, projector_for, round_config
+from mmft.loading import load_round, pick_device, projector_for, round_config
 from mmft.pipeline import Pipeline
 from mmft.projector import load_projector
 from mmft.round import ADAPTER_DIR, PROJECTOR_NAME
@@ -160,7 +160,7 @@ class Settings:
     revision: str | None = None  # tag, branch or commit id; None = main
     demo: bool = False  # serve the demo even if a repo is set
     device: str | None = None  # None: CUDA when present
-    dtype: str | None = None  # None: mmft.loading.pick_dtype (the demo: float32, it is tiny)
+    dtype: str | None = None  # None: the CPU path's or mmft.loading.pick_dtype (the demo: float32, it is tiny)
     quantize: str | None = None  # "nf4", "int8", "none"; None: the device's default
     asr_model: str | None = None  # None: mmft.speech.DEFAULT_MODEL_ID
     cache_size: int = CACHE_SIZE  # rounds kept loaded
@@ -188,8 +188,10 @@ class Rounds:
 
     def _options(self, key: str) -> dict:
         s = self.settings
-        if key == DEMO_KEY:  # tiny: float32 reproduces its evaluation exactly, and 4-bit would gain nothing
-            return dict(device=s.device, dtype=s.dtype or "float32", quantize=s.quantize or "none")
+        if key == DEMO_KEY:  # tiny: loaded as its evaluation loads it (mmft.demo.evaluate_round: float32,
+            # the CPU default int8), so the app answers as its figures say; NF4 on CUDA would gain nothing
+            cpu = pick_device(s.device).type == "cpu"
+            return dict(device=s.device, dtype=s.dtype or "float32", quantize=s.quantize or (None if cpu else "none"))
         return dict(device=s.device, dtype=s.dtype, quantize=s.quantize)
 
     def get(self, key: str) -> Pipeline:

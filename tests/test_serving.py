@@ -1,5 +1,6 @@
 """Serving: rounds share one base (named adapters + own projector), the cache budget, thread safety."""
 
+import random
 import threading
 
 import pytest
@@ -234,3 +235,27 @@ def test_a_round_loads_the_base_revisions_it_names(hub_online, tiny_dir, tmp_pat
     save_config(folder, cfg, info)
     unpinned = RoundCache().load("main", folder, **FP32).model
     assert torch.equal(unpinned.lm.get_base_model().state_dict()[embed], want_lm[embed] + 1.0)
+
+
+def test_the_app_serves_the_demo_as_its_evaluation_loaded_it():
+    """The demo's figures (model card, docs/training.md) come from `mmft.demo.evaluate_round`, which
+    loads the round with float32 and the CPU default (int8): the app must load it the same way, or
+    it answers a little differently from what its figures say (unquantized: 0.867 held-out shape, not
+    0.870)."""
+    from mmft import shapes
+    from mmft.demo import DEMO_DIR
+    from mmft.loading import load_round
+    from mmft.quantize import int8_linears
+    from mmft.serving import DEMO_KEY, Rounds, Settings
+
+    served = Rounds(Settings(demo_round=DEMO_DIR / "round", device="cpu")).get(DEMO_KEY)
+    evaluated, _ = load_round(DEMO_DIR / "round", device="cpu", dtype=torch.float32)
+    assert len(int8_linears(served.model.lm)) == len(int8_linears(evaluated.lm)) > 0
+    assert {p.dtype for p in served.model.parameters() if p.is_floating_point()} == {torch.float32}
+    rng = random.Random(5)
+    pictures = [shapes.draw(c, k, rng, size=None, style=shapes.HELDOUT_STYLE)
+                for c, k in (("red", "circle"), ("orange", "square"), ("purple", "triangle"))]
+    with torch.no_grad():
+        for picture in pictures:
+            for question in ("What colour is the shape?", "Is it a circle or a square?"):
+                assert served.answer_image(picture, question) == Pipeline(evaluated).answer_image(picture, question)
