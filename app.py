@@ -70,7 +70,7 @@ def parse_args(argv=None, environ=os.environ) -> argparse.Namespace:
                         help="cpu, cuda, cuda:1 ... [env MMFT_DEVICE] (default: CUDA when present)")
     parser.add_argument("--dtype", default=environ.get("MMFT_DTYPE") or None,
                         help="float32, bfloat16 or float16 [env MMFT_DTYPE] (default: bf16 on CUDA; around int8 on CPU, "
-                             "bf16 with AMX, else float32; unquantized on CPU, bf16 where native, else "
+                             "bf16 with AMX, else float32; unquantized on CPU, bf16 where oneDNN has it, else "
                              "float32; the demo: float32)")
     parser.add_argument("--quantize", nargs="?", const="nf4", default=environ.get("MMFT_QUANTIZE") or None,
                         choices=QUANTIZE,

@@ -9,9 +9,10 @@ speed wins. int8 (fbgemm, what mmft serves) reads 1 byte a weight; torch's int4 
 but was compute-bound on a CPU without avx512_bf16 (docs/benchmarks.md). This script asks the same
 question of any CPU, AMX ones included, in one run.
 
-The layer is copied `--copies` times and the calls cycle through the copies, so that no kernel is
-timed from the CPU's last-level cache (one int4 layer, 57 MB, fits a server's L3). Error = max
-|y - y_fp32| / max |y_fp32| over the layer's four outputs at M = 80, same random weights.
+The layer is copied and the calls cycle through the copies, so that no kernel is timed from the
+CPU's last-level cache: each kernel gets at least `--copies` copies and enough for twice the L3 (read
+from sysfs; a server's can hold 300 MB, five int4 layers). Error = max |y - y_fp32| / max |y_fp32| over
+the layer's four outputs at M = 80, same random weights.
 The last line is JSON.
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -45,72 +47,88 @@ def int4_pack(w: torch.Tensor):
     return torch._convert_weight_to_int4pack_for_cpu(q, 2), sz
 
 
-def kernels(w: torch.Tensor):
-    """name -> (prepared weight, fn(x_fp32, prepared) -> y). Missing ops are skipped."""
+def _int8_weight_only(w: torch.Tensor):
+    scale = (w.abs().amax(1) / 127).clamp(min=1e-8)  # [N]
+    return (w / scale[:, None]).round().to(torch.int8), scale.bfloat16()
+
+
+def kernels() -> dict:
+    """name -> (prepare(w [N, K] fp32), call(x [M, K] fp32, prepared) -> y [M, N])."""
     from mmft.quantize import Int8Linear
 
     out = {
-        "fp32 F.linear": (w, lambda x, p: F.linear(x, p)),
-        "bf16 F.linear (oneDNN; AMX where present)": (w.bfloat16(), lambda x, p: F.linear(x.bfloat16(), p)),
-        "int8 fbgemm (mmft Int8Linear)": (Int8Linear.from_tensors(w), lambda x, p: p(x)),
+        "fp32 F.linear": (lambda w: w, lambda x, p: F.linear(x, p)),
+        "bf16 F.linear (oneDNN; AMX where present)": (lambda w: w.bfloat16(), lambda x, p: F.linear(x.bfloat16(), p)),
+        "int8 fbgemm (mmft Int8Linear)": (Int8Linear.from_tensors, lambda x, p: p(x)),
+        "int8 weight-only _weight_int8pack_mm, bf16 act.": (
+            _int8_weight_only, lambda x, p: torch._weight_int8pack_mm(x.bfloat16(), *p)),
     }
-    scale = (w.abs().amax(1) / 127).clamp(min=1e-8)
-    w8 = (w / scale[:, None]).round().to(torch.int8)
-    out["int8 weight-only _weight_int8pack_mm, bf16 act."] = (
-        (w8, scale.bfloat16()), lambda x, p: torch._weight_int8pack_mm(x.bfloat16(), *p))
-    try:
+    if hasattr(torch, "_weight_int4pack_mm_for_cpu"):
         out[f"int4 g{GROUP} _weight_int4pack_mm_for_cpu, bf16 act."] = (
-            int4_pack(w), lambda x, p: torch._weight_int4pack_mm_for_cpu(x.bfloat16(), p[0], GROUP, p[1]))
-    except (RuntimeError, AttributeError) as e:  # an op this torch build lacks
-        print(f"int4 skipped: {e}".splitlines()[0])
+            int4_pack, lambda x, p: torch._weight_int4pack_mm_for_cpu(x.bfloat16(), p[0], GROUP, p[1]))
     return out
+
+
+def l3_bytes() -> int:
+    """The last-level cache's size from sysfs (0 where it cannot be read)."""
+    try:
+        text = Path("/sys/devices/system/cpu/cpu0/cache/index3/size").read_text().strip()
+        return int(text[:-1]) * {"K": 1 << 10, "M": 1 << 20}[text[-1]] if text[-1] in "KM" else int(text)
+    except (OSError, ValueError, IndexError, KeyError):
+        return 0
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tiny", action="store_true", help="toy shapes (tests)")
-    parser.add_argument("--copies", type=int, default=4, help="layer copies cycled through (defeats the L3)")
+    parser.add_argument("--copies", type=int, default=4, help="layer copies cycled through, at least (more where "
+                                                              "needed to exceed twice the L3)")
     parser.add_argument("--repeats", type=int, default=5, help="timed passes over the copies")
     parser.add_argument("--prefill", type=int, default=80, help="rows of the prefill call")
     args = parser.parse_args(argv)
     threads = common.set_threads(args.threads)
     shapes = TINY if args.tiny else REAL
-    gen = torch.Generator().manual_seed(0)
-    copies = [{name: torch.randn(shape, generator=gen) * 0.02 for name, shape in shapes.items()}
-              for _ in range(args.copies)]  # [N, K] fp32 each
+    l3 = 0 if args.tiny else l3_bytes()  # toy shapes check the kernels, not their speed
+
+    def layer(i: int) -> dict:  # copy i's fp32 weights, the same for every kernel
+        gen = torch.Generator().manual_seed(i)
+        return {name: torch.randn(shape, generator=gen) * 0.02 for name, shape in shapes.items()}  # [N, K]
+
+    gen = torch.Generator().manual_seed(1234)
     xs = {m: {name: torch.randn(m, k, generator=gen) for name, (_, k) in shapes.items()} for m in (1, args.prefill)}
-    ref = {name: F.linear(xs[args.prefill][name], w) for name, w in copies[0].items()}  # [M, N]
+    first = layer(0)
+    ref = {name: F.linear(xs[args.prefill][name], w) for name, w in first.items()}  # [M, N]
 
     rows, load_before = [], common.load_avg()
-    names = list(kernels(copies[0]["o_proj"]))
-    for kernel in names:
-        prepared = [{name: kernels(w)[kernel][0] for name, w in layer.items()} for layer in copies]
-        fn = kernels(copies[0]["o_proj"])[kernel][1]
+    for kernel, (prepare, fn) in kernels().items():
+        prepared = [{name: prepare(w) for name, w in first.items()}]
+        weight_bytes = sum(p.numel() * p.element_size() for p in _tensors(prepared[0]))
+        copies = max(args.copies, -(-2 * l3 // weight_bytes))
+        prepared += [{name: prepare(w) for name, w in layer(i).items()} for i in range(1, copies)]
         err = max(float((fn(xs[args.prefill][n], prepared[0][n]).float() - ref[n]).abs().max() / ref[n].abs().max())
                   for n in shapes)
-        row = dict(kernel=kernel, error=round(err, 4))
+        row = dict(kernel=kernel, error=round(err, 4), copies=copies)
         for m, label in ((1, "decode_ms"), (args.prefill, "prefill_ms")):
-            for layer in prepared:  # warm-up: one pass
+            for one in prepared:  # warm-up: one pass
                 for n in shapes:
-                    fn(xs[m][n], layer[n])
+                    fn(xs[m][n], one[n])
             per_layer = []
             for _ in range(args.repeats):
-                for layer in prepared:
+                for one in prepared:
                     t = time.perf_counter()
                     for n in shapes:
-                        fn(xs[m][n], layer[n])
+                        fn(xs[m][n], one[n])
                     per_layer.append((time.perf_counter() - t) * 1e3)
             row[label] = round(statistics.median(per_layer), 3)
-        weight_bytes = sum(p.numel() * p.element_size() for p in _tensors(prepared[0]))
         row["weight_mb"] = round(weight_bytes / 1e6, 1)
         row["decode_gb_per_s"] = round(weight_bytes / 1e6 / row["decode_ms"], 1)
         rows.append(row)
         del prepared
 
-    print(common.table(rows, ["kernel", "decode_ms", "prefill_ms", "weight_mb", "decode_gb_per_s", "error"]))
+    print(common.table(rows, ["kernel", "decode_ms", "prefill_ms", "weight_mb", "decode_gb_per_s", "error", "copies"]))
     result = dict(bench="kernels", machine=common.machine(), threads=threads, tiny=args.tiny, shapes=shapes,
-                  prefill_rows=args.prefill, copies=args.copies, rows=rows, load_before=load_before,
+                  prefill_rows=args.prefill, l3_mb=round(l3 / 1e6, 1), rows=rows, load_before=load_before,
                   load_after=common.load_avg())
     common.emit(result)
     return result

@@ -105,7 +105,7 @@ def make_ggufs(root: Path, tmp: Path, vocab: str, threads: int, kinds: list[str]
         part = Path(str(out) + ".part")
         # every core: quantizing is preparation, not what is timed
         rc, secs, _ = run_logged([str(root / "build/bin/llama-quantize"), str(bf16), str(part), kind,
-                                  str(os.cpu_count() or threads)],
+                                  str(len(os.sched_getaffinity(0)) or threads)],
                                  tmp / f"quantize-{kind}.log")
         if rc != 0:
             notes.append(f"llama-quantize {kind} failed ({rc}): {tail(tmp / f'quantize-{kind}.log')}")
