@@ -141,7 +141,6 @@ class MultimodalModel(nn.Module):
     def forward(self, input_ids, attention_mask, image_mask=None, labels=None, pixel_values=None,
                 image_features=None, **kwargs):
         features = self.image_features(pixel_values, image_features)
-        embeds = self.embed(input_ids, image_mask, features)
         if labels is not None and "logits_to_keep" not in kwargs:
             # Only positions that predict a label reach the LM head: with a 32k vocabulary the logits of
             # image and prompt tokens are most of a step's work. Same loss (HF's, on `shift_labels`);
@@ -150,6 +149,7 @@ class MultimodalModel(nn.Module):
             keep = shift_labels != -100
             kwargs.update(logits_to_keep=keep, shift_labels=shift_labels[keep])
         with self.adapter(None):  # this round's adapter, on unless an enclosing `adapter(False)` says off
+            embeds = self.embed(input_ids, image_mask, features)  # inside: LoRA may sit on embed_tokens
             return self.lm(
                 inputs_embeds=embeds,
                 attention_mask=attention_mask,
@@ -186,7 +186,6 @@ class MultimodalModel(nn.Module):
         )
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         image_mask = None if image_mask is None else image_mask.to(device)
-        embeds = self.embed(input_ids, image_mask, features)
         eot = self.tokenizer.convert_tokens_to_ids(self.cfg.prompt_end_of_turn)
         stop = [t for t in (eot, self.tokenizer.eos_token_id) if t is not None and t >= 0]
         kwargs = dict(
@@ -201,6 +200,8 @@ class MultimodalModel(nn.Module):
             kwargs.update(temperature=self.cfg.gen_temperature, top_p=self.cfg.gen_top_p)
         kwargs.update(overrides)
         with self.adapter(use_adapter):
+            # embedded under the switch: with LoRA on embed_tokens the prompt's embeddings are the adapter's
+            embeds = self.embed(input_ids, image_mask, features)  # [B, T, D]
             return self.lm.generate(
                 inputs_embeds=embeds, attention_mask=attention_mask, streamer=streamer, **kwargs
             )

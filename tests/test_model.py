@@ -214,3 +214,36 @@ def test_adapter_contexts_nest_and_restore(tiny_model):
             assert not model.switch.enabled
         assert not model.switch.enabled
     assert model.switch.enabled and not model.lm._adapters_disabled
+
+
+def test_lora_on_embed_tokens_is_switched_with_the_rest(tmp_path):
+    """`lora_target_modules` may include embed_tokens: then the prompt's embeddings belong to the adapter
+    and must be computed under the switch. Before, `generate(use_adapter=False)` (refine, typed text)
+    embedded the prompt with the adapter still on."""
+    from mmft.loading import build_model
+    from mmft.pipeline import Pipeline
+    from mmft.testing import build_tiny_models
+
+    cfg = build_tiny_models(tmp_path, lora_target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj",
+                                                           "embed_tokens"])
+    torch.manual_seed(0)
+    model = build_model(cfg, device="cpu", dtype=torch.float32, trainable=True)
+    with torch.no_grad():
+        for name, p in model.lm.named_parameters():
+            if "lora_B" in name or "lora_embedding" in name:
+                p.normal_(0, 0.5)  # a trained adapter: non-zero everywhere, the embedding's too
+    model.eval()
+    pipe = Pipeline(model)
+    batch = pipe._batch([pipe._encode("What colour is the shape?", False)])
+    ids = batch["input_ids"]
+    with torch.no_grad():
+        on, off = model.lm.get_input_embeddings()(ids), None
+        with model.adapter(False):
+            off = model.lm.get_input_embeddings()(ids)
+            reference = model.generate(**batch, use_adapter=False, max_new_tokens=6)
+            ref_logits = model(**batch).logits
+        assert float((on - off).abs().max()) > 0.1  # the embedding LoRA does change the prompt
+        assert torch.equal(model.generate(**batch, use_adapter=False, max_new_tokens=6), reference)
+        assert not torch.equal(model(**batch).logits, ref_logits)  # adapter on: embeddings and linears
+        with model.adapter(False):
+            assert torch.equal(model(**batch).logits, ref_logits)
