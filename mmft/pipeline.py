@@ -62,8 +62,9 @@ class Pipeline:
         return encode_chat(self.tokenizer, self.cfg, [("user", question)], num_image_tokens=n)
 
     def _notes(self, question: str) -> list[str]:
-        """What the user should be told about their question (it was cut to the token budget)."""
-        if len(self.tokenizer(question, add_special_tokens=False)["input_ids"]) > self.cfg.prompt_max_question_tokens:
+        """What the user should be told about their question: it was cut to the token budget, as the
+        prompt builder cut it (after stripping it: trailing blank lines are no reason for a note)."""
+        if self._encode(question, False).truncated:
             return [f"The question was shortened to its first {self.cfg.prompt_max_question_tokens} tokens."]
         return []
 
@@ -74,7 +75,15 @@ class Pipeline:
             batch["pixel_values"] = pixel_values
         return batch
 
+    @staticmethod
+    def _one_answer_each(gen: dict) -> None:
+        """Texts are paired with their questions: several sequences per question would pair question 2
+        with question 1's second one."""
+        if gen.get("num_return_sequences", 1) != 1:
+            raise ValueError("the pipeline gives one answer per question: num_return_sequences must be 1")
+
     def _generate(self, batch: dict, use_adapter: bool, **gen) -> list[str]:
+        self._one_answer_each(gen)
         new_tokens = self.model.generate(**batch, use_adapter=use_adapter, **gen)  # [B, T_new]
         return self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
 
@@ -87,6 +96,11 @@ class Pipeline:
         """Yield the text so far as tokens arrive (generation runs in a worker thread). A consumer that
         stops early (`close()`, or dropping the generator) stops the generation at its next token, and
         the close returns once the worker has ended: nothing keeps generating with the adapter off."""
+        self._one_answer_each(gen)
+        owned = getattr(self.model.switch.lock, "_is_owned", None)
+        if owned is not None and owned():  # the worker would wait for this thread, which waits for it
+            raise RuntimeError("stream outside `model.adapter(...)`: the stream's worker needs the adapter lock "
+                               "this thread holds (use the non-streaming answer inside it)")
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         stop, errors = threading.Event(), []
         criteria = StoppingCriteriaList([StopOnEvent(stop), *(gen.pop("stopping_criteria", None) or [])])
@@ -95,7 +109,7 @@ class Pipeline:
             try:
                 self.model.generate(**batch, use_adapter=use_adapter, streamer=streamer,
                                     stopping_criteria=criteria, **gen)
-            except Exception as err:  # re-raised in the caller's thread below
+            except BaseException as err:  # re-raised in the caller's thread below; the stream must end
                 errors.append(err)
                 streamer.end()
 

@@ -83,6 +83,26 @@ def test_batched_answers_equal_one_by_one(pipeline):
 def test_long_question_gets_a_note(pipeline):
     answer = pipeline.answer_text("red " * 400)
     assert any("shortened to its first 64 tokens" in note for note in answer.notes)
+    # the prompt builder strips the question before cutting it: trailing blank lines cut nothing
+    assert pipeline.answer_text("What colour is it?" + "\n" * 80, max_new_tokens=2).notes == []
+
+
+def test_several_sequences_per_question_are_refused(pipeline):
+    """Texts are paired with questions: two per question would give question 2 question 1's second."""
+    with pytest.raises(ValueError, match="one answer per question"):
+        pipeline.text(["Hi", "Ho"], num_return_sequences=2, num_beams=2, max_new_tokens=2)
+    with pytest.raises(ValueError, match="one answer per question"):
+        list(pipeline.stream_text("Hi", num_return_sequences=2, num_beams=2, max_new_tokens=2))
+    assert len(pipeline.text(["Hi", "Ho"], num_beams=2, max_new_tokens=2)) == 2  # beams alone are fine
+
+
+def test_streaming_inside_an_adapter_context_is_an_error_not_a_hang(pipeline):
+    """The stream's worker thread needs the adapter lock; a consumer holding it would wait forever."""
+    with pipeline.model.adapter(False):
+        assert pipeline.answer_text("Hi", max_new_tokens=2).final is not None  # same thread: re-entrant
+        with pytest.raises(RuntimeError, match="adapter lock"):
+            list(pipeline.stream_text("Hi", max_new_tokens=2))
+    assert list(pipeline.stream_text("Hi", max_new_tokens=2))  # and outside it, streaming works
 
 
 def test_round_folder_reloads_to_the_same_model(tiny_model, tmp_path):
