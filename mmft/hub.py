@@ -169,7 +169,8 @@ def published_config(folder: Path) -> tuple[bytes, list[str]]:
         value = str(data["mmft"].get(key, ""))
         if not REPO_ID_RE.fullmatch(value):  # absolute, "../base/lm", "a/b/c": a folder on some machine
             warnings.append(f"{key} is the local path {value!r}: this round loads only where that path exists "
-                            "(relative paths: from the folder the app runs in). Train on a Hub model id to "
+                            "(a relative one is read from the round's own folder, which for a round pulled from "
+                            "the Hub is the Hub cache: it never loads from there). Train on a Hub model id to "
                             "publish a round anyone can load.")
         elif Path(value).exists():  # the published bytes never depend on this; the warning may
             warnings.append(f"{key} {value!r} is a folder here but a Hub repo id anywhere else: the round loads "

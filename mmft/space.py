@@ -4,8 +4,8 @@
 
 The Space runs `app.py` (README.md's front matter says so) with `requirements.txt`, the `mmft`
 package and the bundled demo round with its tiny base models (the fallback when no round is
-configured or reachable). Files the Space does not need (tests, training, benchmarks, docs) stay
-home. `.gitattributes` travels too, so the Space's binaries (.safetensors, .png, tokenizer.json) are
+configured or reachable), and the docs README.md links to. Files the Space does not need (tests,
+training, benchmarks) stay home. `.gitattributes` travels too, so the Space's binaries (.safetensors, .png, tokenizer.json) are
 LFS. A file on the Space that is not in this list is deleted by the same commit. The token is the one
 huggingface_hub finds (HF_TOKEN, `hf auth login`) and is never printed.
 """
@@ -13,6 +13,7 @@ huggingface_hub finds (HF_TOKEN, `hf auth login`) and is never printed.
 from __future__ import annotations
 
 import argparse
+import glob
 import sys
 from fnmatch import fnmatch
 from pathlib import Path
@@ -20,14 +21,24 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SPACE_PATTERNS = ["README.md", ".gitattributes", "app.py", "requirements.txt", "model_card.md", "mmft/*.py",
                   "demo/base/*/*", "demo/round/config.json", "demo/round/projector.safetensors",
-                  "demo/round/adapter/adapter_*"]
+                  "demo/round/adapter/adapter_*",
+                  "docs/benchmarks.md", "docs/training.md", "docs/screenshot.png"]  # what README.md links to
+
+
+def _matches(path: str, pattern: str) -> bool:
+    """Segment by segment: `*` never crosses a `/` (fnmatch's does: `mmft/*.py` would take
+    `mmft/scratch/secrets.py`), and a dotfile is taken only where the pattern names it (a `.env`
+    beside the demo's weights stays home)."""
+    parts, pats = path.split("/"), pattern.split("/")
+    return len(parts) == len(pats) and all(
+        fnmatch(part, pat) and (not part.startswith(".") or pat.startswith(".")) for part, pat in zip(parts, pats))
 
 
 def space_files(root: str | Path = ROOT) -> list[str]:
     """The repo-relative paths the Space needs, sorted (no caches, no tests, no training data)."""
     root = Path(root)
     paths = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
-    return sorted(p for p in paths if any(fnmatch(p, pat) for pat in SPACE_PATTERNS) and "__pycache__" not in p)
+    return sorted(p for p in paths if any(_matches(p, pat) for pat in SPACE_PATTERNS) and "__pycache__" not in p)
 
 
 def deploy(space_id: str, root: str | Path = ROOT, private: bool = False, variables: dict[str, str] | None = None):
@@ -37,7 +48,8 @@ def deploy(space_id: str, root: str | Path = ROOT, private: bool = False, variab
     api = HfApi()
     api.create_repo(space_id, repo_type="space", space_sdk="gradio", exist_ok=True, private=private)
     info = api.upload_folder(repo_id=space_id, repo_type="space", folder_path=str(root),
-                             allow_patterns=space_files(root), delete_patterns="*",
+                             # exact paths: escaped, as the client matches them with fnmatch too
+                             allow_patterns=[glob.escape(p) for p in space_files(root)], delete_patterns="*",
                              commit_message="Deploy the mmft app")
     for key, value in (variables or {}).items():
         api.add_space_variable(space_id, key, value)

@@ -454,7 +454,8 @@ def test_space_deploy_uploads_what_the_app_needs_and_it_runs(hub_online, tmp_pat
     assert SECRET not in done.stdout + done.stderr
     files = hub_online.files(space, repo_type="space")
     assert set(files) == set(space_files(ROOT)) and "app.py" in files and "demo/round/projector.safetensors" in files
-    assert not [p for p in files if p.startswith(("tests/", "train/", "bench/", "docs/"))]
+    assert not [p for p in files if p.startswith(("tests/", "train/", "bench/"))]
+    assert {"docs/benchmarks.md", "docs/training.md", "docs/screenshot.png"} <= set(files)  # README's links work
     lfs = _lfs_patterns(files[".gitattributes"])  # every binary file is LFS on the Space
     binaries = [p for p, data in files.items() if _is_binary(data)]
     assert "demo/base/lm/model.safetensors" in binaries
@@ -485,3 +486,17 @@ def test_space_deploy_uploads_what_the_app_needs_and_it_runs(hub_online, tmp_pat
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_space_files_take_no_nested_or_hidden_strays(tmp_path):
+    """`*` stays within one path segment and dotfiles stay home unless named: a scratch module under
+    mmft/ or a .env beside the demo's weights must never reach a public Space."""
+    from mmft.space import space_files
+
+    for path in ("app.py", "mmft/model.py", "mmft/scratch/secrets.py", "mmft/.hidden.py", "demo/base/lm/config.json",
+                 "demo/base/lm/.env", "demo/base/lm/sub/x.bin", "docs/benchmarks.md", "docs/notes.md",
+                 ".gitattributes", "mmft/__pycache__/model.cpython-311.pyc", "demo/round/adapter/adapter_[1].json"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text("x")
+    assert space_files(tmp_path) == [".gitattributes", "app.py", "demo/base/lm/config.json",
+                                     "demo/round/adapter/adapter_[1].json", "docs/benchmarks.md", "mmft/model.py"]
