@@ -17,7 +17,6 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
-from fnmatch import fnmatch
 from pathlib import Path
 
 import httpx2
@@ -42,7 +41,7 @@ from safetensors import SafetensorError
 
 from mmft.card import CARD_TEMPLATE, REPO_ID_RE, TAG_PREFIX, render_card, round_tag
 from mmft.config import CONFIG_NAME, MMFTConfig, load_config
-from mmft.round import ADAPTER_DIR, PROJECTOR_NAME, check_round_folder, without_local_paths
+from mmft.round import ADAPTER_DIR, PROJECTOR_NAME, check_round_folder, path_matches, without_local_paths
 
 # An allow-list: a checkpoint's other files (optimizer state, RNG pickles, PEFT's stub README) stay home.
 ROUND_PATTERNS = [CONFIG_NAME, "projector.safetensors", "adapter/*.safetensors", "adapter/*.json", "metrics.json",
@@ -159,11 +158,14 @@ def find_pickles(folder: str | Path) -> list[str]:
 
 
 # -- publishing ----------------------------------------------------------------------------------
-def published_config(folder: Path) -> tuple[bytes, list[str]]:
-    """config.json as published (round info sanitized; the model config as it is) and warnings to show."""
+def published_config(folder: Path, number: int | None = None) -> tuple[bytes, list[str]]:
+    """config.json as published (round info sanitized, its number the one published under; the model
+    config as it is) and warnings to show."""
     data = json.loads((folder / CONFIG_NAME).read_text())
     if "round" in data:
         data["round"] = without_local_paths(data["round"])
+        if number is not None:  # --round N: the tag, the card and config.json say the same number
+            data["round"]["round"] = number
     warnings = []
     for key in ("lm_model_id", "vit_model_id"):
         value = str(data["mmft"].get(key, ""))
@@ -228,8 +230,8 @@ def plan_upload(folder: str | Path, repo_id: str, number: int | None = None,
         raise ValueError(f"{folder / CONFIG_NAME} has no positive integer 'round.round' "
                          f"(found {number!r}): pass --round N")
     files = {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()}
-    files = {k: v for k, v in files.items() if any(fnmatch(k, pat) for pat in ROUND_PATTERNS)}
-    files[CONFIG_NAME], warnings = published_config(folder)
+    files = {k: v for k, v in files.items() if any(path_matches(k, pat) for pat in ROUND_PATTERNS)}
+    files[CONFIG_NAME], warnings = published_config(folder, number)
     card = render_card(cfg, without_local_paths(round_info), repo_id, number, "loss.png" in files, template)
     return RoundUpload(repo_id, number, files, card, warnings)
 

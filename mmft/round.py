@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from fnmatch import fnmatch
 from pathlib import Path
 
 from mmft.config import CONFIG_NAME
@@ -18,6 +19,15 @@ ADAPTER_DIR = "adapter"
 PROJECTOR_NAME = "projector.safetensors"
 ROUND_FILES = [CONFIG_NAME, PROJECTOR_NAME, f"{ADAPTER_DIR}/adapter_config.json",
                f"{ADAPTER_DIR}/adapter_model.safetensors"]
+
+
+def path_matches(path: str, pattern: str) -> bool:
+    """A repo-relative POSIX path against a glob, segment by segment: `*` never crosses a `/` (fnmatch's
+    does: `adapter/*.json` would take `adapter/old/x.json`), and a dotfile matches only a pattern
+    segment that names one (a stray `.env` never travels)."""
+    parts, pats = path.split("/"), pattern.split("/")
+    return len(parts) == len(pats) and all(
+        fnmatch(part, pat) and (not part.startswith(".") or pat.startswith(".")) for part, pat in zip(parts, pats))
 
 
 def check_round_folder(folder: str | Path) -> Path:

@@ -14,31 +14,25 @@ from __future__ import annotations
 
 import argparse
 import glob
+import re
 import sys
-from fnmatch import fnmatch
 from pathlib import Path
 
+from mmft.round import path_matches
+
 ROOT = Path(__file__).resolve().parent.parent
+SECRET_RE = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY", re.IGNORECASE)
 SPACE_PATTERNS = ["README.md", ".gitattributes", "app.py", "requirements.txt", "model_card.md", "mmft/*.py",
                   "demo/base/*/*", "demo/round/config.json", "demo/round/projector.safetensors",
                   "demo/round/adapter/adapter_*",
                   "docs/benchmarks.md", "docs/training.md", "docs/screenshot.png"]  # what README.md links to
 
 
-def _matches(path: str, pattern: str) -> bool:
-    """Segment by segment: `*` never crosses a `/` (fnmatch's does: `mmft/*.py` would take
-    `mmft/scratch/secrets.py`), and a dotfile is taken only where the pattern names it (a `.env`
-    beside the demo's weights stays home)."""
-    parts, pats = path.split("/"), pattern.split("/")
-    return len(parts) == len(pats) and all(
-        fnmatch(part, pat) and (not part.startswith(".") or pat.startswith(".")) for part, pat in zip(parts, pats))
-
-
 def space_files(root: str | Path = ROOT) -> list[str]:
     """The repo-relative paths the Space needs, sorted (no caches, no tests, no training data)."""
     root = Path(root)
     paths = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
-    return sorted(p for p in paths if any(_matches(p, pat) for pat in SPACE_PATTERNS) and "__pycache__" not in p)
+    return sorted(p for p in paths if any(path_matches(p, pat) for pat in SPACE_PATTERNS) and "__pycache__" not in p)
 
 
 def deploy(space_id: str, root: str | Path = ROOT, private: bool = False, variables: dict[str, str] | None = None):
@@ -73,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if key in variables:
             print(f"error: --variable {key} is given twice", file=sys.stderr)
+            return 2
+        if SECRET_RE.search(key):  # a Space variable is public: anyone can read it
+            print(f"error: --variable {key} looks like a secret, and Space variables are public: set it as a "
+                  "Secret in the Space's settings instead", file=sys.stderr)
             return 2
         variables[key] = value
     files = space_files()

@@ -431,6 +431,8 @@ def _is_binary(data: bytes) -> bool:
     (["MMFT_THREADS=2", "MMFT_THREADS=4"], "error: --variable MMFT_THREADS is given twice"),
     (["MMFT_THREADS=2", "MMFT_QUANTIZE"], "error: --variable takes KEY=VALUE, got 'MMFT_QUANTIZE' without '='"),
     (["=none"], "error: --variable takes KEY=VALUE, got an empty KEY"),
+    (["MMFT_REPO=a/b", "HF_TOKEN=hf_abc"], "error: --variable HF_TOKEN looks like a secret, and Space variables are "
+                                           "public: set it as a Secret in the Space's settings instead"),
 ])
 def test_space_variables_are_checked_one_by_one(variables, message, capsys):
     from mmft.space import main
@@ -500,3 +502,18 @@ def test_space_files_take_no_nested_or_hidden_strays(tmp_path):
         (tmp_path / path).write_text("x")
     assert space_files(tmp_path) == [".gitattributes", "app.py", "demo/base/lm/config.json",
                                      "demo/round/adapter/adapter_[1].json", "docs/benchmarks.md", "mmft/model.py"]
+
+
+def test_round_number_override_is_the_one_in_config_json_and_nested_files_stay(rounds, tmp_path):
+    """`--round N`: tag, card and the published config.json say N; only the round's own files travel
+    (`adapter/*.json` does not take a nested `adapter/old/...`, nor a stray dotfile)."""
+    import shutil
+
+    folder = Path(shutil.copytree(rounds[1], tmp_path / "r"))
+    (folder / "adapter" / "old").mkdir()
+    (folder / "adapter" / "old" / "adapter_config.json").write_text("{}")
+    (folder / "adapter" / ".env.json").write_text("{}")
+    upload = plan_upload(folder, REPO, number=5)
+    assert upload.tag == "round-5" and json.loads(upload.files["config.json"])["round"]["round"] == 5
+    assert not [p for p in upload.files if p.startswith("adapter/old") or "/." in p]
+    assert json.loads(plan_upload(folder, REPO).files["config.json"])["round"]["round"] == 2
