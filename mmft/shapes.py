@@ -154,15 +154,26 @@ def judge(text: str, facts: dict) -> bool:
     values = set(COLORS if facts["attr"] == "color" else SHAPES)
     if facts["kind"] != "yesno":
         return score(text, facts["truth"], values)
-    # "No, it is blue.", "No.", "No, it is blue, not red." and the draft "Red No blue" are right for a blue
-    # shape asked "Is it red?": one yes/no word, the right one; the first value after it (if any) is the
-    # truth; no value is named but the truth and the one asked about
+    # "No, it is blue.", "No.", "No, it is blue, not red.", "No, it is not red." and the draft "Red No blue"
+    # are right for a blue shape asked "Is it red?": one yes/no word, the right one; the first value
+    # affirmed after it (if any) is the truth, and the truth is never denied ("not blue"); no value is
+    # affirmed but the truth and the one asked about
     words = word_list(text)
     polarity = [i for i, w in enumerate(words) if w in ("yes", "no")]
     if {words[i] for i in polarity} != {facts["polarity"]}:
         return False
-    named = [w for w in words[polarity[0]:] if w in values]
-    return (not named or named[0] == facts["truth"]) and not (set(words) & (values - {facts["truth"], facts.get("asked")}))
+    denied = {i for i, w in enumerate(words) if w in values and _denied(words, i)}
+    if any(words[i] == facts["truth"] for i in denied):
+        return False
+    named = [w for i, w in enumerate(words) if i > polarity[0] and w in values and i not in denied]
+    affirmed = {w for i, w in enumerate(words) if w in values and i not in denied}
+    return (not named or named[0] == facts["truth"]) and not (affirmed - {facts["truth"], facts.get("asked")})
+
+
+def _denied(words: list[str], i: int) -> bool:
+    """words[i] follows "not" or an n't ("isn t"), an article allowed between: "not red", "isn't a square"."""
+    j = i - 1 - (i > 0 and words[i - 1] in ("a", "an"))
+    return j >= 0 and words[j] in ("not", "t")
 
 
 def evaluate(pipeline, n: int = 300, seed: int = 10_000, split: str = "heldout", batch_size: int = 64,

@@ -13,7 +13,8 @@ The rule: a token is dropped when it is an NLTK stopword or pure punctuation, EX
   produces them from a contraction (it splits `won't` into `wo` + `n't`), so they are words ("He won",
   "Don", "a safe haven") and stay;
 - numbers keep their sign, decimals, thousands, currency and percent: `-3`, `3.5`, `1,000`, `$5`, `€5`, `50%`.
-So "No, there isn't a dog." -> "No not dog"; "It is -3 degrees, 50% off." -> "-3 degrees 50% off".
+So "No, there isn't a dog." -> "No not dog"; "It is -3 degrees, 50% off." -> "-3 degrees 50%" ("off" is a
+stopword); ".5" and "-.5" keep their point and sign.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ DROPPED = STOPWORDS - NEGATIONS - STEMS
 
 _tokenizer = TreebankWordTokenizer()
 _EDGE_PUNCT = re.compile(r"^[\W_]+|[\W_]+$")
-_NUMBER = re.compile(r"^[$€£]?[-+\u2212]?\d[\d,]*(?:\.\d+)?$")  # "€5" is one Treebank token, "$5" two
+_NUMBER = re.compile(r"^[$€£]?[-+\u2212]?(?:\d[\d,]*(?:\.\d+)?|\.\d+)$")  # "€5" is one Treebank token, "$5" two
 
 
 def clean_answer(text: str) -> str:
@@ -69,9 +70,9 @@ def clean_answer(text: str) -> str:
 
 
 _SPACE = re.compile(r"\s+")
-_SPACE_BEFORE_PUNCT = re.compile(r"\s+([,.;:!?])")
+_SPACE_BEFORE_PUNCT = re.compile(r"\s+([,.;:!?])(?!\w)")  # not ".5", not ".bashrc"
 _REPEATED_PUNCT = re.compile(r"([,.;:!?])(?:\s*[,.;:!?])+")
-_LEADING_PUNCT = re.compile(r"^[\s,.;:!?\-]+")
+_LEADING_PUNCT = re.compile(r"^(?:[\s,;:!?]|[.\-](?!\d))+")  # a sign or point before a digit stays
 _WORD = re.compile(r"\w+")
 
 

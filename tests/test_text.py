@@ -27,6 +27,7 @@ from mmft.text import DROPPED, NEGATIONS, STOPWORDS, clean_answer, tidy
     ("It is -3 degrees, 50% off, $5 for 1,000 cups and 3.5 kg.", "-3 degrees 50% $5 1,000 cups 3.5 kg"),
     ("There are 2 dogs and one cat.", "2 dogs one cat"),
     ("It costs €5, £2.50 or $5.", "costs €5 £2.50 $5"),
+    ("It is .5 litres, -.5 degrees, up +.5%.", ".5 litres -.5 degrees +.5%"),  # no leading digit: kept whole
 ])
 def test_clean_answer(text, cleaned):
     assert clean_answer(text) == cleaned
@@ -46,6 +47,9 @@ def test_cleaning_needs_no_nltk_data(monkeypatch, tmp_path):
     ("What colour is the shape? The shape is green.", "What colour is the shape?", "The shape is green."),
     ("what colour is it", "What colour is it?", "What colour is it"),  # nothing but the echo: kept
     ("A square .", "", "A square."),
+    # a sign or a decimal point before a digit is not stray punctuation
+    ("-3 degrees.", "", "-3 degrees."), (".5 litres", "", ".5 litres"), ("The value is .5", "", "The value is .5"),
+    ("- red", "", "Red"),
 ])
 def test_tidy(text, question, expected):
     assert tidy(text, question) == expected
