@@ -2,7 +2,8 @@
 
 CUDA -> 4-bit NF4 with bf16 compute (QLoRA); CPU inference -> int8 linears under the adapters with
 bf16 around them where the CPU has AMX, float32 elsewhere (`mmft.quantize.pick_cpu_path`), CPU
-training -> none; otherwise the dtype is bf16 only where the CPU reports bf16 (else fp32). Every choice can be overridden.
+training -> none; otherwise the dtype is bf16 only where the CPU reports bf16 (else fp32). Every
+choice can be overridden.
 No `trust_remote_code`: Phi-3 and CLIP are native to transformers.
 """
 
