@@ -212,9 +212,10 @@ class Handlers:
             yield answer.final, transcript, _notes(notes + more + answer.notes)
 
     def select(self, choice, current):
-        """The round picker: load the chosen round (once; cached) and say so, or keep the current one."""
+        """The round picker: load the chosen round (once; cached; "main (latest)" re-checked against
+        the Hub) and say so, or keep the current one."""
         try:
-            self.rounds.get(choice)
+            self.rounds.get(choice, refresh=True)
         except Exception as err:  # RoundNotFound, a broken round, no memory: the current round stays
             log.warning("could not load round %s: %s", choice, err)
             gr.Warning(f"Round {choice!r} cannot be loaded: {err}", title="Round not loaded")

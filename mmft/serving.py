@@ -72,6 +72,7 @@ class RoundCache:
         self.cache_size, self.max_bases = cache_size, max_bases
         self._rounds: OrderedDict[str, Pipeline] = OrderedDict()
         self._base_of: dict[str, tuple] = {}
+        self._folder_of: dict[str, Path] = {}  # round key -> the folder it was loaded from (a Hub snapshot: one commit)
         self._bases: OrderedDict[tuple, object] = OrderedDict()  # base key -> a loaded round's MultimodalModel on it
         self._names = (f"round{i}" for i in itertools.count(1))  # adapter names; round keys may hold "/" or "."
         self._lock = threading.RLock()
@@ -107,10 +108,25 @@ class RoundCache:
                 model, _ = load_round(folder, device=device, dtype=dtype, quantize=quantize)
                 self._bases[bkey] = model
                 log.info("loaded a base (%s, %s) for round %s", cfg.lm_model_id, cfg.vit_model_id, key)
-            self._rounds[key], self._base_of[key] = Pipeline(model), bkey
+            self._rounds[key], self._base_of[key], self._folder_of[key] = Pipeline(model), bkey, folder
             while len(self._rounds) > self.cache_size:
                 self._drop_round(next(iter(self._rounds)))
             return self._rounds[key]
+
+    def folder(self, key: str) -> Path | None:
+        return self._folder_of.get(key)
+
+    def replace(self, key: str, folder: str | Path, device=None, dtype=None, quantize=None) -> Pipeline:
+        """`key` serves the round in `folder` from now on (a branch moved on). The new round loads first,
+        so that on a shared base the base stays; then the old one is dropped."""
+        with self._lock:
+            new = f"{key}\0new"  # no picker key holds a NUL
+            pipe = self.load(new, folder, device, dtype, quantize)
+            if key in self._rounds:  # (unless loading the new one evicted it already)
+                self._drop_round(key)
+            self._rounds[key], self._base_of[key] = self._rounds.pop(new), self._base_of.pop(new)
+            self._folder_of[key] = self._folder_of.pop(new)
+            return pipe
 
     def _add_round(self, base, folder: Path, cfg: MMFTConfig):
         """Another named adapter on the base's PeftModel, and this round's own projector (strict)."""
@@ -131,6 +147,7 @@ class RoundCache:
 
     def _drop_round(self, key: str) -> None:
         pipe, bkey = self._rounds.pop(key), self._base_of.pop(key)
+        self._folder_of.pop(key, None)
         if bkey not in self._bases:
             return
         if bkey not in self._base_of.values():  # its base's last round: the base goes too
@@ -147,6 +164,7 @@ class RoundCache:
         """Forget a base and its rounds; the memory is freed once no request still holds them."""
         for key in [k for k, b in self._base_of.items() if b == bkey]:
             del self._rounds[key], self._base_of[key]
+            self._folder_of.pop(key, None)
             log.info("dropped round %s from the cache (its base was dropped)", key)
         del self._bases[bkey]
 
@@ -194,11 +212,23 @@ class Rounds:
             return dict(device=s.device, dtype=s.dtype or "float32", quantize=s.quantize or (None if cpu else "none"))
         return dict(device=s.device, dtype=s.dtype, quantize=s.quantize)
 
-    def get(self, key: str) -> Pipeline:
+    def get(self, key: str, refresh: bool = False) -> Pipeline:
+        """The round's pipeline, loaded once. `refresh` (the picker asking for "main (latest)"): where
+        the Hub's main has moved on since it was loaded, the new round replaces it; unreachable, the
+        loaded one stays."""
         with self._lock:
             pipe = self.cache.get(key)
             if pipe is None:
-                pipe = self.cache.load(key, self._locate(key), **self._options(key))
+                return self.cache.load(key, self._locate(key), **self._options(key))
+            if refresh and key == MAIN_KEY and self.on_hub:
+                try:
+                    folder = self._locate(key)  # a snapshot folder: one per commit
+                except RoundNotFound as err:
+                    log.warning("serving the loaded %s of %s: %s", key, self.repo, err)
+                    return pipe
+                if folder != self.cache.folder(key):
+                    log.info("%s of %s moved on: loading %s", key, self.repo, folder.name)
+                    pipe = self.cache.replace(key, folder, **self._options(key))
             return pipe
 
     def loaded(self) -> list[str]:

@@ -259,3 +259,31 @@ def test_the_app_serves_the_demo_as_its_evaluation_loaded_it():
         for picture in pictures:
             for question in ("What colour is the shape?", "Is it a circle or a square?"):
                 assert served.answer_image(picture, question) == Pipeline(evaluated).answer_image(picture, question)
+
+
+def test_main_latest_follows_a_newly_published_round_when_picked(hub_online, three_rounds, alone, monkeypatch):
+    """"main (latest)": a round published while the app runs is served once the picker asks for main
+    again (it used to stay on the commit loaded first); on the same base, the base is not reloaded;
+    with the Hub unreachable, the loaded round stays."""
+    from huggingface_hub import constants
+
+    from mmft.hub import plan_upload, publish
+    from mmft.serving import MAIN_KEY, Rounds, Settings
+
+    repo = "user/moving-main"
+    publish(plan_upload(three_rounds[0], repo, number=1))
+    rounds = Rounds(Settings(demo_round=three_rounds[0], repo=repo, device="cpu", dtype="float32"))
+    first = rounds.get(MAIN_KEY)
+    assert vars(first.answer_image(IMAGE, QUESTION)) == alone[0]
+    base = rounds.cache._bases[rounds.cache._base_of[MAIN_KEY]]
+
+    publish(plan_upload(three_rounds[1], repo, number=2))
+    assert rounds.get(MAIN_KEY) is first  # a question on the loaded round does not ask the Hub
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert rounds.get(MAIN_KEY, refresh=True) is first  # unreachable: keep serving
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    second = rounds.get(MAIN_KEY, refresh=True)
+    assert second is not first and vars(second.answer_image(IMAGE, QUESTION)) == alone[1]
+    assert rounds.loaded() == [MAIN_KEY] and rounds.cache.bases() == 1
+    assert rounds.cache._bases[rounds.cache._base_of[MAIN_KEY]].lm is base.lm  # one base, not reloaded
+    assert rounds.get(MAIN_KEY, refresh=True) is second  # unchanged main: nothing reloaded
