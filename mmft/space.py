@@ -36,18 +36,20 @@ def space_files(root: str | Path = ROOT) -> list[str]:
 
 
 def deploy(space_id: str, root: str | Path = ROOT, private: bool = False, variables: dict[str, str] | None = None):
-    """Create the Space (Gradio SDK) if needed, make it hold exactly `space_files`, set its variables."""
+    """Create the Space (Gradio SDK) if needed, make it hold exactly `space_files`, set its variables;
+    (the commit, whether it is a new one)."""
     from huggingface_hub import HfApi
 
     api = HfApi()
     api.create_repo(space_id, repo_type="space", space_sdk="gradio", exist_ok=True, private=private)
+    before = api.repo_info(space_id, repo_type="space").sha
     info = api.upload_folder(repo_id=space_id, repo_type="space", folder_path=str(root),
                              # exact paths: escaped, as the client matches them with fnmatch too
                              allow_patterns=[glob.escape(p) for p in space_files(root)], delete_patterns="*",
                              commit_message="Deploy the mmft app")
     for key, value in (variables or {}).items():
         api.add_space_variable(space_id, key, value)
-    return info
+    return info, info.oid != before  # the client skips an empty commit and reports the last one
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,13 +82,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Dry run, nothing sent: {len(files)} files for the Space {args.space_id}.")
         return 0
     try:
-        info = deploy(args.space_id, private=args.private, variables=variables)
+        info, changed = deploy(args.space_id, private=args.private, variables=variables)
     except Exception as err:  # one line, no traceback (and so no token) on the console
         from mmft.hub import error_line
 
         print(f"error: {error_line(err)}", file=sys.stderr)
         return 1
-    print(f"deployed {len(files)} files: {info.commit_url}")
+    if changed:
+        print(f"deployed {len(files)} files: {info.commit_url}")
+    else:
+        print(f"nothing to deploy: the Space already holds these {len(files)} files ({info.commit_url})")
     return 0
 
 

@@ -453,7 +453,10 @@ def test_space_deploy_uploads_what_the_app_needs_and_it_runs(hub_online, tmp_pat
                            "--variable", "MMFT_THREADS=2"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr
-    assert SECRET not in done.stdout + done.stderr
+    assert SECRET not in done.stdout + done.stderr and done.stdout.startswith("deployed ")
+    again = subprocess.run([sys.executable, "-m", "mmft.space", space], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=120)  # nothing changed: said so, not a new deployment
+    assert again.returncode == 0 and again.stdout.startswith("nothing to deploy: the Space already holds"), again
     files = hub_online.files(space, repo_type="space")
     assert set(files) == set(space_files(ROOT)) and "app.py" in files and "demo/round/projector.safetensors" in files
     assert not [p for p in files if p.startswith(("tests/", "train/", "bench/"))]
