@@ -18,10 +18,16 @@ TAG_PREFIX = "round-"
 REPO_ID_RE = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # not "./lm", "../clip"
 LLAVA_DATASET = "liuhaotian/LLaVA-Instruct-150K"
 KNOWN_LICENSES = {"microsoft/Phi-3.5-mini-instruct": "mit"}  # base LM id -> its license
-FEATURE_MODE_TEXT = {
-    "pooled": "pooled: CLIP's projected image embedding (`get_image_features`), one image token",
-    "patch": "patch: CLIP's last hidden state, CLS and every patch (50 image tokens for ViT-B/32)",
-}
+
+
+def feature_text(cfg: MMFTConfig) -> str:
+    """The image features in words, from the feature choice the round was trained with."""
+    if cfg.vit_feature_mode == "pooled":
+        return "pooled: CLIP's projected image embedding (`get_image_features`), one image token"
+    layer = "last hidden state" if cfg.vit_feature_layer == -1 else f"hidden state {cfg.vit_feature_layer}"
+    if cfg.vit_feature_select_strategy == "full":
+        return f"patch: CLIP's {layer}, CLS and every patch (50 image tokens for ViT-B/32)"
+    return f"patch: CLIP's {layer}, every patch without CLS (49 image tokens for ViT-B/32)"
 
 
 def round_tag(number: int) -> str:
@@ -37,15 +43,33 @@ def _fmt(value) -> str:
 
 
 def _table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
-    """One row per round; one column per metric any round recorded."""
-    metrics = sorted({name for row in rows for name in (row.get("metrics") or {})})
-    header = ["Round", "Date", "Steps", "Samples", "Train loss", "Eval loss",
-              *[m.replace("_", " ").capitalize() for m in metrics]]
+    """One row per round: what it trained on and its losses (each round's evaluation is in its own card)."""
+    header = ["Round", "Date", "Steps", "Samples", "Train loss", "Eval loss"]
     cells = [[round_tag(row["round"]) if isinstance(row.get("round"), int) else _fmt(row.get("round")),
               _fmt(str(row.get("created") or "")[:10]), _fmt(row.get("steps")), _fmt(row.get("samples")),
-              _fmt(row.get("train_loss")), _fmt(row.get("eval_loss")),
-              *[_fmt((row.get("metrics") or {}).get(m)) for m in metrics]] for row in rows]
+              _fmt(row.get("train_loss")), _fmt(row.get("eval_loss"))] for row in rows]
     return header, cells
+
+
+def _label(name: str) -> str:
+    return name.replace("_", " ").capitalize().replace("|", "\\|")
+
+
+def _evaluation(metrics: dict) -> list[list[str]]:
+    """This round's metrics as [what, held-out, in-distribution] rows: mmft records held-out figures
+    unprefixed and in-distribution ones as `indist_*` (`mmft.demo.evaluate_round`), so each kind's two
+    figures sit side by side; `heldout_*` groups (e.g. wordings no model saw) have a held-out figure only."""
+    rows = []
+    for name in sorted(metrics):
+        if name.startswith("indist_") and name[len("indist_"):] in metrics:
+            continue  # shown beside its held-out figure
+        if name.startswith("indist_"):
+            rows.append([_label(name[len("indist_"):]), "—", _fmt(metrics[name])])
+        elif name.startswith("heldout_"):
+            rows.append([_label(name[len("heldout_"):]) + " (held-out subgroup)", _fmt(metrics[name]), "—"])
+        else:
+            rows.append([_label(name), _fmt(metrics[name]), _fmt(metrics.get(f"indist_{name}"))])
+    return rows
 
 
 def _datasets(round_info: dict) -> tuple[list[str] | None, str]:
@@ -81,14 +105,16 @@ def render_card(cfg: MMFTConfig, round_info: dict, repo_id: str, number: int, ha
         license=round_info.get("license") or KNOWN_LICENSES.get(cfg.lm_model_id),
     )
     rows = list(round_info.get("history") or [])  # every round so far, this one last
-    if not rows or rows[-1].get("round") != number:
+    if rows and rows[-1].get("round") == round_info.get("round"):  # this run's row: under the number published
+        rows[-1] = {**rows[-1], "round": number}
+    elif not rows or rows[-1].get("round") != number:
         rows.append({**round_info, "round": number})
     header, cells = _table(rows)
     return ModelCard.from_template(
         data, template_path=str(template), repo_id=repo_id, revision=round_tag(number), round=number,
         lm_id=cfg.lm_model_id, lm_is_hub_id=lm_is_hub_id, vit_id=cfg.vit_model_id,
-        feature_mode=FEATURE_MODE_TEXT[cfg.vit_feature_mode], data_text=data_text,
-        parent=round_info.get("parent"), header=header, rows=cells, has_loss_plot=has_loss_plot,
+        feature_mode=feature_text(cfg), data_text=data_text, parent=round_info.get("parent"), header=header,
+        rows=cells, evaluation=_evaluation(round_info.get("metrics") or {}), has_loss_plot=has_loss_plot,
     )
 
 

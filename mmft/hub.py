@@ -164,8 +164,13 @@ def published_config(folder: Path, number: int | None = None) -> tuple[bytes, li
     data = json.loads((folder / CONFIG_NAME).read_text())
     if "round" in data:
         data["round"] = without_local_paths(data["round"])
-        if number is not None:  # --round N: the tag, the card and config.json say the same number
-            data["round"]["round"] = number
+        info = data["round"]
+        if number is not None and isinstance(info, dict):  # --round N: tag, card and config.json agree
+            history = info.get("history")
+            if isinstance(history, list) and history and isinstance(history[-1], dict) \
+                    and history[-1].get("round") == info.get("round"):
+                history[-1] = {**history[-1], "round": number}  # this run's row
+            info["round"] = number
     warnings = []
     for key in ("lm_model_id", "vit_model_id"):
         value = str(data["mmft"].get(key, ""))

@@ -135,7 +135,9 @@ def test_card_lists_every_round_with_valid_metadata(hub_online, rounds):
     assert card.data.datasets is None and "synthetic shapes demo data" in card.text
     table = [line for line in card.text.splitlines() if line.startswith("| round-")]
     assert [line.split(" | ")[0] for line in table] == ["| round-1", "| round-2"]
-    assert "| 2026-11-22 | 400 | 3200 | 1 | 1.05 | 0.7 | 0.6 |" in table[1]
+    assert table[1] == "| round-2 | 2026-11-22 | 400 | 3200 | 1 | 1.05 |"
+    # this round's evaluation: each figure under its split (unprefixed = held-out)
+    assert "| Color accuracy | 0.7 | — |" in card.text and "| Shape accuracy | 0.6 | — |" in card.text
     assert "![Training and evaluation loss of round 2](loss.png)" in card.text
     assert f'load_pipeline("{REPO}", revision="round-2")' in card.text
     old = ModelCard.load(hf_hub_download(REPO, "README.md", revision="round-1"))
@@ -150,7 +152,24 @@ def test_card_metadata_for_the_real_models():
     assert "openai/clip-vit-base-patch32" in card.text and "pooled" in card.text
     rows = [line for line in card.text.splitlines() if line.startswith("| round-")]
     assert rows == ["| round-3 | — | — | — | — | — |"]  # no history: this round alone
-    assert "No loss plot was recorded" in card.text
+    assert "No loss plot was recorded" in card.text and "records no evaluation" in card.text
+
+
+def test_card_image_features_and_evaluation_follow_the_round():
+    """The feature line says the layer and the CLS choice the round used; held-out and in-distribution
+    figures of one kind sit in one row; `--round N` renumbers this run's row instead of adding one."""
+    from mmft.card import feature_text
+
+    assert "hidden state -2, every patch without CLS (49" in feature_text(MMFTConfig(vit_feature_mode="patch"))
+    assert "last hidden state, CLS and every patch (50" in feature_text(
+        MMFTConfig(vit_feature_mode="patch", vit_feature_layer=-1, vit_feature_select_strategy="full"))
+    info = {"round": 1, "history": [{"round": 1, "steps": 9}],
+            "metrics": {"color_accuracy": 0.9533, "indist_color_accuracy": 0.98, "refine_damage": 0.0,
+                        "heldout_frames_accuracy": 0.86, "indist_only": 0.5}}
+    card = ModelCard(str(render_card(MMFTConfig(), info, "me/r", 3, False)))
+    assert "| Color accuracy | 0.9533 | 0.98 |" in card.text and "| Refine damage | 0 | — |" in card.text
+    assert "| Frames accuracy (held-out subgroup) | 0.86 | — |" in card.text and "| Only | — | 0.5 |" in card.text
+    assert [line for line in card.text.splitlines() if line.startswith("| round-")] == ["| round-3 | — | 9 | — | — | — |"]
 
 
 @pytest.mark.parametrize("data, datasets, text", [
@@ -517,6 +536,7 @@ def test_round_number_override_is_the_one_in_config_json_and_nested_files_stay(r
     (folder / "adapter" / "old" / "adapter_config.json").write_text("{}")
     (folder / "adapter" / ".env.json").write_text("{}")
     upload = plan_upload(folder, REPO, number=5)
-    assert upload.tag == "round-5" and json.loads(upload.files["config.json"])["round"]["round"] == 5
+    published = json.loads(upload.files["config.json"])["round"]
+    assert upload.tag == "round-5" and published["round"] == 5 and published["history"][-1]["round"] == 5
     assert not [p for p in upload.files if p.startswith("adapter/old") or "/." in p]
     assert json.loads(plan_upload(folder, REPO).files["config.json"])["round"]["round"] == 2
