@@ -141,7 +141,9 @@ class RunArguments:
     feature_cache: str | None = field(default=None, metadata={"help": "CLIP feature cache folder (train.cache_features)"})
     pad_to_length: int | None = field(default=None, metadata={
         "help": "pad every batch to this length (only to measure what dynamic padding saves)"})
-    dataset_name: str = field(default="liuhaotian/LLaVA-Instruct-150K", metadata={"help": "for the model card"})
+    dataset_name: str | None = field(default=None, metadata={
+        "help": "the training data, for the model card: a Hub dataset id (e.g. liuhaotian/LLaVA-Instruct-150K) "
+                "or a name; unset, the card says the run did not declare it"})
     quantize: str | None = field(default=None, metadata={
         "help": f"base LM precision: {'|'.join(QUANTIZE_MODES)} (default: nf4 on CUDA, none on CPU)"})
     projector_lr: float = field(default=1e-4, metadata={"help": "learning rate of the projector"})

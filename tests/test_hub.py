@@ -540,3 +540,15 @@ def test_round_number_override_is_the_one_in_config_json_and_nested_files_stay(r
     assert upload.tag == "round-5" and published["round"] == 5 and published["history"][-1]["round"] == 5
     assert not [p for p in upload.files if p.startswith("adapter/old") or "/." in p]
     assert json.loads(plan_upload(folder, REPO).files["config.json"])["round"]["round"] == 2
+
+
+def test_an_undeclared_data_set_is_carded_as_undeclared():
+    """No --dataset_name: the card claims no data set (it used to default to LLaVA-Instruct-150K)."""
+    from mmft.config import RunArguments
+
+    run = RunArguments(train_json="/data/receipts_vqa.json")
+    assert run.dataset_name is None
+    info = {"round": 1, "data": {"dataset": run.dataset_name, "train_json": run.train_json}}
+    card = ModelCard(str(render_card(MMFTConfig(), info, "me/r", 1, False)))
+    assert card.data.datasets is None and "LLaVA-Instruct" not in card.text
+    assert "does not say what it was trained on" in card.text
