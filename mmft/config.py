@@ -8,6 +8,8 @@ Fields are prefixed by the part they configure (`lm_`, `vit_`, `mp_`, `lora_`, `
 from __future__ import annotations
 
 import json
+import re
+import string
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -84,19 +86,38 @@ class MMFTConfig:
         if self.vit_feature_select_strategy not in SELECT_STRATEGIES:
             raise ValueError(f"vit_feature_select_strategy must be one of {SELECT_STRATEGIES} (as LlavaConfig), "
                              f"got {self.vit_feature_select_strategy!r}")
-        if isinstance(self.lora_target_modules, str) or any("," in m for m in self.lora_target_modules):
-            # "a,b" (the old flag's spelling) and "a b" both work
-            joined = ",".join([self.lora_target_modules] if isinstance(self.lora_target_modules, str)
+        if isinstance(self.lora_target_modules, str) or any(
+                isinstance(m, str) and re.search(r"[,\s]", m) for m in self.lora_target_modules):
+            # "a,b" (the old flag's spelling) and "a b" both work: module names hold no commas or spaces
+            joined = " ".join([self.lora_target_modules] if isinstance(self.lora_target_modules, str)
                               else self.lora_target_modules)
-            self.lora_target_modules = [m.strip() for m in joined.split(",") if m.strip()]
+            self.lora_target_modules = [m for m in re.split(r"[,\s]+", joined) if m]
+        if isinstance(self.lora_target_modules, tuple):
+            self.lora_target_modules = list(self.lora_target_modules)
+        _check_types(self)
+        for name in ("lm_model_id", "vit_model_id"):
+            if not getattr(self, name).strip():
+                raise ValueError(f"{name} must name a model (a Hub id or a folder), got {getattr(self, name)!r}")
+        if not self.lora_target_modules:
+            raise ValueError("lora_target_modules must name at least one module")
         if self.mp_depth < 2:
             raise ValueError(f"mp_depth must be >= 2 (Linear -> GELU -> Linear), got {self.mp_depth}")
         _at_least(self, 1, "lora_r", "prompt_max_question_tokens", "prompt_max_answer_tokens", "gen_max_new_tokens",
                   "vit_max_pixels")
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if "{question}" not in self.pipe_refine_template or "{draft}" not in self.pipe_refine_template:
-            raise ValueError("pipe_refine_template must contain {question} and {draft}")
+        try:
+            names = {name for _, name, _, _ in string.Formatter().parse(self.pipe_refine_template) if name is not None}
+        except ValueError as err:  # a lone "{" or "}"
+            raise ValueError(f"pipe_refine_template is not a format string: {err} (write a literal brace as {{{{ or }}}})")
+        if names != {"question", "draft"}:
+            raise ValueError(f"pipe_refine_template must use exactly {{question}} and {{draft}}, got {sorted(names)}")
+        _at_least(self, 1, "mp_input_dim", "mp_hidden_dim", "mp_output_dim")
+        for name in ("lora_alpha", "gen_temperature", "gen_repetition_penalty"):
+            if not getattr(self, name) > 0:  # alpha 0 scales LoRA to nothing: it would train without an effect
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not 0 < self.gen_top_p <= 1:
+            raise ValueError(f"gen_top_p must be in (0, 1], got {self.gen_top_p}")
 
     @property
     def feature_choice(self) -> dict:
@@ -115,6 +136,23 @@ class MMFTConfig:
         if unknown:
             raise ValueError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
         return cls(**{**OLD_ROUND_FEATURES, **data})
+
+
+_TYPES = {"str": (str,), "str | None": (str, type(None)), "int": (int,), "int | None": (int, type(None)),
+          "float": (int, float), "bool": (bool,), "list[str]": (list,)}
+
+
+def _check_types(config) -> None:
+    """Each field as its annotation says, so that a hand-edited config.json fails here, naming the field,
+    and not later: "false" (a string) would switch nothing off, 16.5 would fail deep in PEFT."""
+    for f in fields(config):
+        value, kinds = getattr(config, f.name), _TYPES.get(str(f.type))
+        if kinds is None:
+            continue
+        bad = not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds) or (
+            isinstance(value, list) and not all(isinstance(v, str) and v for v in value))
+        if bad:
+            raise ValueError(f"{f.name} must be {f.type}, got {value!r}")
 
 
 def _at_least(config, low: int, *names: str) -> None:
@@ -183,6 +221,21 @@ def load_config(folder: str | Path) -> tuple[MMFTConfig, dict]:
         raise FileNotFoundError(f"{path} not found: a round folder must contain {CONFIG_NAME}")
     try:
         data = json.loads(path.read_text())
-        return MMFTConfig.from_dict(data["mmft"]), data.get("round", {})
+        round_info = data.get("round", {})
+        _check_round_info(round_info)
+        return MMFTConfig.from_dict(data["mmft"]), round_info
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
         raise ValueError(f"{path} is not a valid mmft config: {err}") from err
+
+
+def _check_round_info(info) -> None:
+    """The `round` section's shape (training writes it; a hand edit may not), so that publishing and the
+    card name what is wrong instead of failing on it."""
+    if not isinstance(info, dict):
+        raise ValueError(f"'round' must be an object, got {type(info).__name__}")
+    for key in ("data", "parent", "metrics"):
+        if info.get(key) is not None and not isinstance(info[key], dict):
+            raise ValueError(f"'round.{key}' must be an object or null, got {type(info[key]).__name__}")
+    history = info.get("history")
+    if history is not None and not (isinstance(history, list) and all(isinstance(h, dict) for h in history)):
+        raise ValueError("'round.history' must be a list of objects (one per round)")

@@ -230,11 +230,25 @@ def test_a_run_without_evaluation_records_stops_before_loading_anything(tiny_dir
     (dict(data_offset=-5), "data_offset must be >= 0, got -5"), (dict(max_samples=-30), "max_samples must be >= 1"),
     (dict(max_eval_samples=0), "max_eval_samples must be >= 1"), (dict(eval_fraction=-1), "eval_fraction must be in"),
     (dict(projector_lr=-1), "projector_lr must be > 0"),
+    # a hand-edited config.json: wrong types and values that would fail (or do nothing) much later
+    (dict(pipe_refine="false"), "pipe_refine must be bool, got 'false'"), (dict(lora_r=16.5), "lora_r must be int"),
+    (dict(lora_alpha=0), "lora_alpha must be > 0"), (dict(gen_top_p=1.5), r"gen_top_p must be in \(0, 1\]"),
+    (dict(gen_temperature=0.0), "gen_temperature must be > 0"), (dict(mp_hidden_dim=0), "mp_hidden_dim must be >= 1"),
+    (dict(vit_model_id=None), "vit_model_id must be str"), (dict(lm_model_id=" "), "lm_model_id must name a model"),
+    (dict(lora_target_modules=[]), "lora_target_modules must name at least one"),
+    (dict(pipe_refine_template="{question} {draft} {note}"), r"exactly \{question\} and \{draft\}"),
+    (dict(pipe_refine_template="{question} {draft} {"), "not a format string"),
 ])
 def test_config_values_out_of_range_are_refused_by_name(fields, message):
     config = MMFTConfig if set(fields) <= set(MMFTConfig.__dataclass_fields__) else RunArguments
     with pytest.raises(ValueError, match=message):
         config(**fields)
+
+
+def test_lora_target_modules_split_on_commas_and_spaces():
+    assert MMFTConfig(lora_target_modules="qkv_proj o_proj").lora_target_modules == ["qkv_proj", "o_proj"]
+    assert MMFTConfig(lora_target_modules=("qkv_proj,o_proj", "down_proj")).lora_target_modules == [
+        "qkv_proj", "o_proj", "down_proj"]
 
 
 def test_a_round_naming_its_bases_relative_to_itself_continues(tiny_dir, shapes_data, tmp_path):
@@ -470,3 +484,20 @@ def test_cpu_training_is_float32_unless_bf16_is_asked_for(tiny_dir, shapes_data,
     assert {p.dtype for p in model.lm.parameters()} == {torch.float32}
     _, _, bf16 = _args(tiny_dir, shapes_data, tmp_path, bf16=True)
     assert training.training_dtype(bf16) == torch.bfloat16
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"round": None}, "'round' must be an object, got NoneType"), ({"round": [1]}, "'round' must be an object"),
+    ({"history": "none"}, "'round.history' must be a list of objects"),
+    ({"metrics": [0.9]}, "'round.metrics' must be an object or null, got list"),
+    ({"parent": "runs/round-1"}, "'round.parent' must be an object or null, got str"),
+])
+def test_a_malformed_round_section_is_named(tiny_model, tmp_path, change, message):
+    from mmft.config import load_config
+
+    folder = tiny_model.save_pretrained(tmp_path / "r", {"round": 1, "history": [{"round": 1}]})
+    data = json.loads((folder / "config.json").read_text())
+    data["round"] = change["round"] if "round" in change else {**data["round"], **change}
+    (folder / "config.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=f"is not a valid mmft config: {message}"):
+        load_config(folder)
