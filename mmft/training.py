@@ -266,6 +266,8 @@ def finetune(cfg: MMFTConfig, run: RunArguments, targs: TrainingArguments, callb
         "round": number,
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "stage": "projector" if run.projector_only else "finetune",
+        # the base LM's precision in training (the card says QLoRA only for a 4-bit base)
+        "quantize": "nf4" if getattr(model.lm.get_base_model(), "is_loaded_in_4bit", False) else "none",
         "steps": trainer.state.global_step,
         "samples": len(train_set),
         "samples_seen": trainer.state.global_step * targs.train_batch_size * targs.gradient_accumulation_steps

@@ -102,6 +102,10 @@ class VisionEncoder(nn.Module):
         self.mode = mode
         self.max_pixels = max_pixels
         self.feature_layer = feature_layer  # index into hidden_states (patch mode), as LlavaConfig
+        states = clip.vision_model.config.num_hidden_layers + 1  # the embeddings, then each layer
+        if mode == "patch" and not -states <= feature_layer < states:
+            raise ValueError(f"vit_feature_layer {feature_layer} is out of range for this CLIP: hidden_states "
+                             f"has {states} entries (-{states} .. {states - 1}; -1 is the last layer)")
         self.select_strategy = select_strategy  # "default": drop CLS, "full": keep it
         self.requires_grad_(False)
         self.eval()

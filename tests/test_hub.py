@@ -130,7 +130,8 @@ def test_card_lists_every_round_with_valid_metadata(hub_online, rounds):
         publish(plan_upload(folder, REPO))
     card = ModelCard.load(REPO)  # main = round 2
     assert card.data.library_name == "peft" and card.data.pipeline_tag == "image-text-to-text"
-    assert {"llava", "qlora", "clip", "phi3", "mmft", "feature-mode-patch"} <= set(card.data.tags)
+    assert {"llava", "lora", "clip", "phi3", "mmft", "feature-mode-patch"} <= set(card.data.tags)
+    assert "qlora" not in card.data.tags and "QLoRA" not in card.text  # the run recorded no 4-bit base
     assert card.data.base_model is None  # the tiny LM is a local path, which the Hub would reject here
     assert card.data.datasets is None and "synthetic shapes demo data" in card.text
     table = [line for line in card.text.splitlines() if line.startswith("| round-")]
@@ -145,10 +146,12 @@ def test_card_lists_every_round_with_valid_metadata(hub_online, rounds):
 
 
 def test_card_metadata_for_the_real_models():
-    llava = {"round": 3, "data": {"dataset": "liuhaotian/LLaVA-Instruct-150K", "train_json": "/data/llava.json"}}
+    llava = {"round": 3, "quantize": "nf4", "stage": "finetune",
+             "data": {"dataset": "liuhaotian/LLaVA-Instruct-150K", "train_json": "/data/llava.json"}}
     card = ModelCard(str(render_card(MMFTConfig(vit_feature_mode="pooled"), llava, "me/phi3-llava", 3, False)))
     assert card.data.base_model == "microsoft/Phi-3.5-mini-instruct" and card.data.license == "mit"
     assert card.data.datasets == ["liuhaotian/LLaVA-Instruct-150K"] and "feature-mode-pooled" in card.data.tags
+    assert "qlora" in card.data.tags and "LoRA adapter trained with QLoRA (on a 4-bit NF4 base)." in card.text
     assert "openai/clip-vit-base-patch32" in card.text and "pooled" in card.text
     rows = [line for line in card.text.splitlines() if line.startswith("| round-")]
     assert rows == ["| round-3 | — | — | — | — | — |"]  # no history: this round alone

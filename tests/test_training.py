@@ -97,7 +97,10 @@ def test_projector_stage_round_loads_continues_publishes_and_seeds(tiny_dir, sha
         assert torch.equal(model.projector.state_dict()[key], value)
     assert round_info["stage"] == "projector"
     # publishes (to the local Hub stand-in) ...
-    published = publish(plan_upload(stage1, "me/stage1"))
+    assert info["quantize"] == "none"  # recorded: the card says QLoRA only for a 4-bit base
+    upload = plan_upload(stage1, "me/stage1")
+    assert "trained the projector alone" in upload.card.text and "QLoRA" not in upload.card.text
+    published = publish(upload)
     assert list_rounds("me/stage1") == [("round-1", published.commit_id)]
     # ... continues as round 2 ...
     second, info2 = finetune(*_args(tiny_dir, shapes_data, tmp_path / "s2", steps=2, resume_round=str(stage1)))

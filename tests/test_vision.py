@@ -84,6 +84,17 @@ def test_feature_shapes(tiny_dir, mode, layer, strategy, shape):
     assert all(not p.requires_grad for p in vision.parameters())
 
 
+def test_a_feature_layer_past_clips_depth_is_refused_at_load(tiny_dir):
+    from transformers import CLIPConfig
+
+    states = CLIPConfig.from_pretrained(tiny_dir / "clip").vision_config.num_hidden_layers + 1
+    VisionEncoder.from_pretrained(str(tiny_dir / "clip"), "patch", 10**7, feature_layer=-states)  # the embeddings
+    for layer in (states, -states - 1, 99):
+        with pytest.raises(ValueError, match=f"vit_feature_layer {layer} is out of range for this CLIP"):
+            VisionEncoder.from_pretrained(str(tiny_dir / "clip"), "patch", 10**7, feature_layer=layer)
+    VisionEncoder.from_pretrained(str(tiny_dir / "clip"), "pooled", 10**7, feature_layer=99)  # pooled ignores it
+
+
 def test_importing_mmft_leaves_pils_bomb_guard_on():
     import subprocess
     import sys
