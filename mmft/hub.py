@@ -230,10 +230,12 @@ def plan_upload(folder: str | Path, repo_id: str, number: int | None = None,
             raise ValueError(f"{folder} holds pickle files ({', '.join(pickles)}): pickles can run code when "
                              "loaded, so they are never published. Save weights as .safetensors and remove them.")
     cfg, round_info = check_round(folder)
+    given = number is not None
     number = round_info.get("round") if number is None else number
     if not isinstance(number, int) or isinstance(number, bool) or number < 1:
-        raise ValueError(f"{folder / CONFIG_NAME} has no positive integer 'round.round' "
-                         f"(found {number!r}): pass --round N")
+        raise ValueError(f"--round must be a positive integer, got {number!r}" if given else
+                         f"{folder / CONFIG_NAME} has no positive integer 'round.round' (found {number!r}): "
+                         "pass --round N")
     files = {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()}
     files = {k: v for k, v in files.items() if any(path_matches(k, pat) for pat in ROUND_PATTERNS)}
     files[CONFIG_NAME], warnings = published_config(folder, number)
@@ -319,6 +321,8 @@ def error_line(err: BaseException) -> str:
     text = " ".join(str(err).split())
     if getattr(getattr(err, "response", None), "status_code", None) == 401:
         text += " (no valid token: set HF_TOKEN or run `hf auth login`)"
+    if isinstance(err, (httpx2.TransportError, ConnectionError)):  # "[Errno 111] Connection refused": of what?
+        text = f"cannot reach the Hub at {constants.ENDPOINT}: {text}"
     return text
 
 

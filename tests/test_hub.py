@@ -305,6 +305,20 @@ def test_hub_errors_reach_the_console_as_one_line_saying_what_to_do(hub_online, 
     assert lines[0].startswith("error: ") and "401" in lines[0] and "set HF_TOKEN" in lines[0]
 
 
+def test_an_unreachable_hub_and_a_bad_round_number_are_named(rounds, tmp_path):
+    from tests.hub_server import free_port
+
+    class Unreachable:  # nothing listens on this port
+        url = f"http://127.0.0.1:{free_port()}"
+
+    done = push_cli(Unreachable, rounds[0], "--repo-id", REPO)
+    lines = [line for line in done.stderr.splitlines() if not line.startswith("warning: ")]
+    assert done.returncode == 1 and lines == [lines[0]] and SECRET not in done.stderr
+    assert lines[0].startswith(f"error: cannot reach the Hub at {Unreachable.url}: "), lines
+    done = push_cli(Unreachable, rounds[0], "--repo-id", REPO, "--round", "0", "--dry-run")
+    assert done.returncode == 1 and done.stderr.strip().splitlines()[-1] == "error: --round must be a positive integer, got 0"
+
+
 def test_pulled_round_reproduces_the_local_round(hub_online, rounds):
     publish(plan_upload(rounds[0], REPO))
     local = Pipeline.from_round(rounds[0], device="cpu", dtype=torch.float32)
