@@ -53,11 +53,13 @@ def _table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
 
 def _method(round_info: dict) -> str:
     """How the adapter was trained, from what the run recorded (rounds before the record: just LoRA)."""
-    how = {"nf4": " trained with QLoRA (on a 4-bit NF4 base)", "none": " trained on an unquantized base"}.get(
-        round_info.get("quantize"), "")
+    base = {"nf4": "a 4-bit NF4 base", "none": "an unquantized base"}.get(round_info.get("quantize"))
     if round_info.get("stage") == "projector":
-        how += "; this round trained the projector alone (LLaVA's stage 1), its adapter is LoRA's zero start"
-    return how
+        return (" at LoRA's zero start: this round trained the projector alone (LLaVA's stage 1)"
+                + (f", on {base}" if base else ""))
+    if round_info.get("quantize") == "nf4":
+        return " trained with QLoRA (on a 4-bit NF4 base)"
+    return f" trained on {base}" if base else ""
 
 
 def _label(name: str) -> str:
@@ -110,8 +112,8 @@ def render_card(cfg: MMFTConfig, round_info: dict, repo_id: str, number: int, ha
         library_name="peft",
         pipeline_tag="image-text-to-text",
         datasets=datasets,
-        tags=["llava", "qlora" if round_info.get("quantize") == "nf4" else "lora", "clip", "phi3", "mmft",
-              f"feature-mode-{cfg.vit_feature_mode}"],
+        tags=["llava", "qlora" if _method(round_info).startswith(" trained with QLoRA") else "lora", "clip",
+              "phi3", "mmft", f"feature-mode-{cfg.vit_feature_mode}"],
         license=round_info.get("license") or KNOWN_LICENSES.get(cfg.lm_model_id),
     )
     rows = list(round_info.get("history") or [])  # every round so far, this one last
@@ -123,8 +125,9 @@ def render_card(cfg: MMFTConfig, round_info: dict, repo_id: str, number: int, ha
     return ModelCard.from_template(
         data, template_path=str(template), repo_id=repo_id, revision=round_tag(number), round=number,
         lm_id=cfg.lm_model_id, lm_is_hub_id=lm_is_hub_id, vit_id=cfg.vit_model_id,
-        feature_mode=feature_text(cfg), data_text=data_text, method=_method(round_info), parent=round_info.get("parent"), header=header,
-        rows=cells, evaluation=_evaluation(round_info.get("metrics") or {}), has_loss_plot=has_loss_plot,
+        feature_mode=feature_text(cfg), data_text=data_text, method=_method(round_info),
+        parent=round_info.get("parent"), header=header, rows=cells,
+        evaluation=_evaluation(round_info.get("metrics") or {}), has_loss_plot=has_loss_plot,
     )
 
 

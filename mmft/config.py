@@ -86,6 +86,8 @@ class MMFTConfig:
         if self.vit_feature_select_strategy not in SELECT_STRATEGIES:
             raise ValueError(f"vit_feature_select_strategy must be one of {SELECT_STRATEGIES} (as LlavaConfig), "
                              f"got {self.vit_feature_select_strategy!r}")
+        if not isinstance(self.lora_target_modules, (list, tuple, str)):
+            raise ValueError(f"lora_target_modules must be list[str], got {self.lora_target_modules!r}")
         if isinstance(self.lora_target_modules, str) or any(
                 isinstance(m, str) and re.search(r"[,\s]", m) for m in self.lora_target_modules):
             # "a,b" (the old flag's spelling) and "a b" both work: module names hold no commas or spaces
@@ -109,7 +111,8 @@ class MMFTConfig:
         try:
             names = {name for _, name, _, _ in string.Formatter().parse(self.pipe_refine_template) if name is not None}
         except ValueError as err:  # a lone "{" or "}"
-            raise ValueError(f"pipe_refine_template is not a format string: {err} (write a literal brace as {{{{ or }}}})")
+            raise ValueError(f"pipe_refine_template is not a format string: {err} "
+                             "(write a literal brace as {{ or }})")
         if names != {"question", "draft"}:
             raise ValueError(f"pipe_refine_template must use exactly {{question}} and {{draft}}, got {sorted(names)}")
         _at_least(self, 1, "mp_input_dim", "mp_hidden_dim", "mp_output_dim")
@@ -145,14 +148,15 @@ _TYPES = {"str": (str,), "str | None": (str, type(None)), "int": (int,), "int | 
 def _check_types(config) -> None:
     """Each field as its annotation says, so that a hand-edited config.json fails here, naming the field,
     and not later: "false" (a string) would switch nothing off, 16.5 would fail deep in PEFT."""
+    annotations = type(config).__annotations__  # the strings as written: HfArgumentParser rewrites f.type
     for f in fields(config):
-        value, kinds = getattr(config, f.name), _TYPES.get(str(f.type))
+        value, kinds = getattr(config, f.name), _TYPES.get(str(annotations.get(f.name)))
         if kinds is None:
             continue
         bad = not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds) or (
             isinstance(value, list) and not all(isinstance(v, str) and v for v in value))
         if bad:
-            raise ValueError(f"{f.name} must be {f.type}, got {value!r}")
+            raise ValueError(f"{f.name} must be {annotations[f.name]}, got {value!r}")
 
 
 def _at_least(config, low: int, *names: str) -> None:

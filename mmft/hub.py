@@ -321,7 +321,8 @@ def error_line(err: BaseException) -> str:
     text = " ".join(str(err).split())
     if getattr(getattr(err, "response", None), "status_code", None) == 401:
         text += " (no valid token: set HF_TOKEN or run `hf auth login`)"
-    if isinstance(err, (httpx2.TransportError, ConnectionError)):  # "[Errno 111] Connection refused": of what?
+    if isinstance(err, (httpx2.TransportError, ConnectionRefusedError, ConnectionResetError, TimeoutError)) \
+            and not isinstance(err, OfflineModeIsEnabled):  # "[Errno 111] Connection refused": of what?
         text = f"cannot reach the Hub at {constants.ENDPOINT}: {text}"
     return text
 

@@ -120,12 +120,25 @@ class RoundCache:
         """`key` serves the round in `folder` from now on (a branch moved on). The new round loads first,
         so that on a shared base the base stays; then the old one is dropped."""
         with self._lock:
-            new = f"{key}\0new"  # no picker key holds a NUL
-            pipe = self.load(new, folder, device, dtype, quantize)
-            if key in self._rounds:  # (unless loading the new one evicted it already)
+            new, old = f"{key}\0new", self._folder_of.get(key)  # no picker key holds a NUL
+            self.cache_size += 1  # room for both meanwhile: no other round is evicted for it
+            try:
+                pipe = self.load(new, folder, device, dtype, quantize)
+            except Exception:
+                if key not in self._rounds and old is not None:  # its base made way for the new one's
+                    try:
+                        self.load(key, old, device, dtype, quantize)
+                    except Exception as err:
+                        log.warning("could not reload %s after a failed refresh: %s", key, err)
+                raise
+            finally:
+                self.cache_size -= 1
+            if key in self._rounds:
                 self._drop_round(key)
             self._rounds[key], self._base_of[key] = self._rounds.pop(new), self._base_of.pop(new)
             self._folder_of[key] = self._folder_of.pop(new)
+            while len(self._rounds) > self.cache_size:
+                self._drop_round(next(iter(self._rounds)))
             return pipe
 
     def _add_round(self, base, folder: Path, cfg: MMFTConfig):
@@ -216,19 +229,19 @@ class Rounds:
         """The round's pipeline, loaded once. `refresh` (the picker asking for "main (latest)"): where
         the Hub's main has moved on since it was loaded, the new round replaces it; unreachable, the
         loaded one stays."""
+        folder = None
+        if refresh and key == MAIN_KEY and self.on_hub and self.cache.folder(key) is not None:
+            try:  # asked outside the lock: other visitors' questions do not wait for the Hub
+                folder = self._locate(key)  # a snapshot folder: one per commit
+            except RoundNotFound as err:
+                log.warning("serving the loaded %s of %s: %s", key, self.repo, err)
         with self._lock:
             pipe = self.cache.get(key)
             if pipe is None:
-                return self.cache.load(key, self._locate(key), **self._options(key))
-            if refresh and key == MAIN_KEY and self.on_hub:
-                try:
-                    folder = self._locate(key)  # a snapshot folder: one per commit
-                except RoundNotFound as err:
-                    log.warning("serving the loaded %s of %s: %s", key, self.repo, err)
-                    return pipe
-                if folder != self.cache.folder(key):
-                    log.info("%s of %s moved on: loading %s", key, self.repo, folder.name)
-                    pipe = self.cache.replace(key, folder, **self._options(key))
+                return self.cache.load(key, folder or self._locate(key), **self._options(key))
+            if folder is not None and folder != self.cache.folder(key):
+                log.info("%s of %s moved on: loading %s", key, self.repo, folder.name)
+                pipe = self.cache.replace(key, folder, **self._options(key))
             return pipe
 
     def loaded(self) -> list[str]:

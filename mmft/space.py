@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     if changed:
         print(f"deployed {len(files)} files: {info.commit_url}")
     else:
-        print(f"nothing to deploy: the Space already holds these {len(files)} files ({info.commit_url})")
+        print(f"nothing to deploy: the Space already holds these {len(files)} files ({info.commit_url})"
+              + (f"; variables set: {', '.join(variables)}" if variables else ""))
     return 0
 
 

@@ -173,6 +173,10 @@ def test_card_image_features_and_evaluation_follow_the_round():
     assert "| Color accuracy | 0.9533 | 0.98 |" in card.text and "| Refine damage | 0 | — |" in card.text
     assert "| Frames accuracy (held-out subgroup) | 0.86 | — |" in card.text and "| Only | — | 0.5 |" in card.text
     assert [line for line in card.text.splitlines() if line.startswith("| round-")] == ["| round-3 | — | 9 | — | — | — |"]
+    stage1 = ModelCard(str(render_card(MMFTConfig(), {"round": 1, "stage": "projector", "quantize": "nf4"}, "me/r", 1,
+                                       False)))
+    assert "qlora" not in stage1.data.tags and "QLoRA" not in stage1.text
+    assert "a LoRA adapter at LoRA's zero start: this round trained the projector alone" in stage1.text
 
 
 @pytest.mark.parametrize("data, datasets, text", [

@@ -1,7 +1,9 @@
 """Serving: rounds share one base (named adapters + own projector), the cache budget, thread safety."""
 
 import random
+import shutil
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -261,7 +263,8 @@ def test_the_app_serves_the_demo_as_its_evaluation_loaded_it():
                 assert served.answer_image(picture, question) == Pipeline(evaluated).answer_image(picture, question)
 
 
-def test_main_latest_follows_a_newly_published_round_when_picked(hub_online, three_rounds, alone, monkeypatch):
+def test_main_latest_follows_a_newly_published_round_when_picked(hub_online, three_rounds, alone, monkeypatch,
+                                                                   tmp_path):
     """"main (latest)": a round published while the app runs is served once the picker asks for main
     again (it used to stay on the commit loaded first); on the same base, the base is not reloaded;
     with the Hub unreachable, the loaded round stays."""
@@ -272,7 +275,8 @@ def test_main_latest_follows_a_newly_published_round_when_picked(hub_online, thr
 
     repo = "user/moving-main"
     publish(plan_upload(three_rounds[0], repo, number=1))
-    rounds = Rounds(Settings(demo_round=three_rounds[0], repo=repo, device="cpu", dtype="float32"))
+    rounds = Rounds(Settings(demo_round=three_rounds[0], repo=repo, device="cpu", dtype="float32", cache_size=2))
+    rounds.get("round-1")  # another cached round, which a refresh of main must not evict
     first = rounds.get(MAIN_KEY)
     assert vars(first.answer_image(IMAGE, QUESTION)) == alone[0]
     base = rounds.cache._bases[rounds.cache._base_of[MAIN_KEY]]
@@ -284,6 +288,16 @@ def test_main_latest_follows_a_newly_published_round_when_picked(hub_online, thr
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     second = rounds.get(MAIN_KEY, refresh=True)
     assert second is not first and vars(second.answer_image(IMAGE, QUESTION)) == alone[1]
-    assert rounds.loaded() == [MAIN_KEY] and rounds.cache.bases() == 1
+    assert rounds.loaded() == ["round-1", MAIN_KEY] and rounds.cache.bases() == 1  # nothing else evicted
     assert rounds.cache._bases[rounds.cache._base_of[MAIN_KEY]].lm is base.lm  # one base, not reloaded
     assert rounds.get(MAIN_KEY, refresh=True) is second  # unchanged main: nothing reloaded
+
+    # a new main that cannot load (its base is nowhere): the error says so, and main keeps serving
+    broken = Path(shutil.copytree(three_rounds[2], tmp_path / "broken"))
+    cfg, info = load_config(broken)
+    cfg.lm_model_id = str(tmp_path / "nowhere" / "lm")
+    save_config(broken, cfg, info)
+    publish(plan_upload(broken, repo, number=3))
+    with pytest.raises(OSError):
+        rounds.get(MAIN_KEY, refresh=True)
+    assert vars(rounds.get(MAIN_KEY).answer_image(IMAGE, QUESTION)) == alone[1]

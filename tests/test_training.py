@@ -243,9 +243,14 @@ def test_a_run_without_evaluation_records_stops_before_loading_anything(tiny_dir
     (dict(pipe_refine_template="{question} {draft} {"), "not a format string"),
 ])
 def test_config_values_out_of_range_are_refused_by_name(fields, message):
+    from train.finetune import parser_for
+
+    parser_for(MMFTConfig, RunArguments)  # building the CLI's parser rewrites each field's type: checks still hold
     config = MMFTConfig if set(fields) <= set(MMFTConfig.__dataclass_fields__) else RunArguments
     with pytest.raises(ValueError, match=message):
         config(**fields)
+    with pytest.raises(ValueError, match="lora_target_modules must be list"):
+        MMFTConfig(lora_target_modules=None)
 
 
 def test_lora_target_modules_split_on_commas_and_spaces():
