@@ -51,6 +51,16 @@ def _table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     return header, cells
 
 
+def renumbered(round_info: dict, number: int) -> dict:
+    """The round info as published under `number` (`--round N`): its number, and this run's history row
+    with it, so that tag, card and config.json say the same."""
+    out = {**round_info, "round": number}
+    history = round_info.get("history")
+    if history and history[-1].get("round") == round_info.get("round"):  # this run's row
+        out["history"] = [*history[:-1], {**history[-1], "round": number}]
+    return out
+
+
 def _method(round_info: dict) -> str:
     """How the adapter was trained, from what the run recorded (rounds before the record: just LoRA)."""
     base = {"nf4": "a 4-bit NF4 base", "none": "an unquantized base"}.get(round_info.get("quantize"))
@@ -116,11 +126,10 @@ def render_card(cfg: MMFTConfig, round_info: dict, repo_id: str, number: int, ha
               "phi3", "mmft", f"feature-mode-{cfg.vit_feature_mode}"],
         license=round_info.get("license") or KNOWN_LICENSES.get(cfg.lm_model_id),
     )
+    round_info = renumbered(round_info, number)
     rows = list(round_info.get("history") or [])  # every round so far, this one last
-    if rows and rows[-1].get("round") == round_info.get("round"):  # this run's row: under the number published
-        rows[-1] = {**rows[-1], "round": number}
-    elif not rows or rows[-1].get("round") != number:
-        rows.append({**round_info, "round": number})
+    if not rows or rows[-1].get("round") != number:
+        rows.append(round_info)
     header, cells = _table(rows)
     return ModelCard.from_template(
         data, template_path=str(template), repo_id=repo_id, revision=round_tag(number), round=number,

@@ -39,7 +39,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.file_download import repo_folder_name
 from safetensors import SafetensorError
 
-from mmft.card import CARD_TEMPLATE, REPO_ID_RE, TAG_PREFIX, render_card, round_tag
+from mmft.card import CARD_TEMPLATE, REPO_ID_RE, TAG_PREFIX, render_card, renumbered, round_tag
 from mmft.config import CONFIG_NAME, MMFTConfig, load_config
 from mmft.round import ADAPTER_DIR, PROJECTOR_NAME, check_round_folder, path_matches, without_local_paths
 
@@ -163,14 +163,9 @@ def published_config(folder: Path, number: int | None = None) -> tuple[bytes, li
     config as it is) and warnings to show."""
     data = json.loads((folder / CONFIG_NAME).read_text())
     if "round" in data:
-        data["round"] = without_local_paths(data["round"])
-        info = data["round"]
-        if number is not None and isinstance(info, dict):  # --round N: tag, card and config.json agree
-            history = info.get("history")
-            if isinstance(history, list) and history and isinstance(history[-1], dict) \
-                    and history[-1].get("round") == info.get("round"):
-                history[-1] = {**history[-1], "round": number}  # this run's row
-            info["round"] = number
+        data["round"] = without_local_paths(data["round"])  # its shape: checked by check_round before
+        if number is not None:  # --round N: tag, card and config.json agree
+            data["round"] = renumbered(data["round"], number)
     warnings = []
     for key in ("lm_model_id", "vit_model_id"):
         value = str(data["mmft"].get(key, ""))
