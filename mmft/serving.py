@@ -94,6 +94,17 @@ class RoundCache:
     def load(self, key: str, folder: str | Path, device=None, dtype=None, quantize=None) -> Pipeline:
         """The round in `folder` under `key`: onto its base if that is loaded, else onto a new base."""
         with self._lock:
+            pipe = self._load(key, folder, device, dtype, quantize)
+            self._evict()
+            return pipe
+
+    def _evict(self) -> None:
+        while len(self._rounds) > self.cache_size:  # least recently used first
+            self._drop_round(next(iter(self._rounds)))
+
+    def _load(self, key: str, folder: str | Path, device=None, dtype=None, quantize=None) -> Pipeline:
+        """`load` without evicting: `replace` holds the old and the new round for a moment."""
+        with self._lock:
             if (pipe := self.get(key)) is not None:
                 return pipe
             folder = Path(folder)
@@ -109,8 +120,6 @@ class RoundCache:
                 self._bases[bkey] = model
                 log.info("loaded a base (%s, %s) for round %s", cfg.lm_model_id, cfg.vit_model_id, key)
             self._rounds[key], self._base_of[key], self._folder_of[key] = Pipeline(model), bkey, folder
-            while len(self._rounds) > self.cache_size:
-                self._drop_round(next(iter(self._rounds)))
             return self._rounds[key]
 
     def folder(self, key: str) -> Path | None:
@@ -121,9 +130,8 @@ class RoundCache:
         so that on a shared base the base stays; then the old one is dropped."""
         with self._lock:
             new, old = f"{key}\0new", self._folder_of.get(key)  # no picker key holds a NUL
-            self.cache_size += 1  # room for both meanwhile: no other round is evicted for it
-            try:
-                pipe = self.load(new, folder, device, dtype, quantize)
+            try:  # both held meanwhile (no eviction): no other round makes way for the new one
+                pipe = self._load(new, folder, device, dtype, quantize)
             except Exception:
                 if key not in self._rounds and old is not None:  # its base made way for the new one's
                     try:
@@ -131,14 +139,11 @@ class RoundCache:
                     except Exception as err:
                         log.warning("could not reload %s after a failed refresh: %s", key, err)
                 raise
-            finally:
-                self.cache_size -= 1
             if key in self._rounds:
                 self._drop_round(key)
             self._rounds[key], self._base_of[key] = self._rounds.pop(new), self._base_of.pop(new)
             self._folder_of[key] = self._folder_of.pop(new)
-            while len(self._rounds) > self.cache_size:
-                self._drop_round(next(iter(self._rounds)))
+            self._evict()
             return pipe
 
     def _add_round(self, base, folder: Path, cfg: MMFTConfig):

@@ -6,8 +6,8 @@ The Space runs `app.py` (README.md's front matter says so) with `requirements.tx
 package and the bundled demo round with its tiny base models (the fallback when no round is
 configured or reachable), and the docs README.md links to. Files the Space does not need (tests,
 training, benchmarks) stay home. `.gitattributes` travels too, so the Space's binaries (.safetensors,
-.png, tokenizer.json) are LFS. A file on the Space that is not in this list is deleted by the same commit. The token is the one
-huggingface_hub finds (HF_TOKEN, `hf auth login`) and is never printed.
+.png, tokenizer.json) are LFS. A file on the Space that is not in this list is deleted by the same
+commit. The token is the one huggingface_hub finds (HF_TOKEN, `hf auth login`) and is never printed.
 """
 
 from __future__ import annotations
