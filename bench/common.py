@@ -52,6 +52,15 @@ def load_avg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+def _probe(name: str) -> bool | None:
+    """One of torch's private CPU-feature probes (torch.cpu._is_*): None where this torch lacks it."""
+    probe = getattr(torch.cpu, name, None)
+    try:
+        return bool(probe()) if probe else None
+    except RuntimeError:
+        return None
+
+
 def machine() -> dict:
     import transformers
 
@@ -61,7 +70,7 @@ def machine() -> dict:
     return dict(
         cpu=cpu_model(), cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
         # oneDNN's "bf16" is True on any AVX-512 core (emulated); the two probes say what is native
-        cpu_onednn_bf16=cpu_has_bf16(), cpu_avx512_bf16=bool(torch.cpu._is_avx512_bf16_supported()),
+        cpu_onednn_bf16=cpu_has_bf16(), cpu_avx512_bf16=_probe("_is_avx512_bf16_supported"),
         cpu_amx=cpu_has_amx(), ram_gb=round(psutil.virtual_memory().total / GB, 1),
         torch=torch.__version__, transformers=transformers.__version__, python=platform.python_version(),
         date=datetime.datetime.now().isoformat(timespec="seconds"), load_avg=load_avg(),

@@ -210,3 +210,18 @@ def test_int4_pack_matches_its_dequantization():
     deq = (((groups - lo) / scale).round().clamp(0, 15) * scale + lo).reshape(256, 512)
     ref = torch.nn.functional.linear(x, deq)
     assert float((y - ref).abs().max() / ref.abs().max()) < 0.02
+
+
+def test_machine_survives_a_torch_without_the_private_cpu_probes(monkeypatch):
+    """bench.common.machine() reads torch's private torch.cpu._is_* probes: a torch without them (or
+    one that raises) gives None for that field, not an AttributeError that stops every bench."""
+    from bench import common
+
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
+    assert common.machine()["cpu_avx512_bf16"] is None
+
+    def broken():
+        raise RuntimeError("cpuinfo failed")
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", broken, raising=False)
+    assert common.machine()["cpu_avx512_bf16"] is None
