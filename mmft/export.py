@@ -71,13 +71,16 @@ def chat_template(base_template: str, system: str = "") -> str:
     image then moves before the whitespace that leads the message. mmft's system prompt
     (`prompt_system`) is added when the conversation brings none.
     """
-    system_msg = "{'role': 'system', 'content': " + json.dumps(system) + "}"
+    system_msg = "{'role': 'system', 'content': " + json.dumps(system, ensure_ascii=False) + "}"
     preamble = (
         "{%- set ns = namespace(messages=[]) -%}"
         + (f"{{%- if messages[0]['role'] != 'system' -%}}{{%- set ns.messages = [{system_msg}] -%}}{{%- endif -%}}"
            if system else "")
         + "{%- for message in messages -%}"
-        "{%- if message['content'] is string -%}{%- set text = message['content'] | trim -%}"
+        "{%- if message['content'] is string -%}"
+        # LLaVA-style "<image>\nQ" / "Q\n<image>": the image first, the text stripped (as mmft.data reads it)
+        f"{{%- set text = '{IMAGE_TOKEN}' * message['content'].count('{IMAGE_TOKEN}')"
+        f" + (message['content'] | replace('{IMAGE_TOKEN}', '') | trim) -%}}"
         "{%- else -%}"
         "{%- set n_images = message['content'] | selectattr('type', 'equalto', 'image') | list | length -%}"
         "{%- set words = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text')"
@@ -287,6 +290,8 @@ def _generation_config(lm, tokenizer, cfg, image_id: int):
         bos_token_id=lm.generation_config.bos_token_id, pad_token_id=tokenizer.pad_token_id,
         eos_token_id=[t for t in stop if t is not None and t >= 0], max_new_tokens=cfg.gen_max_new_tokens,
         do_sample=cfg.gen_do_sample, suppress_tokens=[image_id],
+        **({"temperature": cfg.gen_temperature, "top_p": cfg.gen_top_p} if cfg.gen_do_sample else {}),
+        **({"repetition_penalty": cfg.gen_repetition_penalty} if cfg.gen_repetition_penalty != 1.0 else {}),
     )
 
 

@@ -28,14 +28,15 @@ A [mmft](https://github.com/) round exported as a plain **`LlavaForConditionalGe
 merged in. It loads with transformers alone, no mmft import.
 
 ```python
-from PIL import Image
+from PIL import Image, ImageOps
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 model = LlavaForConditionalGeneration.from_pretrained("{repo}"{revision_arg})
 processor = AutoProcessor.from_pretrained("{repo}"{revision_arg})
 messages = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "What is in the picture?"}}]}}]
 prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-inputs = processor(images=Image.open("picture.jpg"), text=prompt, return_tensors="pt")
+image = ImageOps.exif_transpose(Image.open("picture.jpg"))  # upright, as mmft reads photos
+inputs = processor(images=image, text=prompt, return_tensors="pt")
 out = model.generate(**inputs, max_new_tokens={max_new_tokens}, do_sample=False)
 print(processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
 ```
@@ -49,7 +50,7 @@ or `pipeline("image-text-to-text", model="{repo}")` with the same `messages` (th
   state at layer {layer}, {strategy_text} ({num_tokens} image tokens); the chat template puts them
   at the start of the first user turn, where mmft puts them. Checked: logits equal mmft's (fp32)
   and greedy answers are the same tokens, for questions within mmft's budget of
-  {max_question_tokens} tokens: mmft cuts a longer question to that, this chat template does not.
+  {max_question_tokens} tokens: mmft cuts a longer question to that, this chat template does not.{penalty}
 - **It is not** mmft's staged pipeline: mmft rewrites each draft with the *base* model (adapter
   off) into a clean sentence and tidies the text; this export has the adapter merged in, so there
   is no base model inside it. Use the round repo with mmft for that.
@@ -78,7 +79,11 @@ def render_export_card(cfg: MMFTConfig, round_info: dict, repo: str, num_tokens:
                          license=round_info.get("license"))
     # a base trained from a local folder: its name, not this machine's path
     vit_id, lm_id = without_local_paths(cfg.vit_model_id), without_local_paths(cfg.lm_model_id)
-    content = CARD.format(title=repo.rsplit("/", 1)[-1], vit_id=vit_id, lm_id=lm_id, repo=repo,
+    penalty = "" if cfg.gen_repetition_penalty == 1.0 else (
+        f" The round's repetition penalty ({cfg.gen_repetition_penalty}) is in the generation config; transformers "
+        "applies it to the prompt's tokens as well, mmft to the answer's only, so an answer that repeats a word of "
+        "the question can differ.")
+    content = CARD.format(penalty=penalty, title=repo.rsplit("/", 1)[-1], vit_id=vit_id, lm_id=lm_id, repo=repo,
                           max_question_tokens=cfg.prompt_max_question_tokens,
                           revision_arg=f', revision="{revision}"' if revision else "",
                           max_new_tokens=cfg.gen_max_new_tokens, layer=layer, strategy_text=strategy_text,

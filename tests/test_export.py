@@ -246,6 +246,8 @@ def test_push_with_export_publishes_a_loadable_llava_repo(hub_online, kit_round,
     assert str(tiny_dir) not in card.text and "/tmp/" not in card.text  # the base's name, not this machine's path
     assert "within mmft's budget of\n  256 tokens" in card.text  # where the export and mmft can differ
     assert ("CLS token kept" if kept else "CLS token dropped") in card.text
+    assert "ImageOps.exif_transpose(Image.open(" in card.text  # a phone photo upright, as mmft reads it
+    assert "repetition penalty" not in card.text  # the round has none
     code = [line.strip() for line in card.text.splitlines()]
     assert not [line for line in code if line.startswith(("import mmft", "from mmft"))]  # no mmft needed
 
@@ -270,3 +272,57 @@ def test_gpu_check_finetune_and_export_path_runs_tiny_on_cpu(capsys):
     assert result["finetune"]["quantize"] == "nf4" and result["finetune"]["activation_checkpointing"] is True
     assert "transformers" in result["vllm"] and "transformers_error" not in result["vllm"]
     assert "vllm" in result["vllm"] or "vllm_error" in result["vllm"]
+
+
+def test_generation_settings_travel_with_the_export(kit_round, tmp_path):
+    """The round's repetition penalty (and sampling settings) are the export's: without them its greedy
+    answer differs from mmft's for a round that sets one."""
+    from mmft.config import save_config
+
+    round_dir = tmp_path / "round"
+    shutil.copytree(kit_round[0], round_dir)
+    cfg, info = load_config(round_dir)
+    cfg.gen_repetition_penalty, cfg.gen_max_new_tokens = 3.0, 24
+    save_config(round_dir, cfg, info)
+    folder = export_llava(round_dir, tmp_path / "llava", dtype="float32")
+    generation = LlavaForConditionalGeneration.from_pretrained(folder).generation_config
+    assert generation.repetition_penalty == 3.0 and not generation.do_sample
+    assert _llava_side(folder, _photo())["new"] == _mmft_side(round_dir, _photo())["new"]
+    from mmft.export_hub import render_export_card
+
+    card = render_export_card(cfg, info, "user/x-llava", 50).text  # says where the two can still differ
+    assert "repetition penalty (3.0)" in card and "to the answer's only" in card
+    cfg.gen_do_sample, cfg.gen_temperature, cfg.gen_top_p, cfg.gen_repetition_penalty = True, 0.3, 0.8, 1.0
+    save_config(round_dir, cfg, info)
+    generation = LlavaForConditionalGeneration.from_pretrained(
+        export_llava(round_dir, tmp_path / "llava-sampled", dtype="float32")).generation_config
+    assert (generation.do_sample, generation.temperature, generation.top_p) == (True, 0.3, 0.8)
+
+
+@pytest.mark.parametrize("content", [f"<image>\n{QUESTION}", f"{QUESTION}\n<image>", f"  <image>{QUESTION}  "])
+def test_llava_style_string_content_gets_the_trained_prompt(kit_round, tmp_path, content):
+    """LLaVA-Instruct writes "<image>\nQ" (or "Q\n<image>") as one string; mmft.data reads it as the image,
+    then the stripped question, and so must the exported chat template."""
+    round_dir, folder = kit_round
+    model, _ = load_round(round_dir, device="cpu", dtype=torch.float32, quantize="none")
+    enc = encode_chat(model.tokenizer, model.cfg, [("user", QUESTION)], num_image_tokens=model.vision.num_tokens)
+    processor = AutoProcessor.from_pretrained(folder)
+    prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    ids = processor(images=_photo(), text=prompt, return_tensors="pt")["input_ids"][0]
+    image_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    assert ids.tolist() == [image_id if m else t for t, m in zip(enc.input_ids, enc.image_mask)], repr(prompt)
+
+
+def test_a_system_prompt_beyond_the_bmp_renders_unchanged():
+    """json.dumps escapes an emoji as a surrogate pair, which Jinja decodes to two lone surrogates that
+    the tokenizer refuses: every call of the exported processor failed."""
+    from mmft.export import chat_template
+    from mmft.testing import make_tokenizer
+
+    tokenizer = make_tokenizer()
+    system = "Answer briefly 🙂 \"quoted\" {{ braces }} and 'single'"
+    template = chat_template(tokenizer.chat_template, system)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]}]
+    text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)
+    assert system in text
+    assert tokenizer(text, add_special_tokens=False)["input_ids"]  # encodes
