@@ -72,7 +72,7 @@ def clean_answer(text: str) -> str:
 _SPACE = re.compile(r"\s+")
 _SPACE_BEFORE_PUNCT = re.compile(r"\s+([,.;:!?])(?!\w)")  # not ".5", not ".bashrc"
 _REPEATED_PUNCT = re.compile(r"([,.;:!?])(?:\s*[,.;:!?])+")
-_LEADING_PUNCT = re.compile(r"^(?:[\s,;:!?]|[.\-](?!\d))+")  # a sign or point before a digit stays
+_LEADING_PUNCT = re.compile(r"^(?:[\s,;:!?]|[.\-](?!\.?\d))+")  # a sign or point before a digit stays
 _WORD = re.compile(r"\w+")
 
 

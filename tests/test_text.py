@@ -49,7 +49,8 @@ def test_cleaning_needs_no_nltk_data(monkeypatch, tmp_path):
     ("A square .", "", "A square."),
     # a sign or a decimal point before a digit is not stray punctuation
     ("-3 degrees.", "", "-3 degrees."), (".5 litres", "", ".5 litres"), ("The value is .5", "", "The value is .5"),
-    ("- red", "", "Red"),
+    ("- red", "", "Red"), ("-.5 degrees", "", "-.5 degrees"), ("- .5", "", ".5"),
+    ("What is the temperature? -.5 degrees", "What is the temperature?", "-.5 degrees"),
 ])
 def test_tidy(text, question, expected):
     assert tidy(text, question) == expected
