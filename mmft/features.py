@@ -27,8 +27,10 @@ INDEX_KEYS = ("vit_model_id", "vit_feature_mode", "num_tokens", "feature_dim", "
 
 
 def build_cache(vision: VisionEncoder, vit_model_id: str, image_dir: str | Path, names: list[str],
-                out_dir: str | Path, shard_size: int = 1024, batch_size: int = 32) -> dict:
+                out_dir: str | Path, shard_size: int = 1024, batch_size: int = 32,
+                vit_revision: str | None = None) -> dict:
     """Encode every image in `names` (relative to `image_dir`) into `out_dir/features-NNNNN.safetensors`.
+    `vit_revision`: the Hub commit CLIP was loaded at (None: a local folder), checked by `FeatureCache.check`.
 
     Interrupt-safe: an old index is removed first and the new one is written last, each file through a
     temporary name and `os.replace`, so a cache folder either has a complete index whose shards all exist
@@ -37,7 +39,7 @@ def build_cache(vision: VisionEncoder, vit_model_id: str, image_dir: str | Path,
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / INDEX_NAME).unlink(missing_ok=True)  # from here on, old shards are never served
     names = sorted(set(names))
-    index = {"vit_model_id": vit_model_id, "vit_feature_mode": vision.mode, "vit_feature_layer": vision.feature_layer,
+    index = {"vit_model_id": vit_model_id, "vit_revision": vit_revision, "vit_feature_mode": vision.mode, "vit_feature_layer": vision.feature_layer,
              "vit_feature_select_strategy": vision.select_strategy, "num_tokens": vision.num_tokens,
              "feature_dim": vision.feature_dim, "files": {}, "unreadable": {}, "shard_bytes": {}}
     for shard_no, start in enumerate(range(0, len(names), shard_size)):
@@ -103,9 +105,14 @@ class FeatureCache:
         self._handles = {}
 
     def check(self, cfg: MMFTConfig) -> None:
-        """Refuse a cache built with another CLIP or another feature choice than `cfg`'s."""
+        """Refuse a cache built with another CLIP, another commit of it, or another feature choice than `cfg`'s.
+        Both revisions are commits (`pin_revisions`); a cache or a run that names none is not compared."""
         wanted = cfg.feature_choice
         built = {key: self.index[key] for key in wanted}
+        built_revision = self.index.get("vit_revision")  # older caches did not record it
+        if built_revision and cfg.vit_revision and built_revision != cfg.vit_revision:
+            raise DataError(f"feature cache {self.folder} was built with CLIP at commit {built_revision}, but this run "
+                            f"uses {cfg.vit_revision}; rebuild it with python -m train.cache_features")
         if built != wanted:
             raise DataError(
                 f"feature cache {self.folder} was built with {describe_features(built)}, but this run uses "

@@ -100,15 +100,18 @@ def pin_revisions(cfg: MMFTConfig) -> MMFTConfig:
     """Record the Hub commit of the base LM and CLIP, so a round says exactly which weights it was trained
     on: none given, or a branch or tag (which can move), becomes the commit it points to now; a commit id
     is kept. Local folders have no commit: their revision stays None."""
+    return replace(cfg, lm_revision=pin_revision(cfg.lm_model_id, cfg.lm_revision),
+                   vit_revision=pin_revision(cfg.vit_model_id, cfg.vit_revision))
+
+
+def pin_revision(model_id: str, revision: str | None) -> str | None:
+    """The commit `revision` of `model_id` points to now (kept if it is one; a local folder's stays as given)."""
     from transformers.utils.hub import cached_file, extract_commit_hash
 
-    pins = {}
-    for id_key, rev_key in (("lm_model_id", "lm_revision"), ("vit_model_id", "vit_revision")):
-        model_id, revision = getattr(cfg, id_key), getattr(cfg, rev_key)
-        if not Path(model_id).exists() and not (revision and COMMIT_RE.fullmatch(revision)):
-            # the Hub cache keeps files under snapshots/<commit>/: the commit of what will be loaded
-            pins[rev_key] = extract_commit_hash(cached_file(model_id, "config.json", revision=revision), None)
-    return replace(cfg, **pins)
+    if Path(model_id).exists() or (revision and COMMIT_RE.fullmatch(revision)):
+        return revision
+    # the Hub cache keeps files under snapshots/<commit>/: the commit of what will be loaded
+    return extract_commit_hash(cached_file(model_id, "config.json", revision=revision), None)
 
 
 def training_dtype(targs: TrainingArguments) -> torch.dtype | None:
@@ -234,6 +237,8 @@ def finetune(cfg: MMFTConfig, run: RunArguments, targs: TrainingArguments, callb
     if run.resume_round:
         cfg = round_config(check_round_folder(run.resume_round))[0]
     cache = FeatureCache(run.feature_cache) if run.feature_cache else None
+    if cache is not None and not run.resume_round:
+        cfg = pin_revisions(cfg)  # the commit CLIP will load at, as the cache recorded its own
     if cache is not None:
         cache.check(cfg)
     if run.init_projector and not run.resume_round:  # its shapes are checked on load; what it saw, here

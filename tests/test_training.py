@@ -370,6 +370,33 @@ def test_base_revisions_are_pinned_to_the_hub_commit(tiny_dir, hub_online):
     assert (local.lm_revision, local.vit_revision) == (None, None)
 
 
+
+def test_a_feature_cache_records_clips_commit_and_refuses_another(tiny_dir, shapes_data, tmp_path, hub_online):
+    """train.cache_features records the commit CLIP was loaded at (a branch moves: `main` now); a run whose
+    CLIP resolves to another commit is refused before anything trains, one that matches is not."""
+    from huggingface_hub import HfApi
+
+    from mmft.data import DataError
+    from train.cache_features import main as cache_features
+
+    api = HfApi()
+    api.create_repo("base/clip")
+    first = api.upload_folder(repo_id="base/clip", folder_path=str(tiny_dir / "clip")).oid
+    data = Path(shapes_data[0])
+    cache_features(["--train_json", str(data), "--image_dir", str(shapes_data[1]), "--out", str(tmp_path / "cache"),
+                    "--vit_model_id", "base/clip", "--vit_revision", "main", "--vit_feature_mode", "patch",
+                    "--vit_feature_layer", "-2", "--vit_feature_select_strategy", "default"])
+    cache = FeatureCache(tmp_path / "cache")
+    assert cache.index["vit_revision"] == first
+    cache.check(MMFTConfig(vit_model_id="base/clip", vit_revision=first, vit_feature_mode="patch"))  # same: fine
+    later = api.upload_file(path_or_fileobj=b"main moves on", path_in_repo="later.txt", repo_id="base/clip").oid
+    with pytest.raises(DataError, match=f"built with CLIP at commit {first}, but this run uses {later}"):
+        cache.check(MMFTConfig(vit_model_id="base/clip", vit_revision=later, vit_feature_mode="patch"))
+    cfg, run, targs = _args(tiny_dir, shapes_data, tmp_path / "run", steps=2, feature_cache=str(tmp_path / "cache"))
+    cfg.vit_model_id = "base/clip"  # no revision: main, which has moved on since the cache was built
+    with pytest.raises(DataError, match=f"at commit {first}, but this run uses {later}"):
+        finetune(cfg, run, targs)
+
 CRASHING_RUN = """
 import os, sys, signal
 import torch

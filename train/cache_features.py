@@ -32,6 +32,7 @@ def main(argv=None):
     from mmft.data import DataError, load_json
     from mmft.features import build_cache
     from mmft.loading import pick_device, pick_dtype
+    from mmft.training import pin_revision
     from mmft.vision import VisionEncoder
 
     cfg = MMFTConfig(vit_model_id=args.vit_model_id, vit_revision=args.vit_revision,
@@ -41,9 +42,11 @@ def main(argv=None):
         names = [r["image"] for path in args.train_json for r in load_json(path) if isinstance(r, dict) and r.get("image")]
     except DataError as err:
         parser.exit(1, f"error: {err}\n")
+    cfg.vit_revision = pin_revision(cfg.vit_model_id, cfg.vit_revision)  # a branch moves: record its commit now
     device = pick_device()
     vision = VisionEncoder.from_config(cfg, dtype=pick_dtype(device)).to(device)
-    index = build_cache(vision, args.vit_model_id, args.image_dir, names, args.out, args.shard_size, args.batch_size)
+    index = build_cache(vision, args.vit_model_id, args.image_dir, names, args.out, args.shard_size, args.batch_size,
+                        vit_revision=cfg.vit_revision)
     print(f"cached {len(index['files'])} images ({len(index['unreadable'])} unreadable) "
           f"as [{index['num_tokens']}, {index['feature_dim']}] features -> {args.out}")
 
