@@ -90,6 +90,8 @@ def parse_args(argv=None, environ=os.environ) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quantize is not None and args.quantize not in QUANTIZE:  # argparse checks flags, not env defaults
         parser.error(f"MMFT_QUANTIZE={args.quantize!r}: choose one of {', '.join(QUANTIZE)}")
+    if args.port > 65535:
+        parser.error(f"--port / GRADIO_SERVER_PORT {args.port}: use a port from 1 to 65535")
     if args.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?|mps", args.device):
         parser.error(f"--device / MMFT_DEVICE {args.device!r}: use cpu, cuda, cuda:N or mps")
     return args

@@ -121,6 +121,8 @@ class MMFTConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if not 0 < self.gen_top_p <= 1:
             raise ValueError(f"gen_top_p must be in (0, 1], got {self.gen_top_p}")
+        if not (self.pipe_draft or self.pipe_refine):  # a round that cannot answer: refused when it is read
+            raise ValueError("at least one of pipe_draft and pipe_refine must be on")
 
     @property
     def feature_choice(self) -> dict:

@@ -55,9 +55,13 @@ def resolve_quantize(quantize: str | None, device: torch.device, inference: bool
     """One spelling everywhere: "nf4" (4-bit, QLoRA), "int8" (int8 linears, CPU inference), "none".
     None = the device's default: NF4 on CUDA; on CPU `pick_cpu_path`: int8 for inference (`load_round`),
     nothing for any training, projector-only included (int8 has no backward; NF4 is 40x slower than
-    fp32 on CPU: docs/benchmarks.md)."""
+    fp32 on CPU: docs/benchmarks.md); nothing on mps."""
     if quantize is None:
-        return "nf4" if device.type == "cuda" else pick_cpu_path(trainable=not inference).quantize
+        if device.type == "cuda":
+            return "nf4"
+        if device.type == "cpu":
+            return pick_cpu_path(trainable=not inference).quantize
+        return "none"  # mps and other accelerators: neither bitsandbytes nor the int8 CPU kernels run there
     if not isinstance(quantize, str) or quantize not in QUANTIZE_MODES:
         raise ValueError(f"quantize must be one of {QUANTIZE_MODES} or None (the device's default), got {quantize!r}")
     return quantize

@@ -357,6 +357,10 @@ def test_offline_with_nothing_cached_serves_the_demo_and_says_why(standin_round)
     assert text.startswith("**Could not load the configured round:**") and "user/never-pulled" in text
     assert "Serving the bundled shapes demo round" in text and "--revision round-N" in text
 
+    # a branch named "demo" is the repo's, not the bundled round: asked for, and its absence explained
+    key, problem = Rounds(Settings(demo_round=standin_round, repo="user/never-pulled", revision="demo")).start()
+    assert key == DEMO_KEY != "demo" and "'demo'" in problem and "user/never-pulled" in problem
+
 
 def test_a_hub_round_that_pulls_but_cannot_load_serves_the_demo_and_says_why(hub_online, standin_round):
     publish(plan_upload(standin_round, "user/relative-base"))  # its base, "../base/lm", is on no Hub
@@ -400,7 +404,8 @@ def test_flags_and_environment():
                                  ("MMFT_CACHE_SIZE", "many", "not a positive whole number"),
                                  ("MMFT_THREADS", "²", "'²' is not a positive whole number"),  # "²".isdigit()
                                  ("MMFT_DEMO", "maybe", "use one of 1, true, yes, on"),
-                                 ("MMFT_DEVICE", "gpu", "use cpu, cuda, cuda:N or mps")):
+                                 ("MMFT_DEVICE", "gpu", "use cpu, cuda, cuda:N or mps"),
+                                 ("GRADIO_SERVER_PORT", "70000", "use a port from 1 to 65535")):  # not at launch
         with pytest.raises(SystemExit):
             app_py.parse_args([], environ={name: value})
         done = subprocess.run([sys.executable, str(ROOT / "app.py")], env={**os.environ, name: value},

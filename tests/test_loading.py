@@ -65,6 +65,9 @@ def test_quantize_has_one_spelling():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert [loading.resolve_quantize(q, cpu) for q in ("nf4", "int8", "none", None)] == ["nf4", "int8", "none", "none"]
     assert loading.resolve_quantize(None, cuda) == "nf4"
+    # neither bitsandbytes nor fbgemm's int8 kernels run on mps: it serves unquantized (int8 was refused)
+    assert loading.resolve_quantize(None, torch.device("mps"), inference=True) == "none"
+    assert loading.resolve_quantize(None, cpu, inference=True) == "int8"
     for old in (True, False, "auto", "yes", "no"):  # the old spellings are refused, with the allowed ones
         with pytest.raises(ValueError, match=r"quantize must be one of \('nf4', 'int8', 'none'\) or None"):
             loading.resolve_quantize(old, cpu)

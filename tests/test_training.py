@@ -241,6 +241,7 @@ def test_a_run_without_evaluation_records_stops_before_loading_anything(tiny_dir
     (dict(lora_target_modules=[]), "lora_target_modules must name at least one"),
     (dict(pipe_refine_template="{question} {draft} {note}"), r"exactly \{question\} and \{draft\}"),
     (dict(pipe_refine_template="{question} {draft} {"), "not a format string"),
+    (dict(pipe_draft=False, pipe_refine=False), "at least one of pipe_draft and pipe_refine"),  # answers nothing
 ])
 def test_config_values_out_of_range_are_refused_by_name(fields, message):
     from train.finetune import parser_for
