@@ -111,23 +111,17 @@ class RoundCache:
             cfg, _ = round_config(folder)
             bkey = base_key(cfg, device, dtype, quantize)
             if bkey in self._bases:
-                base = self._bases[bkey]
                 self._bases.move_to_end(bkey)
-                model = self._add_round(base, folder, cfg)
-                try:
-                    pipe = Pipeline(model)
-                except Exception:  # a round that cannot serve leaves no adapter on the shared base
-                    _delete_adapter(base, model.adapter_name)
-                    raise
+                model = self._add_round(self._bases[bkey], folder, cfg)
             else:
                 while len(self._bases) >= self.max_bases:  # drop first: never two bases over budget
                     self._drop_base(next(iter(self._bases)))
                 model, _ = load_round(folder, device=device, dtype=dtype, quantize=quantize)
-                pipe = Pipeline(model)  # before the base is registered: a round that cannot serve leaves no base
                 self._bases[bkey] = model
                 log.info("loaded a base (%s, %s) for round %s", cfg.lm_model_id, cfg.vit_model_id, key)
-            self._rounds[key], self._base_of[key], self._folder_of[key] = pipe, bkey, folder
-            return pipe
+            # Pipeline() cannot fail here: a config with both stages off is refused by round_config above
+            self._rounds[key], self._base_of[key], self._folder_of[key] = Pipeline(model), bkey, folder
+            return self._rounds[key]
 
     def folder(self, key: str) -> Path | None:
         return self._folder_of.get(key)
