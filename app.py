@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import re
+import socket
 import sys
 from pathlib import Path
 
@@ -124,6 +125,12 @@ def main(argv=None) -> None:
                      "(unset it: CUDA when present)")
     if args.threads:
         torch.set_num_threads(args.threads)
+    with socket.socket() as probe:  # before minutes of loading, not after them
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a closing port is free
+        try:
+            probe.bind((args.host, args.port))
+        except OSError as err:
+            sys.exit(f"app.py: cannot listen on {args.host}:{args.port} (--host / --port): {err.strerror or err}")
     settings = Settings(demo_round=DEMO_ROUND, repo=args.repo, revision=args.revision, demo=args.demo,
                         device=args.device, dtype=args.dtype, quantize=args.quantize, asr_model=args.asr_model,
                         cache_size=args.cache_size, max_bases=args.max_bases)

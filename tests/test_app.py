@@ -9,6 +9,7 @@ import math
 import os
 import random
 import struct
+import socket
 import subprocess
 import sys
 import threading
@@ -415,6 +416,14 @@ def test_flags_and_environment():
                           (["--device", "cuda:7"], "no such device here")):  # flags too; no CI machine has 8 GPUs
         done = subprocess.run([sys.executable, str(ROOT / "app.py"), *argv], capture_output=True, text=True, timeout=120)
         assert done.returncode != 0 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+    with socket.socket() as busy:  # a port in use: one line, before any model loads
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = subprocess.run([sys.executable, str(ROOT / "app.py"), "--port", str(port)], capture_output=True,
+                              text=True, timeout=120)
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip() == f"app.py: cannot listen on 127.0.0.1:{port} (--host / --port): Address already in use"
     assert app_py.parse_args([], environ={"MMFT_DEMO": "Yes"}).demo and not app_py.parse_args([], environ={"MMFT_DEMO": "off"}).demo
     for argv, before, offline in (([], {}, "1"), (["--repo", "o/n"], {}, None), (["--repo", "o/n", "--demo"], {}, "1"),
                                   ([], {"HF_HUB_OFFLINE": "0"}, "0")):
