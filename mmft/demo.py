@@ -21,6 +21,7 @@ import random
 import shutil
 import tempfile
 import time
+from collections import Counter
 from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -165,8 +166,46 @@ def pretrain_text(lm_dir: str | Path, cfg: MMFTConfig, conversations: list, step
         return F.cross_entropy(lm.lm_head(hidden[:, :-1][keep]), targets[keep])  # [N, V] vs [N]
 
     losses = _fit(lm, steps, lr, loss_of_batch)
+    share_word_forms(lm, tokenizer, Counter(i for e in examples for i in e["input_ids"]))
     lm.to(save_dtype).save_pretrained(lm_dir)
     return losses
+
+
+def share_word_forms(lm, tokenizer, seen: Counter) -> int:
+    """Give every form of a word the text never had the input embedding of a form it had; returns how many.
+
+    Phi-3's tokenizer writes a line's first word without the space mark, and in its own case: after the
+    image prompt's "\n", "Color?" is `Color`, where the text had `▁color`. The real Phi-3.5 saw every
+    form in pre-training; the tiny LM sees a few hundred ids, and an unseen form reaches the model as
+    its random initial vector (docs/training.md, "Why one word fails"). So each unseen form (same
+    letters, any case, with or without `▁`) takes the embedding of a seen one: the same spelling with
+    `▁`, else the lower-case or capitalised one, else the commonest (`seen`: how often the text had each
+    id). Only the *input* embeddings: the LM is untied first (as Phi-3.5 is), so what it writes is
+    unchanged."""
+    forms: dict[str, list[tuple[str, int]]] = {}
+    for piece, i in tokenizer.get_vocab().items():
+        word = piece.replace("\u2581", "")
+        if i < lm.config.vocab_size and word.isalpha():
+            forms.setdefault(word.lower(), []).append((piece, i))
+    out_weight = lm.get_output_embeddings().weight.detach().clone()  # [V, D]
+    table = lm.get_input_embeddings().weight.detach().clone()  # [V, D]
+    shared = 0
+    for members in forms.values():
+        known = {piece: i for piece, i in members if seen[i]}
+        if not known:
+            continue
+        for piece, i in members:
+            if seen[i]:
+                continue
+            word = piece.replace("\u2581", "")
+            order = ["\u2581" + word, word, "\u2581" + word.lower(), word.lower(), "\u2581" + word.capitalize(),
+                     word.capitalize(), max(known, key=lambda p: (seen[known[p]], p))]
+            table[i] = table[known[next(p for p in order if p in known)]]
+            shared += 1
+    lm.config.tie_word_embeddings = False
+    lm.get_output_embeddings().weight = torch.nn.Parameter(out_weight)
+    lm.get_input_embeddings().weight = torch.nn.Parameter(table)
+    return shared
 
 
 def pretrain_clip(clip_dir: Path, steps: int, batch_size: int = 64, lr: float = 3e-3, seed: int = 0,

@@ -242,8 +242,8 @@ def test_a_round_loads_the_base_revisions_it_names(hub_online, tiny_dir, tmp_pat
 def test_the_app_serves_the_demo_as_its_evaluation_loaded_it():
     """The demo's figures (model card, docs/training.md) come from `mmft.demo.evaluate_round`, which
     loads the round with float32 and the CPU default (int8): the app must load it the same way, or
-    it answers a little differently from what its figures say (unquantized: 0.867 held-out shape, not
-    0.870)."""
+    it answers a little differently from what its figures say (an earlier build, unquantized: 0.867
+    held-out shape, not its recorded 0.870)."""
     from mmft import shapes
     from mmft.demo import DEMO_DIR
     from mmft.loading import load_round
