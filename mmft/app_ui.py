@@ -176,6 +176,8 @@ class Handlers:
             picture = load_image(image, pipe.cfg.vit_max_pixels)
         except ImageError as err:
             raise _bad(f"This image cannot be used: {_scrub(str(err), image)}.") from err
+        except Exception as err:  # anything else PIL raises: a message, not its internals
+            raise _unexpected(err) from err
         for answer in self._run(pipe.stream_image, picture, question):
             yield answer.final, answer.draft or "", _notes(notes + answer.notes)
 
@@ -232,7 +234,8 @@ def create_app(settings: Settings, transcriber: Transcriber | None = None,
     rounds = Rounds(settings)
     start, problem = rounds.start()
     log.info("serving %s", "the bundled demo round" if start == DEMO_KEY else f"{settings.repo} at {start}")
-    handlers = Handlers(rounds, transcriber or Transcriber(settings.asr_model or DEFAULT_MODEL_ID))
+    handlers = Handlers(rounds, transcriber or Transcriber(settings.asr_model or DEFAULT_MODEL_ID,
+                                                         device=settings.device))
     examples = draw_examples(examples_dir or Path(tempfile.gettempdir()) / "mmft-examples")
     choices = rounds.choices(start)
 

@@ -39,9 +39,10 @@ def build_cache(vision: VisionEncoder, vit_model_id: str, image_dir: str | Path,
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / INDEX_NAME).unlink(missing_ok=True)  # from here on, old shards are never served
     names = sorted(set(names))
-    index = {"vit_model_id": vit_model_id, "vit_revision": vit_revision, "vit_feature_mode": vision.mode, "vit_feature_layer": vision.feature_layer,
-             "vit_feature_select_strategy": vision.select_strategy, "num_tokens": vision.num_tokens,
-             "feature_dim": vision.feature_dim, "files": {}, "unreadable": {}, "shard_bytes": {}}
+    index = {"vit_model_id": vit_model_id, "vit_revision": vit_revision, "vit_feature_mode": vision.mode,
+             "vit_feature_layer": vision.feature_layer, "vit_feature_select_strategy": vision.select_strategy,
+             "num_tokens": vision.num_tokens, "feature_dim": vision.feature_dim, "files": {}, "unreadable": {},
+             "shard_bytes": {}}
     for shard_no, start in enumerate(range(0, len(names), shard_size)):
         shard_name = f"features-{shard_no:05d}.safetensors"
         tensors = {}

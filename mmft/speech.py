@@ -133,8 +133,16 @@ def _read_file(path: Path, max_seconds: float) -> tuple[int, np.ndarray, int]:
         raise AudioError(f"Audio file not found: {path} — upload the file again.")
     try:
         with soundfile.SoundFile(path) as f:
-            frames = min(f.frames, math.ceil(max_seconds * f.samplerate))
-            return f.samplerate, f.read(frames, dtype="float32", always_2d=True), f.frames
+            rate = _check_rate(f.samplerate)  # before reading: an absurd rate would size the read
+            frames = min(f.frames, math.ceil(max_seconds * rate))
+            # Mixed down block by block: a compressed upload of a few kB can hold hundreds of channels,
+            # and [frames, channels] float32 at once would be gigabytes.
+            mono, n = np.empty(frames, np.float32), 0
+            for block in f.blocks(blocksize=max(1, 2**20 // f.channels), frames=frames, dtype="float32",
+                                  always_2d=True):
+                mono[n : n + len(block)] = block.mean(axis=1)
+                n += len(block)
+            return rate, mono[:n, None], f.frames
     except (RuntimeError, OSError) as exc:  # soundfile.LibsndfileError is a RuntimeError
         raise AudioError(
             f"Could not read the audio file {path.name} ({exc}) — it may be corrupt or in an "

@@ -20,6 +20,10 @@ from transformers import CLIPModel
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 RESIZE_HINT = "resize it (e.g. to 1024 px on the long side) and try again"
+# CLIP's processor scales the *short* side up to its input size, then keeps the centre square: a thin strip
+# (1x100,000 px, a few hundred bytes) would be scaled to gigabytes first. Past this long/short ratio the
+# image is cropped to its centre, which is all CLIP keeps anyway.
+MAX_ASPECT = 20
 
 
 class ImageError(ValueError):
@@ -43,6 +47,30 @@ def open_image(path_or_file) -> Image.Image:
         return Image.open(path_or_file)
     except Image.DecompressionBombError as err:
         raise ImageError(f"image is too large to decode safely ({err}); {RESIZE_HINT}") from None
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """The image turned as its EXIF orientation says; as stored when its EXIF block is damaged (PIL
+    re-serialises it while turning and fails with struct.error, KeyError, TypeError ...)."""
+    if image.mode in ("I;16", "F"):
+        return image
+    try:
+        return ImageOps.exif_transpose(image)
+    except OSError:  # the pixels themselves: damaged or truncated
+        raise
+    except Exception:
+        return image
+
+
+def _centre(image: Image.Image) -> Image.Image:
+    """The image, cropped to its centre if it is longer than MAX_ASPECT times its short side."""
+    width, height = image.size
+    short = min(width, height)
+    if max(width, height) <= MAX_ASPECT * short:
+        return image
+    w, h = min(width, MAX_ASPECT * short), min(height, MAX_ASPECT * short)
+    left, top = (width - w) // 2, (height - h) // 2
+    return image.crop((left, top, left + w, top + h))
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -83,9 +111,9 @@ def load_image(source, max_pixels: int) -> Image.Image:
         raise ImageError(f"could not read the image ({err}); is it a PNG, JPEG or similar?") from None
     check_size(image, max_pixels)
     try:
-        image = ImageOps.exif_transpose(image) if image.mode not in ("I;16", "F") else image
+        image = _upright(image)
         image.load()
-        return to_rgb(image)
+        return _centre(to_rgb(image))
     except (OSError, ValueError, SyntaxError) as err:
         raise ImageError(f"the image file is damaged or truncated ({err})") from None
 

@@ -363,6 +363,34 @@ def test_offline_with_nothing_cached_serves_the_demo_and_says_why(standin_round)
     assert key == DEMO_KEY != "demo" and "'demo'" in problem and "user/never-pulled" in problem
 
 
+def test_the_speech_model_runs_on_the_device_asked_for(standin_round, tmp_path, monkeypatch):
+    """--device / MMFT_DEVICE is the speech model's too: it went to CUDA whenever there was one."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with a GPU, on which
+    monkeypatch.setattr(Rounds, "start", lambda self: (DEMO_KEY, None))  # no round is loaded here
+    app = create_app(Settings(demo_round=standin_round, device="cpu"), examples_dir=tmp_path / "examples")
+    try:
+        assert app.mmft_handlers.transcriber.device == "cpu"
+    finally:
+        app.close()
+
+
+def test_an_unexpected_image_error_gets_the_apps_message(standin_round, monkeypatch):
+    """Whatever PIL raises that is not an ImageError (struct.error from a damaged EXIF block was one) is
+    the app's one-line message, not PIL's internals."""
+    import struct
+
+    import gradio as gr
+
+    from mmft import app_ui
+
+    def broken(*args, **kwargs):
+        raise struct.error("required argument is not an integer")
+
+    monkeypatch.setattr(app_ui, "load_image", broken)
+    handlers = Handlers(Rounds(Settings(demo_round=standin_round)), Transcriber(fn=fake_asr))
+    with pytest.raises(gr.Error, match=r"Something went wrong while answering \(error: required argument"):
+        list(handlers.image(Image.new("RGB", (8, 8)), QUESTION, DEMO_KEY))
+
 def test_a_hub_round_that_pulls_but_cannot_load_serves_the_demo_and_says_why(hub_online, standin_round):
     publish(plan_upload(standin_round, "user/relative-base"))  # its base, "../base/lm", is on no Hub
     rounds = Rounds(Settings(demo_round=standin_round, repo="user/relative-base"))

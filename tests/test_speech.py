@@ -138,6 +138,34 @@ def test_wav_file_matches_numpy_input_and_is_trimmed(tmp_path):
     assert cut.trimmed and cut.seconds == 1.0 and cut.original_seconds == 2.0
 
 
+def test_a_many_channel_file_is_mixed_down_block_by_block(tmp_path):
+    """A compressed upload of a few kB can hold hundreds of channels: read whole as [frames, channels]
+    float32 it cost gigabytes (255 channels of 48 kHz silence, 30 s: 4.2 GB from 53 kB). Mixed down
+    block by block, the peak is the mono result plus a block or two of 2^20 samples; the waveform is the
+    channels' mean, as before. 8 channels (FLAC's most), 20 s: 30.7 MB for the whole read alone."""
+    import tracemalloc
+
+    import soundfile
+
+    rate, seconds, channels = 48_000, 20, 8
+    t = np.arange(rate * seconds) / rate
+    data = np.stack([0.1 * np.sin(2 * np.pi * (220 + 20 * c) * t) for c in range(channels)], axis=1)  # [n, 8]
+    path = tmp_path / "eight.flac"
+    soundfile.write(path, data.astype(np.float32), rate, subtype="PCM_16")
+    expected = soundfile.read(path, dtype="float32")[0].mean(axis=1)  # [n]
+    tracemalloc.start()  # numpy reports its buffers to tracemalloc
+    try:
+        got_rate, mono, frames = speech._read_file(path, max_seconds=30)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert (got_rate, frames, mono.shape) == (rate, rate * seconds, (rate * seconds, 1))
+    assert peak < rate * seconds * channels * 4, peak  # measured 16.4 MB; whole, the read alone is 30.7 MB
+    np.testing.assert_allclose(mono[:, 0], expected, atol=1e-6)  # float32 means of the same samples
+    cut = speech._read_file(path, max_seconds=1.5)[1]
+    assert cut.shape == (72_000, 1) and np.array_equal(cut[:, 0], mono[:72_000, 0])
+
+
 # --- prepare_audio: errors ----------------------------------------------------------------------
 
 

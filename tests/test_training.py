@@ -537,3 +537,20 @@ def test_a_malformed_round_section_is_named(tiny_model, tmp_path, change, messag
     (folder / "config.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match=f"is not a valid mmft config: {message}"):
         load_config(folder)
+
+
+def test_entry_points_check_sizes_and_modes_before_any_work(tmp_path, capsys):
+    """cache_features: a batch or shard size of 0 was a traceback, -1 an empty cache and exit 0;
+    build_demo: a typo in --modes surfaced after minutes of pre-training, with demo/base already rebuilt."""
+    from train.build_demo import main as build_demo
+    from train.cache_features import main as cache_features
+
+    for flag in (["--batch_size", "0"], ["--shard_size", "0"], ["--batch_size", "-1"]):
+        with pytest.raises(SystemExit) as done:
+            cache_features(["--train_json", "x.json", "--image_dir", ".", "--out", str(tmp_path / "c"), *flag])
+        assert done.value.code == 2 and "is not a whole number >= 1" in capsys.readouterr().err, flag
+    for modes in ("patch,pooeld", "patch,patch"):
+        with pytest.raises(SystemExit) as done:
+            build_demo(["--modes", modes, "--out", str(tmp_path / "demo")])
+        assert done.value.code == 2 and f"--modes {modes!r}: a comma-separated list" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists() and not (tmp_path / "demo").exists()

@@ -1,6 +1,7 @@
 """CLIP features: every PIL mode, the size guard, damaged files, pooled and patch shapes."""
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -114,3 +115,36 @@ def test_image_past_pils_hard_limit_is_one_clear_error(monkeypatch):
     Image.new("L", (100, 100)).save(buf, "PNG")
     with pytest.raises(ImageError, match="too large to decode safely.*resize it"):
         load_image(buf.getvalue(), max_pixels=10**9)
+
+
+def test_a_thin_strip_is_cut_to_what_clips_crop_keeps(tiny_dir):
+    """CLIP's processor scales the short side up to its input size before its centre crop: a 100,000 x 1
+    strip (a few hundred bytes, far under the pixel limit) was scaled to gigabytes first. `load_image`
+    keeps the centre 20:1 of such an image, which holds the whole crop: CLIP sees the same pixels.
+    (Height 7 on the tiny CLIP's 56 px: a scale of exactly 8, so the crops align to the pixel.)"""
+    from mmft.vision import MAX_ASPECT
+
+    strip = Image.fromarray(np.random.default_rng(0).integers(0, 256, (7, 2000, 3), dtype=np.uint8))  # 286:1
+    file = io.BytesIO()
+    strip.save(file, "PNG")
+    loaded = load_image(file.getvalue(), 10**8)
+    assert loaded.size == (MAX_ASPECT * 7, 7)
+    vision = VisionEncoder.from_pretrained(str(tiny_dir / "clip"), "patch", 10**8)
+    assert torch.equal(vision.preprocess([loaded]), vision.preprocess([strip]))  # [1, 3, 56, 56]
+    file = io.BytesIO()
+    Image.new("RGB", (100_000, 1), "red").save(file, "PNG")
+    assert load_image(file.getvalue(), 10**8).size == (20, 1)
+    assert load_image(Image.new("RGB", (400, 20), "blue"), 10**8).size == (400, 20)  # 20:1 and under: as it is
+
+
+def test_damaged_exif_keeps_the_picture_as_stored():
+    """A JPEG whose EXIF block is damaged (bytes changed): PIL's exif_transpose fails re-writing it with
+    struct.error, which reached the page as "required argument is not an integer"."""
+    from PIL import ImageOps
+
+    path = Path(__file__).parent / "assets" / "damaged_exif.jpg"
+    with pytest.raises(Exception) as raised:
+        ImageOps.exif_transpose(Image.open(path))
+    assert not isinstance(raised.value, OSError)
+    image = load_image(path, 10**8)
+    assert image.size == (40, 30) and image.mode == "RGB"

@@ -16,6 +16,8 @@ import argparse
 import json
 from pathlib import Path
 
+from mmft.config import FEATURE_MODES  # light: no torch
+
 DEMO_DIR = Path(__file__).resolve().parents[1] / "demo"  # = mmft.demo.DEMO_DIR, without importing torch for --help
 
 
@@ -38,6 +40,10 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, default=None,
                         help="processes side by side (default: one per core, at most 2)")
     args = parser.parse_args(argv)
+    modes = args.modes.split(",")
+    if any(mode not in FEATURE_MODES for mode in modes) or len(set(modes)) != len(modes):
+        parser.error(f"--modes {args.modes!r}: a comma-separated list of distinct modes among "
+                     f"{', '.join(FEATURE_MODES)}")
     from transformers.utils import logging as hf_logging
 
     from mmft.demo import build_demo
@@ -45,7 +51,6 @@ def main(argv=None):
 
     hf_logging.set_verbosity_warning()
     hf_logging.disable_progress_bar()
-    modes = args.modes.split(",")
     results = build_demo(args.out, tuple(modes), args.samples, args.steps, args.lm_steps, args.clip_steps,
                          args.eval_n, args.indist_n, args.seed, args.workers,
                          args.batch_size, args.lm_batch_size, args.eval_seed)

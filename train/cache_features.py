@@ -13,6 +13,13 @@ import argparse
 from mmft.config import FEATURE_MODES, SELECT_STRATEGIES, MMFTConfig
 
 
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number >= 1")
+    return number
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train_json", required=True, nargs="+", help="one or more LLaVA-Instruct JSON files")
@@ -25,8 +32,8 @@ def main(argv=None):
                         help="patch mode: index into CLIP's hidden_states (-1 last, -2 second-to-last)")
     parser.add_argument("--vit_feature_select_strategy", default=MMFTConfig.vit_feature_select_strategy,
                         choices=SELECT_STRATEGIES, help="patch mode: default = drop CLS (LLaVA), full = keep it")
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--shard_size", type=int, default=4096)
+    parser.add_argument("--batch_size", type=_positive, default=64)
+    parser.add_argument("--shard_size", type=_positive, default=4096)
     args = parser.parse_args(argv)
 
     from mmft.data import DataError, load_json
