@@ -225,7 +225,9 @@ class Handlers:
         return choice, banner(self.rounds, choice), choice
 
     def refresh(self, current):
-        return gr.Dropdown(choices=self.rounds.choices(current), value=current)
+        """The picker with the repo's rounds now: usable again if listing them had failed at start-up."""
+        choices = self.rounds.choices(current)
+        return gr.Dropdown(choices=choices, value=current, interactive=len(choices) > 1)
 
 
 def create_app(settings: Settings, transcriber: Transcriber | None = None,

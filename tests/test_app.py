@@ -346,6 +346,8 @@ def test_serves_a_hub_round_by_revision_and_the_picker_switches_rounds(hub_onlin
 
         publish(plan_upload(tiny_round(tiny_dir, tmp_path / "round-3", 3), REPO))
         assert "round-3" in [key for _, key in rounds.choices("round-1")]  # what "Refresh" shows
+        refreshed = app.mmft_handlers.refresh("round-1")  # enabled again, had the listing failed at start-up
+        assert refreshed.interactive and "round-3" in [key for _, key in refreshed.choices]
     finally:
         app.close()
 
