@@ -100,7 +100,15 @@ def need_memory(gb: float, what: str) -> None:
 
 
 def peak_rss_gb() -> float:
-    """This process's peak resident set size (Linux reports KiB)."""
+    """This process's peak resident set size. Linux: VmHWM, the peak of this process's own memory
+    map; ru_maxrss would also carry the parent's peak across fork + exec (a worker started after
+    the parent's 1 GiB bandwidth probe would report at least that)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / GB  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB
 
 

@@ -115,12 +115,20 @@ def first_mismatch(a: list[int], b: list[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
-def build(args, tmp: str):
+def default_precision() -> str:
+    """The app's CPU inference path (`pick_cpu_path`): int8 linears (fp32 around them, as built here)."""
     from mmft.loading import pick_dtype
+    from mmft.quantize import pick_cpu_path
 
+    if pick_cpu_path().quantize == "int8":
+        return "int8"
+    return {torch.float32: "fp32", torch.bfloat16: "bf16"}[pick_dtype(torch.device("cpu"))]
+
+
+def build(args, tmp: str):
     if args.tiny:
         return common.tiny_model(tmp, mode=args.mode), "fp32"
-    precision = args.precision or {torch.float32: "fp32", torch.bfloat16: "bf16"}[pick_dtype(torch.device("cpu"))]
+    precision = args.precision or default_precision()
     config = common.phi35_config(args.layers)
     counts = common.lm_param_count(config)
     bytes_per_param = {"fp32": 4, "bf16": 2, "int8": 1, "nf4": 0.6}[precision]
@@ -138,7 +146,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--tiny", action="store_true", help="tiny kit models (tests, seconds)")
     parser.add_argument("--layers", type=int, default=32, help="decoder layers of the real-size LM (32 = full)")
     parser.add_argument("--precision", choices=common.PRECISIONS, default=None,
-                        help="real-size LM precision (default: what mmft.loading.pick_dtype picks on CPU)")
+                        help="real-size LM precision (default: the app's CPU path, int8)")
     parser.add_argument("--mode", choices=("patch", "pooled"), default="patch",
                         help="image tokens: patch = 49 (LLaVA's default: second-to-last layer, no CLS), pooled = 1")
     parser.add_argument("--new-tokens", type=int, default=64)

@@ -147,7 +147,13 @@ def main(argv=None) -> dict:
                   layers=None if args.tiny else args.layers, dtype=dtype)
     rows = []
     try:
-        if not (tmp / "rounds" / "round-3" / "config.json").exists():
+        if (tmp / "rounds" / "round-3" / "config.json").exists():  # kept: the shape must be the one asked for
+            from bench.side_by_side import kept_shape_error, tiny_config
+
+            wrong = kept_shape_error(tmp, tiny_config() if args.tiny else common.phi35_config(args.layers))
+            if wrong:
+                raise SystemExit(wrong)
+        else:
             t = time.perf_counter()
             done = subprocess.run(base + ["--worker", "save"], capture_output=True, text=True)
             if done.returncode != 0:

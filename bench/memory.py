@@ -123,9 +123,9 @@ def fit(rows: list[dict], variant: str, target: int) -> dict | None:
 
 
 def main(argv=None) -> dict:
-    from mmft.loading import pick_dtype
+    from bench.decode import default_precision as app_precision
 
-    default_precision = {torch.float32: "fp32", torch.bfloat16: "bf16"}[pick_dtype(torch.device("cpu"))]
+    default_precision = app_precision()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--tiny", action="store_true", help="tiny kit, in this process (tests)")

@@ -129,7 +129,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--precisions", default=",".join(common.PRECISIONS))
     parser.add_argument("--new-tokens", type=int, default=None,
                         help=f"decoded tokens per precision (default {DEFAULT_TOKENS})")
-    parser.add_argument("--prompt-tokens", type=int, default=80, help="prefill length (the image prompt's is 80)")
+    parser.add_argument("--prompt-tokens", type=int, default=80,
+                        help="prefill length (the issue's 80; the patch-mode image prompt is 77 now)")
     parser.add_argument("--paired", action="store_true",
                         help="load --precisions together and alternate decode runs (ratios robust to load)")
     parser.add_argument("--rounds", type=int, default=3, help="alternations for --paired")

@@ -225,3 +225,58 @@ def test_machine_survives_a_torch_without_the_private_cpu_probes(monkeypatch):
 
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", broken, raising=False)
     assert common.machine()["cpu_avx512_bf16"] is None
+
+
+def test_goal_check_takes_the_same_statistic_for_both_engines():
+    """With --rounds 2 the check took mmft's first row and llama.cpp's best: a fail where mmft led in
+    every round (4.0 vs 3.8, then 4.6 vs 4.2). Now the best of each."""
+    from bench.side_by_side import goal_check
+
+    def mmft(decode):
+        return dict(engine="mmft", spec="float32:int8", precision="int8 (float32)", decode_tokens_per_s=decode,
+                    prefill_s=1.0, peak_rss_gb=5.0, rss_one_round_gb=4.9, rss_three_rounds_gb=5.0)
+
+    def q4(decode):
+        return dict(engine="llama.cpp", precision="Q4_K_M", decode_tokens_per_s=decode)
+
+    check = goal_check([mmft(4.0), q4(3.8), mmft(4.6), q4(4.2)], "float32:int8")
+    assert check["decode_tokens_per_s"] == dict(value=4.6, llama_cpp_q4_k_m=4.2, met=True)
+    assert goal_check([mmft(4.0), q4(4.3), mmft(4.1), q4(3.9)], "float32:int8")["decode_tokens_per_s"]["met"] is False
+
+
+def test_a_kept_folder_of_another_shape_is_refused(tmp_path):
+    """--keep reused whatever weights the folder held: a 2-layer toy was timed and labelled as Phi-3.5."""
+    from bench import common
+    from bench.side_by_side import kept_shape_error, tiny_config
+
+    (tmp_path / "lm").mkdir()
+    (tmp_path / "lm" / "config.json").write_text(json.dumps(tiny_config().to_dict()))
+    assert kept_shape_error(tmp_path, tiny_config()) is None
+    message = kept_shape_error(tmp_path, common.phi35_config(1))
+    assert message.startswith(f"--keep {tmp_path} holds another model (saved, asked): ")
+    assert "'num_hidden_layers': (2, 1)" in message and "'hidden_size': (256, 3072)" in message
+
+
+def test_a_workers_peak_rss_is_its_own_not_its_parents():
+    """ru_maxrss carries the parent's peak across fork + exec: every bench.precision worker started after
+    the parent's 1 GiB bandwidth probe reported at least that. VmHWM is the process's own."""
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from bench import common
+
+    ballast = np.ones(1_500_000_000, dtype=np.uint8)  # 1.5 GB touched: the parent's peak is at least that
+    parent = common.peak_rss_gb()
+    child = subprocess.run([sys.executable, "-c", "from bench.common import peak_rss_gb; print(peak_rss_gb())"],
+                           capture_output=True, text=True, check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    del ballast
+    assert parent > 1.5 and float(child.stdout) < parent - 1.0, (parent, child.stdout)
+
+
+def test_decode_and_memory_default_to_the_apps_cpu_path():
+    from bench.decode import default_precision
+
+    assert default_precision() == "int8"  # tests pin the CPU without AMX: int8 linears, fp32 around them
