@@ -65,7 +65,10 @@ def _method(round_info: dict) -> str:
     """How the adapter was trained, from what the run recorded (rounds before the record: just LoRA)."""
     base = {"nf4": "a 4-bit NF4 base", "none": "an unquantized base"}.get(round_info.get("quantize"))
     if round_info.get("stage") == "projector":
-        return (" at LoRA's zero start: this round trained the projector alone (LLaVA's stage 1)"
+        parent = round_info.get("parent") or {}
+        start = f" as round {parent['round']} left it" if parent.get("round") is not None else \
+            " at LoRA's zero start"
+        return (f"{start}: this round trained the projector alone (LLaVA's stage 1)"
                 + (f", on {base}" if base else ""))
     if round_info.get("quantize") == "nf4":
         return " trained with QLoRA (on a 4-bit NF4 base)"

@@ -204,6 +204,9 @@ class RunArguments:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if not self.projector_lr > 0:
             raise ValueError(f"projector_lr must be > 0, got {self.projector_lr}")
+        if self.resume_round and self.init_projector:
+            raise ValueError("--init_projector seeds a new round's projector; --resume_round continues the round's "
+                             "own: give one of them")
         if self.quantize is not None and self.quantize not in QUANTIZE_MODES:
             raise ValueError(f"quantize must be one of {QUANTIZE_MODES} (or unset for the device's default), "
                              f"got {self.quantize!r}")

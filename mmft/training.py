@@ -42,8 +42,9 @@ COMMIT_RE = re.compile(r"[0-9a-f]{40}")  # a Hub commit id: the one revision tha
 class MMFTTrainer(Trainer):
     """Trainer that optimises the projector at its own lr and checkpoints only what is trained."""
 
-    def __init__(self, *args, projector_lr: float, **kwargs):
+    def __init__(self, *args, projector_lr: float, round_number: int | None = None, **kwargs):
         self.projector_lr = projector_lr
+        self.round_number = round_number  # written into each checkpoint: `last` resumes this round's only
         super().__init__(*args, **kwargs)
 
     def create_optimizer(self, model=None):
@@ -65,7 +66,10 @@ class MMFTTrainer(Trainer):
             output_dir.mkdir(parents=True, exist_ok=True)
             model = self.accelerator.unwrap_model(self.model)
             state = {k: v.detach().contiguous().cpu() for k, v in model.trained_state_dict().items()}
-            save_file(state, str(output_dir / CHECKPOINT_WEIGHTS), metadata={"format": "pt"})
+            metadata = {"format": "pt"}
+            if self.round_number is not None:
+                metadata["mmft_round"] = str(self.round_number)
+            save_file(state, str(output_dir / CHECKPOINT_WEIGHTS), metadata=metadata)
 
 
 def is_complete_checkpoint(folder: str | Path) -> bool:
@@ -81,8 +85,16 @@ def is_complete_checkpoint(folder: str | Path) -> bool:
     return True
 
 
-def last_complete_checkpoint(output_dir: str | Path) -> str | None:
-    """The newest checkpoint that is complete; torn ones (a run killed while writing) are skipped."""
+def checkpoint_round(folder: str | Path) -> int | None:
+    """The round a checkpoint was written for (None: written before checkpoints recorded it)."""
+    with safe_open(str(Path(folder) / CHECKPOINT_WEIGHTS), framework="pt") as f:
+        value = (f.metadata() or {}).get("mmft_round")
+    return int(value) if value and value.isdigit() else None
+
+
+def last_complete_checkpoint(output_dir: str | Path, round_number: int | None = None) -> str | None:
+    """The newest checkpoint that is complete; torn ones (a run killed while writing) are skipped, and
+    so, given `round_number`, are those of another round (rounds may share an output folder)."""
     output_dir = Path(output_dir)
     found = []
     for path in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if output_dir.is_dir() else []:
@@ -90,9 +102,13 @@ def last_complete_checkpoint(output_dir: str | Path) -> str | None:
         if path.is_dir() and step.isdigit():
             found.append((int(step), path))
     for _, path in sorted(found, reverse=True):
-        if is_complete_checkpoint(path):
+        if not is_complete_checkpoint(path):
+            logger.warning("skipping %s: incomplete (the run was killed while writing it)", path)
+        elif round_number is not None and checkpoint_round(path) not in (None, round_number):
+            logger.warning("skipping %s: a checkpoint of round %s, not of round %s", path, checkpoint_round(path),
+                           round_number)
+        else:
             return str(path)
-        logger.warning("skipping %s: incomplete (the run was killed while writing it)", path)
     return None
 
 
@@ -206,6 +222,19 @@ def match_projector_scale(model: MultimodalModel, dataset: ConversationDataset, 
     return factor
 
 
+def round_train_loss(log_history: list[dict], start: int, end: int, this_run: float) -> float:
+    """The mean loss over the round's steps 1..end. A run resumed at `start` reports (`TrainOutput`) the
+    mean over start+1..end only; steps 1..start come from the checkpoint's logged losses (each the mean
+    over its logging window; exact when the checkpoint step is a logging step, as with the defaults)."""
+    total, last = 0.0, 0
+    for h in log_history:
+        if "loss" in h and last < h["step"] <= start:
+            total, last = total + h["loss"] * (h["step"] - last), h["step"]
+    if start <= 0 or end <= start or last == 0:
+        return this_run
+    return (total / last * start + this_run * (end - start)) / end
+
+
 def plot_loss(log_history: list[dict], path: Path) -> Path:
     import matplotlib
 
@@ -255,18 +284,22 @@ def finetune(cfg: MMFTConfig, run: RunArguments, targs: TrainingArguments, callb
     if not (run.resume_round or run.init_projector):
         match_projector_scale(model, train_set)
 
+    number = int(parent.get("round", 0)) + 1
     collator = Collator(model.tokenizer.pad_token_id, run.pad_to_length)
     trainer = MMFTTrainer(model=model, args=targs, train_dataset=train_set, eval_dataset=eval_set,
-                          data_collator=collator, projector_lr=run.projector_lr, callbacks=callbacks)
+                          data_collator=collator, projector_lr=run.projector_lr, round_number=number,
+                          callbacks=callbacks)
     resume = targs.resume_from_checkpoint
     if resume in ("last", "True", "true"):
-        resume = last_complete_checkpoint(targs.output_dir)
+        resume = last_complete_checkpoint(targs.output_dir, number)
         if resume is None:
             logger.warning("no complete checkpoint in %s: starting from step 0", targs.output_dir)
+    # the step it resumes at (read now: the checkpoint may be rotated away during training)
+    state = Path(resume) / TRAINER_STATE if resume else None
+    start = json.loads(state.read_text())["global_step"] if state is not None and state.is_file() else 0
     result = trainer.train(resume_from_checkpoint=resume)
     eval_metrics = trainer.evaluate()
 
-    number = int(parent.get("round", 0)) + 1
     info = {
         "round": number,
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -277,7 +310,8 @@ def finetune(cfg: MMFTConfig, run: RunArguments, targs: TrainingArguments, callb
         "samples": len(train_set),
         "samples_seen": trainer.state.global_step * targs.train_batch_size * targs.gradient_accumulation_steps
         * targs.world_size,
-        "train_loss": round(result.training_loss, 4),
+        "train_loss": round(round_train_loss(trainer.state.log_history, start, trainer.state.global_step,
+                                             result.training_loss), 4),
         "train_samples_per_second": result.metrics.get("train_samples_per_second"),
         "eval_loss": round(eval_metrics["eval_loss"], 4),
         "metrics": {},

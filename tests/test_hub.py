@@ -177,6 +177,9 @@ def test_card_image_features_and_evaluation_follow_the_round():
                                        False)))
     assert "qlora" not in stage1.data.tags and "QLoRA" not in stage1.text
     assert "a LoRA adapter at LoRA's zero start: this round trained the projector alone" in stage1.text
+    later = ModelCard(str(render_card(MMFTConfig(), {"round": 2, "stage": "projector", "parent": {"round": 1}},
+                                      "me/r", 2, False)))  # a projector stage after a fine-tuned round
+    assert "a LoRA adapter as round 1 left it: this round trained the projector alone" in later.text
 
 
 @pytest.mark.parametrize("data, datasets, text", [

@@ -242,6 +242,7 @@ def test_a_run_without_evaluation_records_stops_before_loading_anything(tiny_dir
     (dict(pipe_refine_template="{question} {draft} {note}"), r"exactly \{question\} and \{draft\}"),
     (dict(pipe_refine_template="{question} {draft} {"), "not a format string"),
     (dict(pipe_draft=False, pipe_refine=False), "at least one of pipe_draft and pipe_refine"),  # answers nothing
+    (dict(resume_round="r/round-1", init_projector="s/round-1"), "--init_projector seeds a new round's"),  # ignored
 ])
 def test_config_values_out_of_range_are_refused_by_name(fields, message):
     from train.finetune import parser_for
@@ -436,6 +437,7 @@ def test_killed_run_resumes_without_lost_or_repeated_steps(tiny_dir, shapes_data
     resumed, rinfo = finetune(*_args(tiny_dir, shapes_data, tmp_path / "crash", steps=8, save_steps=4,
                                      resume_from_checkpoint="last"))
     assert rinfo["steps"] == info["steps"] == 8
+    assert rinfo["train_loss"] == info["train_loss"]  # the round's mean loss, not only the resumed steps'
     state = json.loads((tmp_path / "crash" / "checkpoint-8" / "trainer_state.json").read_text())
     assert [h["step"] for h in state["log_history"] if "loss" in h] == [2, 4, 6, 8]
     a, b = _trained(whole), _trained(resumed)
@@ -554,3 +556,33 @@ def test_entry_points_check_sizes_and_modes_before_any_work(tmp_path, capsys):
             build_demo(["--modes", modes, "--out", str(tmp_path / "demo")])
         assert done.value.code == 2 and f"--modes {modes!r}: a comma-separated list" in capsys.readouterr().err
     assert not (tmp_path / "c").exists() and not (tmp_path / "demo").exists()
+
+
+def test_last_checkpoint_is_this_rounds_when_rounds_share_an_output_folder(tiny_dir, shapes_data, tmp_path):
+    """Rounds may share --output_dir (finetune's docstring). Round 2, killed after its checkpoint-2,
+    resumed with `last`: it picked round 1's checkpoint-6 and wrote round 1's weights as round 2."""
+    from mmft.training import checkpoint_round, last_complete_checkpoint
+
+    runs = tmp_path / "runs"
+    first, _ = finetune(*_args(tiny_dir, shapes_data, runs, steps=6, save_steps=3))
+    assert checkpoint_round(runs / "checkpoint-6") == 1
+    whole, info = finetune(*_args(tiny_dir, shapes_data, tmp_path / "alone", steps=4, save_steps=2,
+                                  resume_round=str(first), data_offset=80))
+    shutil.copytree(tmp_path / "alone" / "checkpoint-2", runs / "checkpoint-2")  # round 2, killed at step 3
+    assert last_complete_checkpoint(runs, 2) == str(runs / "checkpoint-2") and last_complete_checkpoint(runs, 1)
+    resumed, rinfo = finetune(*_args(tiny_dir, shapes_data, runs, steps=4, save_steps=2, resume_round=str(first),
+                                     data_offset=80, resume_from_checkpoint="last"))
+    assert rinfo["round"] == 2 and rinfo["steps"] == info["steps"] == 4
+    a, b = _trained(whole), _trained(resumed)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)  # round 2's own training, not round 1's
+
+
+def test_a_mistyped_model_id_is_one_line(hub_online, tiny_dir, shapes_data, tmp_path, capsys):
+    from train.finetune import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--lm_model_id", "nobody/no-such-model", "--vit_model_id", str(tiny_dir / "clip"),
+              "--train_json", str(shapes_data[0]), "--image_dir", str(shapes_data[1]),
+              "--output_dir", str(tmp_path / "run"), "--max_steps", "2"])
+    message = str(done.value.code)
+    assert message.startswith("error: ") and "nobody/no-such-model" in message and "\n" not in message

@@ -49,9 +49,12 @@ def main(argv=None):
         names = [r["image"] for path in args.train_json for r in load_json(path) if isinstance(r, dict) and r.get("image")]
     except DataError as err:
         parser.exit(1, f"error: {err}\n")
-    cfg.vit_revision = pin_revision(cfg.vit_model_id, cfg.vit_revision)  # a branch moves: record its commit now
-    device = pick_device()
-    vision = VisionEncoder.from_config(cfg, dtype=pick_dtype(device)).to(device)
+    try:
+        cfg.vit_revision = pin_revision(cfg.vit_model_id, cfg.vit_revision)  # a branch moves: record its commit now
+        device = pick_device()
+        vision = VisionEncoder.from_config(cfg, dtype=pick_dtype(device)).to(device)
+    except (OSError, ValueError) as err:  # a mistyped or unreachable CLIP id
+        parser.exit(1, f"error: {' '.join(str(err).split())}\n")
     index = build_cache(vision, args.vit_model_id, args.image_dir, names, args.out, args.shard_size, args.batch_size,
                         vit_revision=cfg.vit_revision)
     print(f"cached {len(index['files'])} images ({len(index['unreadable'])} unreadable) "

@@ -40,8 +40,8 @@ def main(argv=None):
         parser.error(str(err))
     try:
         folder, info = finetune(cfg, run, targs)
-    except (DataError, FileNotFoundError, ValueError) as err:  # bad data, a round folder or its config.json
-        sys.exit(f"error: {err}")
+    except (DataError, OSError, ValueError) as err:  # bad data, a round folder or its config.json, a model id
+        sys.exit(f"error: {' '.join(str(err).split())}")
     print(f"[rank {targs.process_index}/{targs.world_size}] finished at step {info['steps']}")
     if targs.process_index == 0:
         extra = "".join(f", {k} {v}" for k, v in info["metrics"].items())
