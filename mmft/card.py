@@ -61,6 +61,11 @@ def renumbered(round_info: dict, number: int) -> dict:
     return out
 
 
+def _qlora(round_info: dict) -> bool:
+    """The adapter was trained on a 4-bit base (a projector-only stage trains no adapter)."""
+    return round_info.get("quantize") == "nf4" and round_info.get("stage") != "projector"
+
+
 def _method(round_info: dict) -> str:
     """How the adapter was trained, from what the run recorded (rounds before the record: just LoRA)."""
     base = {"nf4": "a 4-bit NF4 base", "none": "an unquantized base"}.get(round_info.get("quantize"))
@@ -70,7 +75,7 @@ def _method(round_info: dict) -> str:
             " at LoRA's zero start"
         return (f"{start}: this round trained the projector alone (LLaVA's stage 1)"
                 + (f", on {base}" if base else ""))
-    if round_info.get("quantize") == "nf4":
+    if _qlora(round_info):
         return " trained with QLoRA (on a 4-bit NF4 base)"
     return f" trained on {base}" if base else ""
 
@@ -125,8 +130,8 @@ def render_card(cfg: MMFTConfig, round_info: dict, repo_id: str, number: int, ha
         library_name="peft",
         pipeline_tag="image-text-to-text",
         datasets=datasets,
-        tags=["llava", "qlora" if _method(round_info).startswith(" trained with QLoRA") else "lora", "clip",
-              "phi3", "mmft", f"feature-mode-{cfg.vit_feature_mode}"],
+        tags=["llava", "qlora" if _qlora(round_info) else "lora", "clip", "phi3", "mmft",
+              f"feature-mode-{cfg.vit_feature_mode}"],
         license=round_info.get("license") or KNOWN_LICENSES.get(cfg.lm_model_id),
     )
     round_info = renumbered(round_info, number)

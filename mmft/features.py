@@ -107,7 +107,7 @@ class FeatureCache:
 
     def check(self, cfg: MMFTConfig) -> None:
         """Refuse a cache built with another CLIP, another commit of it, or another feature choice than `cfg`'s.
-        Both revisions are commits (`pin_revisions`); a cache or a run that names none is not compared."""
+        Both revisions are commits (`mmft.loading.pin_revisions`); a cache or a run that names none is not compared."""
         wanted = cfg.feature_choice
         built = {key: self.index[key] for key in wanted}
         built_revision = self.index.get("vit_revision")  # older caches did not record it

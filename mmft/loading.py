@@ -9,6 +9,7 @@ No `trust_remote_code`: Phi-3 and CLIP are native to transformers.
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from mmft.vision import VisionEncoder
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+COMMIT_RE = re.compile(r"[0-9a-f]{40}")  # a Hub commit id: the one revision that never moves
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:
@@ -155,6 +157,24 @@ def build_model(cfg: MMFTConfig, device=None, dtype=None, quantize=None, with_vi
     elif trainable:
         lm = get_peft_model(lm, lora_config(cfg))
     return MultimodalModel(cfg, lm, tokenizer, projector, vision)
+
+
+def pin_revisions(cfg: MMFTConfig) -> MMFTConfig:
+    """Record the Hub commit of the base LM and CLIP, so a round says exactly which weights it was trained
+    on: none given, or a branch or tag (which can move), becomes the commit it points to now; a commit id
+    is kept. Local folders have no commit: their revision stays None."""
+    return replace(cfg, lm_revision=pin_revision(cfg.lm_model_id, cfg.lm_revision),
+                   vit_revision=pin_revision(cfg.vit_model_id, cfg.vit_revision))
+
+
+def pin_revision(model_id: str, revision: str | None) -> str | None:
+    """The commit `revision` of `model_id` points to now (kept if it is one; a local folder's stays as given)."""
+    from transformers.utils.hub import cached_file, extract_commit_hash
+
+    if Path(model_id).exists() or (revision and COMMIT_RE.fullmatch(revision)):
+        return revision
+    # the Hub cache keeps files under snapshots/<commit>/: the commit of what will be loaded
+    return extract_commit_hash(cached_file(model_id, "config.json", revision=revision), None)
 
 
 def round_config(folder: str | Path) -> tuple[MMFTConfig, dict]:

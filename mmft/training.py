@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import re
-from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -28,7 +26,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from mmft.config import MMFTConfig, RunArguments
 from mmft.data import Collator, ConversationDataset, DataError, read_llava
 from mmft.features import FeatureCache, describe_features
-from mmft.loading import build_model, round_config
+from mmft.loading import build_model, pin_revisions, round_config
 from mmft.model import MultimodalModel
 from mmft.projector import load_projector
 from mmft.round import ADAPTER_DIR, PROJECTOR_NAME, check_round_folder
@@ -36,7 +34,6 @@ from mmft.round import ADAPTER_DIR, PROJECTOR_NAME, check_round_folder
 logger = logging.getLogger(__name__)
 CHECKPOINT_WEIGHTS = "model.safetensors"  # the Trainer's name: its resume path looks for it
 TRAINER_STATE = "trainer_state.json"  # written last into a checkpoint: its presence means "complete"
-COMMIT_RE = re.compile(r"[0-9a-f]{40}")  # a Hub commit id: the one revision that never moves
 
 
 class MMFTTrainer(Trainer):
@@ -104,30 +101,11 @@ def last_complete_checkpoint(output_dir: str | Path, round_number: int | None = 
     for _, path in sorted(found, reverse=True):
         if not is_complete_checkpoint(path):
             logger.warning("skipping %s: incomplete (the run was killed while writing it)", path)
-        elif round_number is not None and checkpoint_round(path) not in (None, round_number):
-            logger.warning("skipping %s: a checkpoint of round %s, not of round %s", path, checkpoint_round(path),
-                           round_number)
+        elif round_number is not None and (other := checkpoint_round(path)) not in (None, round_number):
+            logger.warning("skipping %s: a checkpoint of round %s, not of round %s", path, other, round_number)
         else:
             return str(path)
     return None
-
-
-def pin_revisions(cfg: MMFTConfig) -> MMFTConfig:
-    """Record the Hub commit of the base LM and CLIP, so a round says exactly which weights it was trained
-    on: none given, or a branch or tag (which can move), becomes the commit it points to now; a commit id
-    is kept. Local folders have no commit: their revision stays None."""
-    return replace(cfg, lm_revision=pin_revision(cfg.lm_model_id, cfg.lm_revision),
-                   vit_revision=pin_revision(cfg.vit_model_id, cfg.vit_revision))
-
-
-def pin_revision(model_id: str, revision: str | None) -> str | None:
-    """The commit `revision` of `model_id` points to now (kept if it is one; a local folder's stays as given)."""
-    from transformers.utils.hub import cached_file, extract_commit_hash
-
-    if Path(model_id).exists() or (revision and COMMIT_RE.fullmatch(revision)):
-        return revision
-    # the Hub cache keeps files under snapshots/<commit>/: the commit of what will be loaded
-    return extract_commit_hash(cached_file(model_id, "config.json", revision=revision), None)
 
 
 def training_dtype(targs: TrainingArguments) -> torch.dtype | None:

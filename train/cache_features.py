@@ -38,8 +38,7 @@ def main(argv=None):
 
     from mmft.data import DataError, load_json
     from mmft.features import build_cache
-    from mmft.loading import pick_device, pick_dtype
-    from mmft.training import pin_revision
+    from mmft.loading import pick_device, pick_dtype, pin_revision
     from mmft.vision import VisionEncoder
 
     cfg = MMFTConfig(vit_model_id=args.vit_model_id, vit_revision=args.vit_revision,
