@@ -15,7 +15,7 @@ from the question alone, or after naming the colour, measured at chance (docs/tr
 `render` is the one place that turns a draft's content words into a sentence; the refine stage
 learns exactly that mapping.
 
-A third family, `text`, is the tiny base LM's *language* (its text pre-training, `mmft.demo`): the
+A third family, `text`, is the tiny base LM's *language* (its text pre-training, `mmft.demo_text`): the
 training frames and prefixes, a few frames of its own, and every synonym, the held-out ones
 included, as Phi-3.5 knows "shade" from pre-training. Fine-tuning never sees a held-out synonym or a
 `text` frame; no model sees a held-out frame or prefix (`facts["heldout"]` says which of the two made

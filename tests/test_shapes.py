@@ -175,7 +175,8 @@ def test_refine_corpus_prompts_are_the_pipelines_own(tmp_path):
     """The base LM trains on refine prompts as `Pipeline._encode_refine` builds them: the training path cuts
     the whole user message to the question budget, the pipeline only the question, so no message may reach
     the budget (the demo's is 64 tokens; its longest message is 54)."""
-    from mmft.demo import init_base, refine_corpus
+    from mmft.demo import init_base
+    from mmft.demo_text import refine_corpus
     from mmft.prompt import encode_chat, refine_prompt
     from mmft.testing import make_tokenizer
 
@@ -194,7 +195,7 @@ def test_refine_corpus_prompts_are_the_pipelines_own(tmp_path):
 
 
 def test_refine_corpus_targets_keep_the_drafts_content():
-    from mmft.demo import refine_corpus
+    from mmft.demo_text import refine_corpus
 
     corpus = refine_corpus(MMFTConfig(), 400, seed=0)
     drafts = [(turns[0][1].split("Draft answer: ")[1].split("\n")[0], turns[1][1]) for turns in corpus
@@ -225,7 +226,7 @@ def test_share_word_forms_gives_unseen_forms_a_seen_forms_input_embedding(tmp_pa
 
     from transformers import Phi3ForCausalLM
 
-    from mmft.demo import share_word_forms
+    from mmft.demo_text import share_word_forms
     from mmft.testing import make_lm, make_tokenizer
 
     tokenizer = make_tokenizer()
