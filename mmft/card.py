@@ -84,21 +84,29 @@ def _label(name: str) -> str:
     return name.replace("_", " ").capitalize().replace("|", "\\|")
 
 
-def _evaluation(metrics: dict) -> list[list[str]]:
-    """This round's metrics as [what, held-out, in-distribution] rows: mmft records held-out figures
-    unprefixed and in-distribution ones as `indist_*` (`mmft.demo.evaluate_round`), so each kind's two
-    figures sit side by side; `heldout_*` groups (e.g. wordings no model saw) have a held-out figure only."""
+def _evaluation(metrics: dict) -> tuple[list[str], list[list[str]]]:
+    """This round's metrics as a header and rows [what, held-out, (independent wordings,) in-distribution]:
+    mmft records held-out figures unprefixed, the same held-out pictures asked in an independent
+    writer's wordings as `independent_*` and in-distribution ones as `indist_*`
+    (`mmft.demo.evaluate_round`), so each kind's figures sit side by side; `heldout_*` groups (e.g.
+    wordings no model saw) have a held-out figure only."""
+    beside = [p for p in ("independent_", "indist_") if any(k.startswith(p) for k in metrics)] or ["indist_"]
+    header = ["what", "held-out"] + [{"independent_": "independent wordings", "indist_": "in-distribution"}[p]
+                                     for p in beside]
     rows = []
     for name in sorted(metrics):
-        if name.startswith("indist_") and name[len("indist_"):] in metrics:
+        prefix = next((p for p in beside if name.startswith(p)), None)
+        if prefix and name[len(prefix):] in metrics:
             continue  # shown beside its held-out figure
-        if name.startswith("indist_"):
-            rows.append([_label(name[len("indist_"):]), "—", _fmt(metrics[name])])
+        if prefix:
+            rows.append([_label(name[len(prefix):])] + ["—"] * len(beside) + ["—"])
+            rows[-1][1 + 1 + beside.index(prefix)] = _fmt(metrics[name])
         elif name.startswith("heldout_"):
-            rows.append([_label(name[len("heldout_"):]) + " (held-out subgroup)", _fmt(metrics[name]), "—"])
+            rows.append([_label(name[len("heldout_"):]) + " (held-out subgroup)", _fmt(metrics[name])]
+                        + ["—"] * len(beside))
         else:
-            rows.append([_label(name), _fmt(metrics[name]), _fmt(metrics.get(f"indist_{name}"))])
-    return rows
+            rows.append([_label(name), _fmt(metrics[name])] + [_fmt(metrics.get(p + name)) for p in beside])
+    return header, rows
 
 
 def _datasets(round_info: dict) -> tuple[list[str] | None, str]:
@@ -139,12 +147,13 @@ def render_card(cfg: MMFTConfig, round_info: dict, repo_id: str, number: int, ha
     if not rows or rows[-1].get("round") != number:
         rows.append(round_info)
     header, cells = _table(rows)
+    evaluation_header, evaluation = _evaluation(round_info.get("metrics") or {})
     return ModelCard.from_template(
         data, template_path=str(template), repo_id=repo_id, revision=round_tag(number), round=number,
         lm_id=cfg.lm_model_id, lm_is_hub_id=lm_is_hub_id, vit_id=cfg.vit_model_id,
         feature_mode=feature_text(cfg), data_text=data_text, method=_method(round_info),
         parent=round_info.get("parent"), header=header, rows=cells,
-        evaluation=_evaluation(round_info.get("metrics") or {}), has_loss_plot=has_loss_plot,
+        evaluation=evaluation, evaluation_header=evaluation_header, has_loss_plot=has_loss_plot,
     )
 
 

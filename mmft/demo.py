@@ -154,21 +154,23 @@ def relocate(round_dir: Path, dest: Path, base_rel: str) -> Path:
 
 
 def evaluate_round(folder: Path, n: int, n_indist: int, seed: int) -> dict:
-    """Held-out and in-distribution evaluation of a round folder, recorded in its config.json (the
-    model card's table: unprefixed = held-out, `indist_` = training phrasings and image style,
+    """Held-out, independent-wording and in-distribution evaluation of a round folder, recorded in its
+    config.json (the model card's table: unprefixed = held-out, `independent_` = the same held-out
+    pictures asked in an independent writer's wordings, `indist_` = training phrasings and image style,
     `heldout_frames_` / `heldout_synonyms_` = the held-out questions no model saw / only the base LM's
     text saw) and metrics.json (everything, with examples)."""
     model, _ = load_round(folder, device="cpu", dtype=torch.float32)
     pipe = Pipeline(model)
     with torch.no_grad():
         heldout = shapes.evaluate(pipe, n=n, seed=seed, split="heldout")
+        independent = shapes.evaluate(pipe, n=n, seed=seed, split="independent")  # the same pictures
         indist = shapes.evaluate(pipe, n=n_indist, seed=seed + 1, split="train")
-    flat = {f"{k}_accuracy": v for k, v in shapes.summary(heldout).items() if k != "refine_damage"}
-    flat["refine_damage"] = heldout["refine_damage"]
+    flat = {}
+    for prefix, result in (("", heldout), ("independent_", independent), ("indist_", indist)):
+        flat.update({f"{prefix}{k}_accuracy": v for k, v in shapes.summary(result).items() if k != "refine_damage"})
+        flat[f"{prefix}refine_damage"] = result["refine_damage"]
     for family, figures in sorted(heldout.get("by_family", {}).items()):  # unseen frames / base-LM-only synonyms
         flat[f"heldout_{family}s_accuracy"] = figures["accuracy"]
-    flat.update({f"indist_{k}_accuracy": v for k, v in shapes.summary(indist).items() if k != "refine_damage"})
-    flat["indist_refine_damage"] = indist["refine_damage"]
     cfg, info = load_config(folder)
     info["metrics"] = flat
     info["data"] = {**info.get("data", {}), "synthetic": True}
@@ -178,9 +180,9 @@ def evaluate_round(folder: Path, n: int, n_indist: int, seed: int) -> dict:
     metrics_path = folder / "metrics.json"
     record = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     record["eval_metrics"] = flat
-    record["shapes_eval"] = {"heldout": heldout, "in_distribution": indist}
+    record["shapes_eval"] = {"heldout": heldout, "independent": independent, "in_distribution": indist}
     metrics_path.write_text(json.dumps(record, indent=1) + "\n")
-    return {"heldout": heldout, "in_distribution": indist}
+    return record["shapes_eval"]
 
 
 def round_job(base: Path, work: Path, mode: str, samples: int, steps: int, seed: int, batch_size: int,

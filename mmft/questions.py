@@ -20,16 +20,24 @@ training frames and prefixes, a few frames of its own, and every synonym, the he
 included, as Phi-3.5 knows "shade" from pre-training. Fine-tuning never sees a held-out synonym or a
 `text` frame; no model sees a held-out frame or prefix (`facts["heldout"]` says which of the two made
 a question held-out).
+
+A fourth, `independent`, is evaluation only: questions as typed by a writer who was shown none of the
+frames here, only the demo's world (`assets/independent_questions.json`), asked exactly as written.
 """
 
 from __future__ import annotations
 
+import json
 import random
+from functools import cache
+from pathlib import Path
 
 COLORS = ("red", "green", "blue", "yellow", "purple", "orange")
 SHAPES = ("circle", "square", "triangle")
 KINDS = ("color", "shape", "describe", "yesno", "choice")
-SPLITS = ("train", "heldout", "text")
+SPLITS = ("train", "heldout", "text", "independent")
+# Questions written, as visitors type them, by someone shown none of the frames here (evaluation only).
+INDEPENDENT = Path(__file__).resolve().parent / "assets" / "independent_questions.json"
 
 # {c}: a word for colour, {o}: a word for the object, {v}/{w}: values ("red", "a circle");
 # a frame marked "color:" or "shape:" is asked about that attribute only.
@@ -171,6 +179,13 @@ def _canonical(kind: str, attr: str, x: str, y: str, rng: random.Random, split: 
     return prefix + _fill(frame, attr, x, y, c, o), why, frame
 
 
+@cache
+def independent(kind: str, attr: str) -> tuple[str, ...]:
+    """The independent writer's questions of one kind (about `attr` for yes/no and choice), as typed."""
+    items = json.loads(INDEPENDENT.read_text(encoding="utf-8"))["questions"]
+    return tuple(q["text"] for q in items if q["kind"] == kind and (kind not in ("yesno", "choice") or q["attr"] == attr))
+
+
 def ask(kind: str, color: str, shape: str, rng: random.Random, split: str = "train",
         typo_rate: float = 0.08) -> tuple[str, dict]:
     """(question, facts) about a `color` `shape`; facts say what a right answer holds, and carry
@@ -191,6 +206,10 @@ def ask(kind: str, color: str, shape: str, rng: random.Random, split: str = "tra
     elif kind == "choice":
         x, y = (truth, other) if rng.random() < 0.5 else (other, truth)
         facts["options"] = (x, y)
+    if split == "independent":  # as written: its own casing, punctuation and slips
+        frame = rng.choice(independent(kind, attr))
+        facts["canonical"], facts["heldout"], facts["frame"] = _fill(frame, attr, x, y, "", ""), "independent", frame
+        return facts["canonical"], facts
     facts["canonical"], facts["heldout"], facts["frame"] = _canonical(kind, attr, x, y, rng, split)
     return _surface(facts["canonical"], rng, typo_rate), facts
 

@@ -180,12 +180,13 @@ def evaluate(pipeline, n: int = 300, seed: int = 10_000, split: str = "heldout",
              kinds=KINDS) -> dict:
     """`n` fresh images, one question of each kind per image, through the full staged pipeline.
 
-    `split="heldout"` draws held-out images and phrasings; `"train"` the training ones (fresh
-    images, the distribution training saw). Refine damage: the share of calls whose draft was
+    `split="heldout"` draws held-out images and phrasings; `"independent"` the same images (same
+    `seed`) asked in an independent writer's wordings (`questions.independent`); `"train"` the training
+    ones (fresh images, the distribution training saw). Refine damage: the share of calls whose draft was
     right and whose final answer is wrong. `by_frame`: accuracy per kind and frame, so a wording the
     model cannot place shows up by name, not only as a lower average."""
     rng = random.Random(seed)
-    style = HELDOUT_STYLE if split == "heldout" else TRAIN_STYLE
+    style = TRAIN_STYLE if split == "train" else HELDOUT_STYLE
     truths = [sample(rng) for _ in range(n)]
     images = [draw(color, shape, rng, size=None, style=style) for color, shape in truths]
     out = {"split": split, "images": n, "kinds": {}, "examples": []}

@@ -173,6 +173,14 @@ def test_card_image_features_and_evaluation_follow_the_round():
     assert "| Color accuracy | 0.9533 | 0.98 |" in card.text and "| Refine damage | 0 | — |" in card.text
     assert "| Frames accuracy (held-out subgroup) | 0.86 | — |" in card.text and "| Only | — | 0.5 |" in card.text
     assert [line for line in card.text.splitlines() if line.startswith("| round-")] == ["| round-3 | — | 9 | — | — | — |"]
+    assert "| what | held-out | in-distribution |" in card.text and "independent" not in card.text
+    # the demo's rounds also record the held-out pictures asked in an independent writer's wordings
+    info["metrics"].update(independent_color_accuracy=0.91, independent_refine_damage=0.01, independent_only=0.3)
+    card = ModelCard(str(render_card(MMFTConfig(), info, "me/r", 3, False)))
+    assert "| what | held-out | independent wordings | in-distribution |\n| --- | --- | --- | --- |" in card.text
+    assert "| Color accuracy | 0.9533 | 0.91 | 0.98 |" in card.text and "| Refine damage | 0 | 0.01 | — |" in card.text
+    assert "| Only | — | 0.3 | — |" in card.text and "| Frames accuracy (held-out subgroup) | 0.86 | — | — |" in card.text
+    assert "| Only | — | — | 0.5 |" in card.text and "**independent wordings**: the same held-out pictures" in card.text
     stage1 = ModelCard(str(render_card(MMFTConfig(), {"round": 1, "stage": "projector", "quantize": "nf4"}, "me/r", 1,
                                        False)))
     assert "qlora" not in stage1.data.tags and "QLoRA" not in stage1.text

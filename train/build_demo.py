@@ -6,10 +6,11 @@ The two pre-trainings (CLIP, LM), and then the two rounds, run side by side, one
 thread per core, so a rebuild gives the same weights and figures. `--workers 1` runs them one after
 the other in this process, on its threads: figures then move by a few points from run to run.
 
-Prints accuracy per question kind, held-out (phrasings and image styles training never saw) and
-in-distribution, the refine damage rate, and held-out accuracy split by what made a question held-out
-(a frame no model saw; a synonym only the base LM's text pre-training saw); the last line is JSON:
-the served (patch) round's held-out figures, with every mode's beside them.
+Prints accuracy per question kind, held-out (phrasings and image styles training never saw), on the
+same pictures asked in an independent writer's wordings ("indep"), and in-distribution, the refine
+damage rate, and held-out accuracy split by what made a question held-out (a frame no model saw; a
+synonym only the base LM's text pre-training saw); the last line is JSON: the served (patch) round's
+held-out figures, its independent-wording ones, and every mode's beside them.
 """
 
 import argparse
@@ -56,7 +57,8 @@ def main(argv=None):
                          args.batch_size, args.lm_batch_size, args.eval_seed)
     table = {}
     for mode in modes:
-        for split, metrics in (("held-out", results[mode]["heldout"]), ("in-dist", results[mode]["in_distribution"])):
+        for split, metrics in (("held-out", results[mode]["heldout"]), ("indep", results[mode]["independent"]),
+                               ("in-dist", results[mode]["in_distribution"])):
             figures = summary(metrics)
             table[(mode, split)] = figures
             print(f"{mode:7s} {split:8s} " + "  ".join(f"{k} {v:.3f}" for k, v in figures.items())
@@ -64,9 +66,10 @@ def main(argv=None):
         families = results[mode]["heldout"].get("by_family", {})
         print(f"{mode:7s} held-out by what made it held-out: " + "  ".join(
             f"{k} {v['accuracy']:.3f} ({v['questions']} questions)" for k, v in sorted(families.items())))
-        weak = sorted((v["accuracy"], kind, frame) for kind, frames in results[mode]["heldout"]["by_frame"].items()
-                      for frame, v in frames.items() if v["accuracy"] < 0.8)
-        print(f"{mode:7s} held-out frames under 0.8: " + ("; ".join(f"{k} {f!r} {a:.2f}" for a, k, f in weak) or "none"))
+        for split, what in (("heldout", "held-out frames"), ("independent", "independent wordings")):
+            weak = sorted((v["accuracy"], kind, frame) for kind, frames in results[mode][split]["by_frame"].items()
+                          for frame, v in frames.items() if v["accuracy"] < 0.8)
+            print(f"{mode:7s} {what} under 0.8: " + ("; ".join(f"{k} {f!r} {a:.2f}" for a, k, f in weak) or "none"))
         for example in results[mode]["heldout"]["examples"]:
             mark = "ok " if example["right"] else "BAD"
             print(f"    {mark} {example['kind']:8s} {example['question']!r}: draft {example['draft']!r} "
@@ -74,8 +77,9 @@ def main(argv=None):
     print(json.dumps({"mode": modes[0], "split": "heldout", "images": args.eval_n,
                       **table[(modes[0], "held-out")],
                       "by_family": {k: v["accuracy"] for k, v in results[modes[0]]["heldout"].get("by_family", {}).items()},
-                      "modes": {m: {"heldout": table[(m, "held-out")], "in_distribution": table[(m, "in-dist")]}
-                                for m in modes},
+                      "independent": table[(modes[0], "indep")],
+                      "modes": {m: {"heldout": table[(m, "held-out")], "independent": table[(m, "indep")],
+                                    "in_distribution": table[(m, "in-dist")]} for m in modes},
                       "seconds": results["seconds"], "workers": results["workers"]}))
 
 
