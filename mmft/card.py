@@ -90,7 +90,7 @@ def _evaluation(metrics: dict) -> tuple[list[str], list[list[str]]]:
     writer's wordings as `independent_*` and in-distribution ones as `indist_*`
     (`mmft.demo.evaluate_round`), so each kind's figures sit side by side; `heldout_*` groups (e.g.
     wordings no model saw) have a held-out figure only."""
-    beside = [p for p in ("independent_", "indist_") if any(k.startswith(p) for k in metrics)] or ["indist_"]
+    beside = ["independent_"] * any(k.startswith("independent_") for k in metrics) + ["indist_"]
     header = ["what", "held-out"] + [{"independent_": "independent wordings", "indist_": "in-distribution"}[p]
                                      for p in beside]
     rows = []

@@ -181,9 +181,17 @@ def _canonical(kind: str, attr: str, x: str, y: str, rng: random.Random, split: 
 
 @cache
 def independent(kind: str, attr: str) -> tuple[str, ...]:
-    """The independent writer's questions of one kind (about `attr` for yes/no and choice), as typed."""
+    """The independent writer's questions of one kind (about `attr` for yes/no and choice), as typed;
+    read once per process, as evaluation asks hundreds."""
     items = json.loads(INDEPENDENT.read_text(encoding="utf-8"))["questions"]
-    return tuple(q["text"] for q in items if q["kind"] == kind and (kind not in ("yesno", "choice") or q["attr"] == attr))
+    return tuple(q["text"] for q in items
+                 if q["kind"] == kind and (kind not in ("yesno", "choice") or q["attr"] == attr))
+
+
+def _as_written(text: str, attr: str, x: str, y: str) -> str:
+    """An independent question with its values in; every other character as typed (no `str.format`: a
+    brace a visitor types stays a brace)."""
+    return text.replace("{v}", _value(attr, x)).replace("{w}", _value(attr, y))
 
 
 def ask(kind: str, color: str, shape: str, rng: random.Random, split: str = "train",
@@ -208,7 +216,7 @@ def ask(kind: str, color: str, shape: str, rng: random.Random, split: str = "tra
         facts["options"] = (x, y)
     if split == "independent":  # as written: its own casing, punctuation and slips
         frame = rng.choice(independent(kind, attr))
-        facts["canonical"], facts["heldout"], facts["frame"] = _fill(frame, attr, x, y, "", ""), "independent", frame
+        facts["canonical"], facts["heldout"], facts["frame"] = _as_written(frame, attr, x, y), "independent", frame
         return facts["canonical"], facts
     facts["canonical"], facts["heldout"], facts["frame"] = _canonical(kind, attr, x, y, rng, split)
     return _surface(facts["canonical"], rng, typo_rate), facts

@@ -186,7 +186,7 @@ def evaluate(pipeline, n: int = 300, seed: int = 10_000, split: str = "heldout",
     right and whose final answer is wrong. `by_frame`: accuracy per kind and frame, so a wording the
     model cannot place shows up by name, not only as a lower average."""
     rng = random.Random(seed)
-    style = TRAIN_STYLE if split == "train" else HELDOUT_STYLE
+    style = HELDOUT_STYLE if split in ("heldout", "independent") else TRAIN_STYLE
     truths = [sample(rng) for _ in range(n)]
     images = [draw(color, shape, rng, size=None, style=style) for color, shape in truths]
     out = {"split": split, "images": n, "kinds": {}, "examples": []}

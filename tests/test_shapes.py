@@ -64,8 +64,9 @@ def test_each_question_names_its_frame(kind):
             attr, frame = facts["attr"], facts["frame"]
             if split == "independent":  # the writer's question as typed, its values filled in
                 assert frame in questions.independent(kind, attr) and facts["heldout"] == "independent"
-                assert facts["canonical"] == questions._fill(frame, attr, *(facts.get("options") or (
-                    facts.get("asked", facts["truth"]),) * 2), "", ""), facts
+                values = [questions._value(attr, v) for v in facts.get("options") or [facts.get("asked", "")] * 2]
+                assert facts["canonical"] == frame.replace("{v}", values[0]).replace("{w}", values[1]), facts
+                assert "{" not in facts["canonical"] and (kind in ("yesno", "choice")) == (facts["canonical"] != frame)
                 continue
             if split == "heldout" and facts["heldout"] == "frame" and frame in questions.frames(kind, attr, "heldout"):
                 continue
@@ -84,17 +85,31 @@ def test_independent_questions_are_well_formed_and_asked_as_written():
     for q in items:
         slots = set(re.findall(r"{(\w*)}", q["text"]))
         assert slots == {"yesno": {"v"}, "choice": {"v", "w"}}.get(q["kind"], set()), q
-        assert q["attr"] in {"yesno": ("color", "shape"), "choice": ("color", "shape")}.get(q["kind"], (q["kind"], "both"))
+        assert q["attr"] in (("color", "shape") if q["kind"] in ("yesno", "choice") else (q["kind"], "both")), q
     for kind in questions.KINDS:
         assert len(questions.independent(kind, "color")) >= 15 and len(questions.independent(kind, "shape")) >= 15
     rng = random.Random(4)
     for _ in range(200):
         question, facts = questions.ask("choice", "purple", "circle", rng, "independent")
-        assert question in {f.format(v=questions._value(facts["attr"], facts["options"][0]),
-                                     w=questions._value(facts["attr"], facts["options"][1]))
+        v, w = (questions._value(facts["attr"], o) for o in facts["options"])
+        assert question in {f.replace("{v}", v).replace("{w}", w)
                             for f in questions.independent("choice", facts["attr"])}, question
         question, facts = questions.ask("yesno", "purple", "circle", rng, "independent")
         assert "{" not in question and questions._value(facts["attr"], facts["asked"]) in question, question
+
+
+def test_independent_questions_keep_every_character_as_typed(monkeypatch):
+    """Braces a visitor types are not format fields: asked verbatim, only {v} and {w} filled."""
+    typed = ("what colour is it :}", "is it {v}? {yes/no}", "is it {{v}}?")
+    monkeypatch.setattr(questions, "independent", lambda kind, attr: typed)
+    rng = random.Random(0)
+    seen = set()
+    for _ in range(60):
+        question, facts = questions.ask("yesno", "red", "circle", rng, "independent")
+        value = questions._value(facts["attr"], facts["asked"])
+        assert question == facts["frame"].replace("{v}", value), (question, facts)
+        seen.add(question.replace(value, "<v>"))
+    assert seen == {"what colour is it :}", "is it <v>? {yes/no}", "is it {<v>}?"}
 
 
 def test_questions_read_as_intended():

@@ -32,7 +32,8 @@ def main(argv=None):
     parser.add_argument("--lm_steps", type=int, default=800)
     parser.add_argument("--lm_batch_size", type=int, default=32, help="the base LM's text pre-training batch size")
     parser.add_argument("--clip_steps", type=int, default=1200)
-    parser.add_argument("--eval_n", type=int, default=300, help="fresh held-out images (each asked every kind)")
+    parser.add_argument("--eval_n", type=int, default=300,
+                        help="fresh held-out images (each asked every kind, in held-out and in independent wordings)")
     parser.add_argument("--indist_n", type=int, default=100, help="fresh in-distribution images")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval_seed", type=int, default=None,
