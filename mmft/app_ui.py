@@ -214,8 +214,8 @@ class Handlers:
             yield answer.final, transcript, _notes(notes + more + answer.notes)
 
     def select(self, choice, current):
-        """The round picker: load the chosen round (once; cached; "main (latest)" re-checked against
-        the Hub) and say so, or keep the current one."""
+        """The round picker: load the chosen round (once; cached; "main (latest)" and tags re-checked
+        against the Hub, as a forced re-publish moves a tag) and say so, or keep the current one."""
         try:
             self.rounds.get(choice, refresh=True)
         except Exception as err:  # RoundNotFound, a broken round, no memory: the current round stays

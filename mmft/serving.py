@@ -28,7 +28,7 @@ from pathlib import Path
 
 from mmft.config import MMFTConfig
 from mmft.hub import RoundNotFound, error_line, list_rounds, pull_round
-from mmft.loading import load_round, pick_device, projector_for, round_config
+from mmft.loading import COMMIT_RE, load_round, pick_device, projector_for, round_config
 from mmft.pipeline import Pipeline
 from mmft.projector import load_projector
 from mmft.round import ADAPTER_DIR, PROJECTOR_NAME
@@ -232,11 +232,13 @@ class Rounds:
         return dict(device=s.device, dtype=s.dtype, quantize=s.quantize)
 
     def get(self, key: str, refresh: bool = False) -> Pipeline:
-        """The round's pipeline, loaded once. `refresh` (the picker asking for "main (latest)"): where
-        the Hub's main has moved on since it was loaded, the new round replaces it; unreachable, the
-        loaded one stays."""
+        """The round's pipeline, loaded once. `refresh` (the picker's choice): where the Hub's `main`, a
+        branch or a tag (`push_to_hub.py --force` moves one) has moved on since it was loaded, the new
+        round replaces it, so what is served is what the picker's label names; unreachable, the loaded
+        one stays. A commit id never moves."""
         folder = None
-        if refresh and key == MAIN_KEY and self.on_hub and self.cache.folder(key) is not None:
+        movable = key != DEMO_KEY and not COMMIT_RE.fullmatch(key)
+        if refresh and movable and self.on_hub and self.cache.folder(key) is not None:
             try:  # asked outside the lock: other visitors' questions do not wait for the Hub
                 folder = self._locate(key)  # a snapshot folder: one per commit
             except RoundNotFound as err:

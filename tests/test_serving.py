@@ -291,6 +291,12 @@ def test_main_latest_follows_a_newly_published_round_when_picked(hub_online, thr
     assert rounds.loaded() == ["round-1", MAIN_KEY] and rounds.cache.bases() == 1  # nothing else evicted
     assert rounds.cache._bases[rounds.cache._base_of[MAIN_KEY]].lm is base.lm  # one base, not reloaded
     assert rounds.get(MAIN_KEY, refresh=True) is second  # unchanged main: nothing reloaded
+    # a tag moved by a forced re-publish: picked again, the picker's round-1 is the one now tagged
+    tagged = publish(plan_upload(three_rounds[1], repo, number=1), force=True)
+    assert vars(rounds.get("round-1").answer_image(IMAGE, QUESTION)) == alone[0]  # a question: no Hub call
+    moved = rounds.get("round-1", refresh=True)
+    assert vars(moved.answer_image(IMAGE, QUESTION)) == alone[1]
+    assert rounds.cache.folder("round-1").name == tagged.commit_id  # served: the commit the label names
 
     # a new main that cannot load (its base is nowhere): the error says so, and main keeps serving
     broken = Path(shutil.copytree(three_rounds[2], tmp_path / "broken"))
