@@ -68,6 +68,10 @@ def _tensors(path: Path) -> dict:
         raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
     if not tensors:
         raise ValueError(f"{path} is not a readable safetensors file: it holds no tensors")
+    ints = sorted(f"{name} ({t.dtype})" for name, t in tensors.items() if not t.is_floating_point())
+    if ints:  # loading would cast them to float silently: weights that were never trained
+        raise ValueError(f"{path} holds non-float tensors: {', '.join(ints[:3])}{' ...' if len(ints) > 3 else ''}; "
+                         "a round's weights are floating point")
     bad = sorted(name for name, t in tensors.items() if t.is_floating_point() and not t.isfinite().all())
     if bad:
         raise ValueError(f"{path} holds NaN or Inf values in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}: "
@@ -91,13 +95,24 @@ def _check_projector(path: Path, cfg: MMFTConfig) -> None:
             raise ValueError(f"{path}: {name} has shape {shapes[name]}, but config.json (mp_input_dim="
                              f"{cfg.mp_input_dim}, mp_hidden_dim={cfg.mp_hidden_dim}, mp_output_dim="
                              f"{cfg.mp_output_dim}) says {tuple('?' if w is None else w for w in want)}")
+    for i in range(1, cfg.mp_depth + 1):  # the chain itself, where the config leaves a dim open
+        out = shapes[f"linear_{i}.weight"][0]
+        if shapes[f"linear_{i}.bias"] != (out,) or (i < cfg.mp_depth and shapes[f"linear_{i + 1}.weight"][1] != out):
+            nxt = f", linear_{i + 1}.weight {shapes[f'linear_{i + 1}.weight']}" if i < cfg.mp_depth else ""
+            raise ValueError(f"{path}: linear_{i}.weight {shapes[f'linear_{i}.weight']}, linear_{i}.bias "
+                             f"{shapes[f'linear_{i}.bias']}{nxt} do not chain: the layers are not one projector")
 
 
-LORA_KEY_RE = re.compile(r"(?P<module>.+\.(?P<target>[^.]+))\.lora_(?P<ab>[AB])\.weight")
+# PEFT's names: base_model.model.<module path>.lora_A.weight (linears), .lora_embedding_A (embeddings)
+LORA_KEY_RE = re.compile(r"base_model\.model\.(?P<module>(?:.+\.)?(?P<target>[^.]+))"
+                         r"\.lora_(?:(?P<ab>[AB])\.weight|embedding_(?P<emb>[AB]))")
+LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
 
 
 def _check_adapter(folder: Path, cfg: MMFTConfig, adapter_cfg: dict) -> None:
-    """Every tensor a LoRA A/B pair on one of the configured targets, with the configured rank."""
+    """Every tensor a LoRA A/B pair on one of the configured targets, with the configured rank, under
+    PEFT's `base_model.model.` prefix (other names load as nothing: PEFT only warns, and the round is
+    the base model); every target present, on the same layers."""
     path = folder / ADAPTER_DIR / "adapter_model.safetensors"
     shapes = _tensors(path)
     targets = adapter_cfg.get("target_modules") or []
@@ -114,8 +129,8 @@ def _check_adapter(folder: Path, cfg: MMFTConfig, adapter_cfg: dict) -> None:
         match = LORA_KEY_RE.fullmatch(name)
         if not match or match["target"] not in targets or len(shape) != 2:
             raise ValueError(f"{path}: unexpected tensor {name} {shape}: expected only 2-D lora_A/lora_B "
-                             f"weights of the targets {targets}")
-        pairs.setdefault(match["module"], {})[match["ab"]] = shape
+                             f"weights of the targets {targets}, named base_model.model.<module>")
+        pairs.setdefault(match["module"], {})[match["ab"] or match["emb"]] = shape
     fixed_rank = not adapter_cfg.get("rank_pattern")
     maps: dict[str, tuple[str, tuple[int, int]]] = {}  # target -> (first module, its d_in -> d_out)
     for module, ab in sorted(pairs.items()):
@@ -133,6 +148,18 @@ def _check_adapter(folder: Path, cfg: MMFTConfig, adapter_cfg: dict) -> None:
         if shape != (d_in, d_out):
             raise ValueError(f"{path}: {module} maps {d_in} -> {d_out}, but {first} maps {shape[0]} -> {shape[1]}: "
                              "the file is damaged or mixes two adapters")
+    missing = sorted(set(targets) - set(maps))
+    if missing:
+        raise ValueError(f"{path} has no LoRA weights for {', '.join(missing)}, which adapter_config.json targets: "
+                         "the file is damaged or incomplete")
+    layers: dict[str, set[str]] = {}  # target -> the decoder layers it sits on (targets outside them: none)
+    for module in pairs:
+        if index := LAYER_RE.search(module + "."):
+            layers.setdefault(module.rpartition(".")[2], set()).add(index[1])
+    covered = {target: sorted(found, key=int) for target, found in layers.items()}
+    if len({tuple(v) for v in covered.values()}) > 1:
+        counts = ", ".join(f"{t}: {len(v)} layers" for t, v in sorted(covered.items()))
+        raise ValueError(f"{path}: the targets sit on different layers ({counts}): the file is damaged or incomplete")
 
 
 def check_round(folder: str | Path) -> tuple[MMFTConfig, dict]:

@@ -245,7 +245,8 @@ class MultimodalModel(nn.Module):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         if self.has_adapter:
-            self.lm.save_pretrained(folder / ADAPTER_DIR)
+            # the LoRA weights only: with LoRA on embed_tokens PEFT would also save the frozen embedding
+            self.lm.save_pretrained(folder / ADAPTER_DIR, save_embedding_layers=False)
         save_projector(self.projector, folder / PROJECTOR_NAME)
         save_config(folder, self.cfg, round_info)
         return folder

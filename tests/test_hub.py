@@ -20,6 +20,7 @@ from mmft.hub import (
     ROUND_PATTERNS,
     RoundExists,
     RoundNotFound,
+    check_round,
     list_rounds,
     plan_upload,
     publish,
@@ -75,6 +76,13 @@ def rounds(tiny_dir, tmp_path_factory):
 
 def _edit_tensors(path: Path, change) -> None:
     save_file(change(load_file(str(path))), str(path))
+
+
+def _open_hidden(folder: Path) -> None:
+    """config.json without mp_hidden_dim: the check then has only the tensors to go by."""
+    data = json.loads((folder / "config.json").read_text())
+    data["mmft"]["mp_hidden_dim"] = None
+    (folder / "config.json").write_text(json.dumps(data))
 
 
 def round_files(folder) -> dict[str, bytes]:
@@ -443,6 +451,23 @@ def test_local_folder_is_returned_as_is(rounds):
     (lambda f: (f / "adapter/adapter_config.json").write_text(json.dumps(
         {**json.loads((f / "adapter/adapter_config.json").read_text()), "target_modules": 5})),
      "adapter_config.json: target_modules is 5, expected a module name or a list"),
+    # names PEFT would not load (it only warns; the round would be the base model), missing targets and layers
+    (lambda f: _edit_tensors(f / "adapter/adapter_model.safetensors",
+                             lambda t: {k.replace("base_model.model.", "wrong.prefix."): v for k, v in t.items()}),
+     r"unexpected tensor wrong\.prefix\..*named base_model\.model\.<module>"),
+    (lambda f: _edit_tensors(f / "adapter/adapter_model.safetensors",
+                             lambda t: {k: v for k, v in t.items() if "gate_up_proj" not in k}),
+     "has no LoRA weights for gate_up_proj, which adapter_config.json targets"),
+    (lambda f: _edit_tensors(f / "adapter/adapter_model.safetensors",
+                             lambda t: {k: v for k, v in t.items() if "layers.1.mlp.down_proj" not in k}),
+     r"targets sit on different layers \(down_proj: 1 layers, gate_up_proj: 2 layers"),
+    # integer weights would load as floats, silently; a projector whose layers do not chain
+    (lambda f: _edit_tensors(f / "projector.safetensors", lambda t: {k: v.to(torch.int8) for k, v in t.items()}),
+     r"non-float tensors: linear_1.bias \(torch.int8\)"),
+    (lambda f: _open_hidden(f) or _edit_tensors(f / "projector.safetensors", lambda t: {
+        **t, "linear_1.weight": torch.zeros(48, t["linear_1.weight"].shape[1]), "linear_1.bias": torch.zeros(48),
+        "linear_2.weight": torch.zeros(t["linear_2.weight"].shape[0], 40)}),
+     r"linear_1.weight \(48, 32\), linear_1.bias \(48,\), linear_2.weight \(64, 40\) do not chain"),
 ])
 def test_bad_folders_are_refused_before_any_request(hub_online, rounds, tmp_path, damage, message):
     folder = tmp_path / "round"
@@ -451,6 +476,19 @@ def test_bad_folders_are_refused_before_any_request(hub_online, rounds, tmp_path
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         plan_upload(folder, REPO)
     assert hub_online.requests == []
+
+
+def test_a_round_with_lora_on_the_embeddings_saves_and_checks_its_lora_only(tiny_dir, tmp_path):
+    """LoRA on embed_tokens (lora_target_modules allows it): PEFT saves its lora_embedding_A/B and, left to
+    itself, the whole frozen embedding matrix too (the bulk of a real round), which the check refused."""
+    cfg = MMFTConfig(lm_model_id=str(tiny_dir / "lm"), vit_model_id=str(tiny_dir / "clip"), lora_r=4,
+                     lora_target_modules=["qkv_proj", "embed_tokens"])
+    model = build_model(cfg, device="cpu", dtype=torch.float32, trainable=True)
+    model.save_pretrained(tmp_path / "round", {"round": 1})
+    names = set(load_file(str(tmp_path / "round/adapter/adapter_model.safetensors")))
+    assert {n for n in names if "embed_tokens" in n} == {"base_model.model.model.embed_tokens.lora_embedding_A",
+                                                         "base_model.model.model.embed_tokens.lora_embedding_B"}
+    assert check_round(tmp_path / "round")[0].lora_target_modules == ["qkv_proj", "embed_tokens"]
 
 
 def test_cli_refuses_a_pickle_and_dry_run_sends_nothing(hub_online, rounds, tmp_path):
