@@ -94,10 +94,14 @@ def _drop_repeats(words: list[str], max_n: int = 8) -> list[str]:
     return out
 
 
+ECHO_MIN_WORDS = 3  # "Red?" answered "red circle", "It" answered "It is a circle.": the answer, not an echo
+
+
 def _strip_echo(text: str, question: str) -> str:
-    """Remove the question when the model repeats it at the start of its answer."""
+    """Remove the question when the model repeats it at the start of its answer (a question of three
+    words or more: the first words of an answer to a shorter one are as likely its content)."""
     q_words = _words(question)
-    if not q_words:
+    if len(q_words) < ECHO_MIN_WORDS:
         return text
     tokens = list(re.finditer(r"\w+", text))
     if len(tokens) > len(q_words) and [t.group().lower() for t in tokens[: len(q_words)]] == q_words:

@@ -46,6 +46,9 @@ def test_cleaning_needs_no_nltk_data(monkeypatch, tmp_path):
     ("  ,, it is   blue !!", "", "It is blue!"),
     ("What colour is the shape? The shape is green.", "What colour is the shape?", "The shape is green."),
     ("what colour is it", "What colour is it?", "What colour is it"),  # nothing but the echo: kept
+    # a short question's words starting the answer are its content, not an echo
+    ("red circle", "Red?", "Red circle"), ("It is a circle.", "It", "It is a circle."),
+    ("The shape is red.", "the shape?", "The shape is red."), ("Is it red? Yes.", "is it red?", "Yes."),
     ("A square .", "", "A square."),
     # a sign or a decimal point before a digit is not stray punctuation
     ("-3 degrees.", "", "-3 degrees."), (".5 litres", "", ".5 litres"), ("The value is .5", "", "The value is .5"),
