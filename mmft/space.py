@@ -6,8 +6,9 @@ The Space runs `app.py` (README.md's front matter says so) with `requirements.tx
 package and the bundled demo round with its tiny base models (the fallback when no round is
 configured or reachable), and the docs README.md links to. Files the Space does not need (tests,
 training, benchmarks) stay home. `.gitattributes` travels too, so the Space's binaries (.safetensors,
-.png, tokenizer.json) are LFS. A file on the Space that is not in this list is deleted by the same
-commit. The token is the one huggingface_hub finds (HF_TOKEN, `hf auth login`) and is never printed.
+.png, tokenizer.json) are LFS. In a git checkout only files git tracks go (an uncommitted scratch
+module stays home; the command names what it left out). A file on the Space that is not in this list
+is deleted by the same commit. The token is the one huggingface_hub finds (HF_TOKEN, `hf auth login`) and is never printed.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import glob
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -28,10 +30,28 @@ SPACE_PATTERNS = ["README.md", ".gitattributes", "app.py", "requirements.txt", "
                   "docs/benchmarks.md", "docs/training.md", "docs/screenshot.png"]  # what README.md links to
 
 
-def space_files(root: str | Path = ROOT) -> list[str]:
-    """The repo-relative paths the Space needs, sorted (no caches, no tests, no training data)."""
+def _untracked(root: Path) -> set[str]:
+    """Files in a git checkout that git does not track (a scratch module, a local .env): never public.
+    Empty outside a checkout or without git: then the patterns alone decide."""
+    if not (root / ".git").exists():
+        return set()
+    try:
+        done = subprocess.run(["git", "-C", str(root), "ls-files", "-z", "--others"], capture_output=True,
+                              timeout=60, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return set()
+    return {p for p in done.stdout.decode("utf-8", "surrogateescape").split("\0") if p}
+
+
+def space_files(root: str | Path = ROOT, skipped: list[str] | None = None) -> list[str]:
+    """The repo-relative paths the Space needs, sorted (no caches, no tests, no training data; in a git
+    checkout, tracked files only: those the patterns match but git does not track go to `skipped`)."""
     root = Path(root)
+    untracked = _untracked(root)
     paths = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
+    if skipped is not None:
+        skipped += sorted(p for p in paths if p in untracked and any(path_matches(p, pat) for pat in SPACE_PATTERNS))
+    paths = [p for p in paths if p not in untracked]
     return sorted(p for p in paths if any(path_matches(p, pat) for pat in SPACE_PATTERNS) and "__pycache__" not in p)
 
 
@@ -75,7 +95,10 @@ def main(argv: list[str] | None = None) -> int:
                   "Secret in the Space's settings instead", file=sys.stderr)
             return 2
         variables[key] = value
-    files = space_files()
+    skipped: list[str] = []
+    files = space_files(skipped=skipped)
+    for path in skipped:  # a public Space gets committed work only
+        print(f"not deployed (git does not track it): {path}", file=sys.stderr)
     if args.dry_run:
         for path in files:
             print(f"  {path:<50} {(ROOT / path).stat().st_size:>10,} bytes")

@@ -604,6 +604,25 @@ def test_space_files_take_no_nested_or_hidden_strays(tmp_path):
                                      "demo/round/adapter/adapter_[1].json", "docs/benchmarks.md", "mmft/model.py"]
 
 
+def test_space_files_in_a_checkout_are_the_tracked_ones(tmp_path):
+    """An untracked module under mmft/ matches `mmft/*.py` but is not committed work: it stays home, and
+    the command says so."""
+    from mmft.space import space_files
+
+    for path in ("app.py", "mmft/model.py", "mmft/scratch.py", "demo/round/config.json"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text("x")
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(git[:3] + ["init", "-q"], check=True)
+    subprocess.run(git + ["add", "app.py", "mmft/model.py", "demo/round/config.json"], check=True)
+    subprocess.run(git + ["commit", "-q", "-m", "x"], check=True)
+    skipped = []
+    assert space_files(tmp_path, skipped) == ["app.py", "demo/round/config.json", "mmft/model.py"]
+    assert skipped == ["mmft/scratch.py"]
+    subprocess.run(git + ["add", "mmft/scratch.py"], check=True)  # staged counts as tracked
+    assert "mmft/scratch.py" in space_files(tmp_path)
+
+
 def test_round_number_override_is_the_one_in_config_json_and_nested_files_stay(rounds, tmp_path):
     """`--round N`: tag, card and the published config.json say N; only the round's own files travel
     (`adapter/*.json` does not take a nested `adapter/old/...`, nor a stray dotfile)."""
