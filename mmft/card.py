@@ -138,8 +138,10 @@ def render_card(cfg: MMFTConfig, round_info: dict, repo_id: str, number: int, ha
         library_name="peft",
         pipeline_tag="image-text-to-text",
         datasets=datasets,
-        tags=["llava", "qlora" if _qlora(round_info) else "lora", "clip", "phi3", "mmft",
-              f"feature-mode-{cfg.vit_feature_mode}"],
+        # phi3 only where the LM is one: a Hub id names it; a local folder is taken as mmft's Phi-3 family
+        tags=["llava", "qlora" if _qlora(round_info) else "lora", "clip",
+              *(["phi3"] if not lm_is_hub_id or re.search(r"phi-?3", cfg.lm_model_id, re.IGNORECASE) else []),
+              "mmft", f"feature-mode-{cfg.vit_feature_mode}"],
         license=round_info.get("license") or KNOWN_LICENSES.get(cfg.lm_model_id),
     )
     round_info = renumbered(round_info, number)
@@ -151,6 +153,7 @@ def render_card(cfg: MMFTConfig, round_info: dict, repo_id: str, number: int, ha
     return ModelCard.from_template(
         data, template_path=str(template), repo_id=repo_id, revision=round_tag(number), round=number,
         lm_id=cfg.lm_model_id, lm_is_hub_id=lm_is_hub_id, vit_id=cfg.vit_model_id,
+        projector=" → GELU → ".join(["Linear"] * cfg.mp_depth),
         feature_mode=feature_text(cfg), data_text=data_text, method=_method(round_info),
         parent=round_info.get("parent"), header=header, rows=cells,
         evaluation=evaluation, evaluation_header=evaluation_header, has_loss_plot=has_loss_plot,

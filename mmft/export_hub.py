@@ -101,6 +101,7 @@ def check_round_exportable(round_dir: str | Path) -> None:
 
 def plan_export_upload(round_dir: str | Path, repo_id: str, number: int, workdir: str | Path):
     """Export the round under `workdir` and describe the upload (a `RoundUpload` for `mmft.hub.publish`)."""
+    from mmft.card import renumbered
     from mmft.config import load_config
     from mmft.export import export_llava
     from mmft.hub import RoundUpload, round_tag
@@ -109,7 +110,8 @@ def plan_export_upload(round_dir: str | Path, repo_id: str, number: int, workdir
     folder = export_llava(round_dir, Path(workdir) / "llava", force=True)
     cfg, round_info = load_config(round_dir)
     num_tokens = json.loads((folder / "config.json").read_text())["image_seq_length"]
-    card = render_export_card(cfg, round_info, target, num_tokens, revision=round_tag(number))
+    # the number it is published under (`--round N`), as the round repo's tag, card and config.json say
+    card = render_export_card(cfg, renumbered(round_info, number), target, num_tokens, revision=round_tag(number))
     files = {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*"))
              if p.is_file() and p.name != "README.md"}
     return RoundUpload(target, number, files, card)

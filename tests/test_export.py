@@ -252,6 +252,16 @@ def test_push_with_export_publishes_a_loadable_llava_repo(hub_online, kit_round,
     assert not [line for line in code if line.startswith(("import mmft", "from mmft"))]  # no mmft needed
 
 
+def test_export_card_names_the_round_number_it_is_published_under(kit_round, tmp_path):
+    """`--round 5` tags round-5 on both repos; the export's card said the folder's own number."""
+    from mmft.export_hub import plan_export_upload
+
+    round_dir, _ = kit_round
+    upload = plan_export_upload(round_dir, "user/shapes", 5, tmp_path)
+    assert upload.round == 5 and "Exported from mmft round 5." in str(upload.card)
+    assert load_config(round_dir)[1]["round"] != 5
+
+
 def test_push_with_export_refuses_a_pooled_round_before_sending(hub_online):
     done = _push(hub_online, ROOT / "demo" / "round-pooled", "--repo-id", "user/pooled", "--export", "llava")
     assert done.returncode == 1 and "Traceback" not in done.stderr

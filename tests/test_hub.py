@@ -201,6 +201,10 @@ def test_card_image_features_and_evaluation_follow_the_round():
                                        False)))
     assert "qlora" not in stage1.data.tags and "QLoRA" not in stage1.text
     assert "a LoRA adapter at LoRA's zero start: this round trained the projector alone" in stage1.text
+    other = ModelCard(str(render_card(MMFTConfig(lm_model_id="Qwen/Qwen2.5-0.5B-Instruct", mp_depth=3),
+                                      {"round": 1}, "me/r", 1, False)))  # the card says what config.json says
+    assert "phi3" not in other.data.tags and "projector (Linear → GELU → Linear → GELU → Linear)" in other.text
+    assert "phi3" in stage1.data.tags and "projector (Linear → GELU → Linear) into" in stage1.text
     later = ModelCard(str(render_card(MMFTConfig(), {"round": 2, "stage": "projector", "parent": {"round": 1}},
                                       "me/r", 2, False)))  # a projector stage after a fine-tuned round
     assert "a LoRA adapter as round 1 left it: this round trained the projector alone" in later.text
