@@ -12,9 +12,11 @@ The rule: a token is dropped when it is an NLTK stopword or pure punctuation, EX
 - the list's bare contraction stems (`won`, `don`, `isn`, `haven`...): the Treebank tokenizer never
   produces them from a contraction (it splits `won't` into `wo` + `n't`), so they are words ("He won",
   "Don", "a safe haven") and stay;
-- numbers keep their sign, decimals, thousands, currency and percent: `-3`, `3.5`, `1,000`, `$5`, `€5`, `50%`.
+- numbers keep their sign, decimals, thousands, currency and percent: `-3`, `3.5`, `1,000`, `$5`, `€5`, `50%`,
+  and a unit written onto them keeps the sign too: `-5°C`.
 So "No, there isn't a dog." -> "No not dog"; "It is -3 degrees, 50% off." -> "-3 degrees 50%" ("off" is a
-stopword); ".5" and "-.5" keep their point and sign.
+stopword); ".5" and "-.5" keep their point and sign. An answer that is nothing but stopwords ("It is.")
+is kept as written: cleaned to nothing, it would train the model to answer with nothing.
 """
 
 from __future__ import annotations
@@ -64,9 +66,12 @@ def clean_answer(text: str) -> str:
             kept.append(number + "%" if i + 1 < len(tokens) and tokens[i + 1] == "%" else number)
         else:
             word = _EDGE_PUNCT.sub("", token)
+            if token[:1] in "-+\u2212" and token[1:2].isdigit():  # "-5°C": the sign is the meaning
+                word = token[0] + word
             if word and low not in DROPPED and word.lower() not in DROPPED:
                 kept.append(word)
-    return " ".join(kept)
+    # an answer of stopwords only ("It is.") would train the model to say nothing: kept as written
+    return " ".join(kept) or text.strip()
 
 
 _SPACE = re.compile(r"\s+")

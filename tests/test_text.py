@@ -28,6 +28,9 @@ from mmft.text import DROPPED, NEGATIONS, STOPWORDS, clean_answer, tidy
     ("There are 2 dogs and one cat.", "2 dogs one cat"),
     ("It costs €5, £2.50 or $5.", "costs €5 £2.50 $5"),
     ("It is .5 litres, -.5 degrees, up +.5%.", ".5 litres -.5 degrees +.5%"),  # no leading digit: kept whole
+    ("It was -5°C, then +3dB.", "-5°C +3dB"),  # a number with its unit attached keeps its sign too
+    # nothing but stopwords: kept as written, not cleaned to an empty answer (that trains silence)
+    ("It is.", "It is."), ("They're here.", "They're here."),
 ])
 def test_clean_answer(text, cleaned):
     assert clean_answer(text) == cleaned
