@@ -86,7 +86,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode.startswith("I") or image.mode == "F":
         # convert("RGB") clips 16-bit values to 255 (a white image): rescale to 8 bits instead.
         array = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 255.0)
+        # float images in [0, 1] (numpy, scientific formats) are [0, 1] images, not very dark 8-bit ones
+        unit = image.mode == "F" and 0.0 < float(array.max()) <= 1.0
+        top = 65535.0 if image.mode.startswith("I;16") else 1.0 if unit else max(float(array.max()), 255.0)
         array = np.clip(np.rint(array / top * 255.0), 0, 255).astype(np.uint8)
         return Image.fromarray(array, mode="L").convert("RGB")
     return image.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV

@@ -33,6 +33,9 @@ def test_every_mode_becomes_rgb(mode):
 def test_conversions_keep_what_the_image_shows():
     assert to_rgb(_image("RGBA")).getpixel((0, 0)) == (255, 255, 255)  # transparent -> white
     assert to_rgb(_image("I;16")).getpixel((0, 0))[0] == round(40000 / 65535 * 255)  # not clipped white
+    assert to_rgb(_image("F")).getpixel((0, 0)) == (128, 128, 128)  # a [0, 1] float image: 0.5 is mid-grey
+    big = Image.fromarray(np.full((2, 2), 100.0, dtype=np.float32), mode="F")
+    assert to_rgb(big).getpixel((0, 0)) == (100, 100, 100)  # floats on an 8-bit scale stay on it
     cmyk = Image.new("CMYK", (2, 2), (0, 255, 255, 0))
     assert to_rgb(cmyk).getpixel((0, 0)) == (255, 0, 0)
 
