@@ -120,10 +120,11 @@ def _check_adapter(folder: Path, cfg: MMFTConfig, adapter_cfg: dict) -> None:
     if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
         raise ValueError(f"{folder / ADAPTER_DIR}/adapter_config.json: target_modules is {targets!r}, "
                          "expected a module name or a list of them")
-    if sorted(targets) != sorted(cfg.lora_target_modules) or adapter_cfg.get("r") != cfg.lora_r:
-        raise ValueError(f"{folder / ADAPTER_DIR}/adapter_config.json (r={adapter_cfg.get('r')}, targets {targets}) "
-                         f"does not match config.json (lora_r={cfg.lora_r}, lora_target_modules="
-                         f"{list(cfg.lora_target_modules)})")
+    r, alpha = adapter_cfg.get("r"), adapter_cfg.get("lora_alpha")  # PEFT scales by alpha / r: both matter
+    if sorted(targets) != sorted(cfg.lora_target_modules) or (r, alpha) != (cfg.lora_r, cfg.lora_alpha):
+        raise ValueError(f"{folder / ADAPTER_DIR}/adapter_config.json (r={r}, lora_alpha={alpha}, "
+                         f"targets {targets}) does not match config.json (lora_r={cfg.lora_r}, lora_alpha="
+                         f"{cfg.lora_alpha}, lora_target_modules={list(cfg.lora_target_modules)})")
     pairs: dict[str, dict] = {}
     for name, shape in shapes.items():
         match = LORA_KEY_RE.fullmatch(name)
@@ -148,8 +149,7 @@ def _check_adapter(folder: Path, cfg: MMFTConfig, adapter_cfg: dict) -> None:
         if shape != (d_in, d_out):
             raise ValueError(f"{path}: {module} maps {d_in} -> {d_out}, but {first} maps {shape[0]} -> {shape[1]}: "
                              "the file is damaged or mixes two adapters")
-    missing = sorted(set(targets) - set(maps))
-    if missing:
+    if missing := sorted(set(targets) - set(maps)):
         raise ValueError(f"{path} has no LoRA weights for {', '.join(missing)}, which adapter_config.json targets: "
                          "the file is damaged or incomplete")
     layers: dict[str, set[str]] = {}  # target -> the decoder layers it sits on (targets outside them: none)

@@ -455,6 +455,9 @@ def test_local_folder_is_returned_as_is(rounds):
     (lambda f: (f / "adapter/adapter_config.json").write_text(json.dumps(
         {**json.loads((f / "adapter/adapter_config.json").read_text()), "target_modules": 5})),
      "adapter_config.json: target_modules is 5, expected a module name or a list"),
+    (lambda f: (f / "adapter/adapter_config.json").write_text(json.dumps(
+        {**json.loads((f / "adapter/adapter_config.json").read_text()), "lora_alpha": 1600})),
+     r"lora_alpha=1600, targets .* does not match config.json \(lora_r=8, lora_alpha=16,"),
     # names PEFT would not load (it only warns; the round would be the base model), missing targets and layers
     (lambda f: _edit_tensors(f / "adapter/adapter_model.safetensors",
                              lambda t: {k.replace("base_model.model.", "wrong.prefix."): v for k, v in t.items()}),
