@@ -45,22 +45,33 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         print(f"Publishing {args.round_dir} to {upload.repo_id} as {upload.tag} ({len(upload.listing())} files)...")
         done = publish(upload, force=args.force, private=args.private)
-        if args.export:
-            from mmft.export_hub import publish_export
-
-            print(f"Exporting {args.round_dir} as a Llava model and publishing it...")
-            exported = publish_export(args.round_dir, upload.repo_id, upload.round, force=args.force,
-                                      private=args.private)
-            print(f"export:   {exported.repo_id} at {exported.tag}, commit {exported.commit_id}, {exported.url}")
     except Exception as err:  # one readable line, no traceback (and so no local variables) on the console
         print(f"error: {error_line(err)}", file=sys.stderr)
         return 1
+    if args.export:
+        from mmft.export_hub import publish_export
+
+        print(f"Exporting {args.round_dir} as a Llava model and publishing it...")
+        try:
+            exported = publish_export(args.round_dir, upload.repo_id, upload.round, force=args.force,
+                                      private=args.private)
+        except Exception as err:  # the round itself is up: say where, then why the export is not
+            _published(done)
+            print(f"error: the round is published, its export is not: {error_line(err)} (run the same command "
+                  "again: the round is reported as already published, and the export is retried)", file=sys.stderr)
+            return 1
+        print(f"export:   {exported.repo_id} at {exported.tag}, commit {exported.commit_id}, {exported.url}")
+    _published(done)
+    return 0
+
+
+def _published(done) -> None:
+    """The round's own lines, last on stdout (scripts read them there)."""
     if done.already:
         print(f"already published, identical: {done.tag} holds exactly these files; nothing was sent.")
     print(f"revision: {done.tag}")
     print(f"commit:   {done.commit_id}")
     print(f"url:      {done.url}")
-    return 0
 
 
 def _dry_run_export(round_dir, upload) -> None:

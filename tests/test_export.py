@@ -252,6 +252,21 @@ def test_push_with_export_publishes_a_loadable_llava_repo(hub_online, kit_round,
     assert not [line for line in code if line.startswith(("import mmft", "from mmft"))]  # no mmft needed
 
 
+def test_an_export_that_fails_after_the_round_is_up_says_where_the_round_is(hub_online, kit_round):
+    """The round published, its export refused (the export repo's tag holds another model): the round's
+    revision, commit and url are still printed, last on stdout, and the error says which half failed."""
+    from mmft.hub import plan_upload, publish
+
+    round_dir, _ = kit_round
+    number = load_config(round_dir)[1]["round"]
+    publish(plan_upload(ROOT / "demo" / "round", "user/taken-llava", number=number))  # another model at the tag
+    done = _push(hub_online, round_dir, "--repo-id", "user/taken", "--export", "llava")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stdout.strip().splitlines()[-3] == f"revision: round-{number}"
+    assert f"round-{number}" in hub_online.refs("user/taken")["tags"]
+    assert "error: the round is published, its export is not:" in done.stderr and "run the same command" in done.stderr
+
+
 def test_export_card_names_the_round_number_it_is_published_under(kit_round, tmp_path):
     """`--round 5` tags round-5 on both repos; the export's card said the folder's own number."""
     from mmft.export_hub import plan_export_upload
