@@ -9,7 +9,6 @@ No `trust_remote_code`: Phi-3 and CLIP are native to transformers.
 
 from __future__ import annotations
 
-import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,12 +20,11 @@ from mmft.config import QUANTIZE_MODES, MMFTConfig, load_config
 from mmft.model import MultimodalModel
 from mmft.projector import Projector, load_projector
 from mmft.quantize import load_int8_lm, pick_cpu_path
-from mmft.round import ADAPTER_DIR, PROJECTOR_NAME, check_round_folder
+from mmft.round import ADAPTER_DIR, COMMIT_RE, PROJECTOR_NAME, check_round_folder
 from mmft.vision import VisionEncoder
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-COMMIT_RE = re.compile(r"[0-9a-f]{40}")  # a Hub commit id: the one revision that never moves
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:

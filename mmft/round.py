@@ -17,6 +17,7 @@ from mmft.config import CONFIG_NAME
 
 ADAPTER_DIR = "adapter"
 PROJECTOR_NAME = "projector.safetensors"
+COMMIT_RE = re.compile(r"[0-9a-f]{40}")  # a Hub commit id: the one revision that never moves
 ROUND_FILES = [CONFIG_NAME, PROJECTOR_NAME, f"{ADAPTER_DIR}/adapter_config.json",
                f"{ADAPTER_DIR}/adapter_model.safetensors"]
 

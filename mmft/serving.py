@@ -28,10 +28,10 @@ from pathlib import Path
 
 from mmft.config import MMFTConfig
 from mmft.hub import RoundNotFound, error_line, list_rounds, pull_round
-from mmft.loading import COMMIT_RE, load_round, pick_device, projector_for, round_config
+from mmft.loading import load_round, pick_device, projector_for, round_config
 from mmft.pipeline import Pipeline
 from mmft.projector import load_projector
-from mmft.round import ADAPTER_DIR, PROJECTOR_NAME
+from mmft.round import ADAPTER_DIR, COMMIT_RE, PROJECTOR_NAME
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,6 @@ from mmft.hub import (
     ROUND_PATTERNS,
     RoundExists,
     RoundNotFound,
-    check_round,
     list_rounds,
     plan_upload,
     publish,
@@ -28,6 +27,7 @@ from mmft.hub import (
     render_card,
 )
 from mmft.loading import build_model
+from mmft.round_check import check_round
 from mmft.pipeline import Pipeline
 from mmft.serving import load_pipeline
 from tests.hub_server import free_port
@@ -330,6 +330,12 @@ def test_only_the_rounds_own_files_travel_and_local_bases_are_warned_about(round
     lm, clip = upload.warnings
     assert lm.startswith("lm_model_id is the local path '../base/lm'")
     assert clip.startswith("vit_model_id 'base/clip' is a folder here but a Hub repo id anywhere else")
+    # Hub ids: a branch (or nothing) is not the weights the round was trained on; a commit is
+    config["mmft"].update(lm_model_id="microsoft/Phi-3.5-mini-instruct", lm_revision="main",
+                          vit_model_id="openai/clip-vit-base-patch32", vit_revision="a" * 40)
+    (folder / "config.json").write_text(json.dumps(config))
+    (lm,) = plan_upload(folder, REPO).warnings
+    assert lm.startswith("lm_model_id microsoft/Phi-3.5-mini-instruct is not pinned to a commit (lm_revision='main')")
 
 
 def test_hub_errors_reach_the_console_as_one_line_saying_what_to_do(hub_online, rounds):
