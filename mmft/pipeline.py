@@ -144,6 +144,8 @@ class Pipeline:
 
     # -- user-facing -------------------------------------------------------------------------
     def answer_images(self, images: list, questions: list[str], batch_size: int = 16, **gen) -> list[Answer]:
+        if len(images) != len(questions):  # zip would pair them wrongly, or the slots would not add up
+            raise ValueError(f"one question per image: got {len(images)} images and {len(questions)} questions")
         answers = []
         for i in range(0, len(questions), batch_size):
             imgs, qs = images[i : i + batch_size], questions[i : i + batch_size]

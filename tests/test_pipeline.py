@@ -94,6 +94,9 @@ def test_several_sequences_per_question_are_refused(pipeline):
     with pytest.raises(ValueError, match="one answer per question"):
         list(pipeline.stream_text("Hi", num_return_sequences=2, num_beams=2, max_new_tokens=2))
     assert len(pipeline.text(["Hi", "Ho"], num_beams=2, max_new_tokens=2)) == 2  # beams alone are fine
+    image = Image.new("RGB", (40, 40), (200, 30, 30))
+    with pytest.raises(ValueError, match="one question per image: got 2 images and 1 questions"):
+        pipeline.answer_images([image, image], ["Which colour?"])  # was: an error about image slots
 
 
 def test_streaming_inside_an_adapter_context_is_an_error_not_a_hang(pipeline):
