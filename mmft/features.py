@@ -36,9 +36,17 @@ def build_cache(vision: VisionEncoder, vit_model_id: str, image_dir: str | Path,
     temporary name and `os.replace`, so a cache folder either has a complete index whose shards all exist
     with the sizes it records, or no index at all (and a re-run builds it again)."""
     image_dir, out_dir = Path(image_dir), Path(out_dir)
+    names = sorted(set(names))
+    # before the old cache is touched: a mistyped folder must not replace a good cache with an empty one
+    if not image_dir.is_dir():
+        raise FileNotFoundError(f"image_dir {image_dir} is not a folder")
+    if names and not any((image_dir / name).is_file() for name in names):
+        raise FileNotFoundError(f"none of the {len(names)} images is in {image_dir} (e.g. {names[0]}): "
+                                "is it the right image_dir?")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"the cache folder {out_dir} is a file")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / INDEX_NAME).unlink(missing_ok=True)  # from here on, old shards are never served
-    names = sorted(set(names))
     index = {"vit_model_id": vit_model_id, "vit_revision": vit_revision, "vit_feature_mode": vision.mode,
              "vit_feature_layer": vision.feature_layer, "vit_feature_select_strategy": vision.select_strategy,
              "num_tokens": vision.num_tokens, "feature_dim": vision.feature_dim, "files": {}, "unreadable": {},

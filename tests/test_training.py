@@ -541,6 +541,28 @@ def test_a_malformed_round_section_is_named(tiny_model, tmp_path, change, messag
         load_config(folder)
 
 
+def test_a_mistyped_image_dir_leaves_a_good_cache_alone(tiny_dir, shapes_data, tmp_path, capsys):
+    """cache_features with a wrong --image_dir replaced a good cache with an empty one and exited 0."""
+    from train.cache_features import main as cache_features
+
+    args = ["--train_json", str(shapes_data[0]), "--vit_model_id", str(tiny_dir / "clip"), "--vit_feature_mode", "pooled"]
+    cache_features(args + ["--image_dir", str(shapes_data[1]), "--out", str(tmp_path / "cache")])
+    before = FeatureCache(tmp_path / "cache").index
+    assert before["files"]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for image_dir, message in ((str(shapes_data[1]) + "z", "is not a folder"), (elsewhere, "none of the 160 images is in")):
+        with pytest.raises(SystemExit) as done:
+            cache_features(args + ["--image_dir", str(image_dir), "--out", str(tmp_path / "cache")])
+        err = capsys.readouterr().err
+        assert done.value.code == 1 and message in err and "Traceback" not in err, err
+        assert FeatureCache(tmp_path / "cache").index == before  # untouched
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit) as done:
+        cache_features(args + ["--image_dir", str(shapes_data[1]), "--out", str(tmp_path / "file")])
+    assert done.value.code == 1 and "is a file" in capsys.readouterr().err
+
+
 def test_entry_points_check_sizes_and_modes_before_any_work(tmp_path, capsys):
     """cache_features: a batch or shard size of 0 was a traceback, -1 an empty cache and exit 0;
     build_demo: a typo in --modes surfaced after minutes of pre-training, with demo/base already rebuilt."""

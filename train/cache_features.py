@@ -54,10 +54,15 @@ def main(argv=None):
         vision = VisionEncoder.from_config(cfg, dtype=pick_dtype(device)).to(device)
     except (OSError, ValueError) as err:  # a mistyped or unreachable CLIP id
         parser.exit(1, f"error: {' '.join(str(err).split())}\n")
-    index = build_cache(vision, args.vit_model_id, args.image_dir, names, args.out, args.shard_size, args.batch_size,
-                        vit_revision=cfg.vit_revision)
+    try:
+        index = build_cache(vision, args.vit_model_id, args.image_dir, names, args.out, args.shard_size,
+                            args.batch_size, vit_revision=cfg.vit_revision)
+    except OSError as err:  # no such image folder, --out is a file: nothing was touched
+        parser.exit(1, f"error: {err}\n")
     print(f"cached {len(index['files'])} images ({len(index['unreadable'])} unreadable) "
           f"as [{index['num_tokens']}, {index['feature_dim']}] features -> {args.out}")
+    if names and not index["files"]:
+        parser.exit(1, "error: no image could be read: the cache is empty\n")
 
 
 if __name__ == "__main__":
