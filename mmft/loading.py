@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mmft.config import QUANTIZE_MODES, MMFTConfig, load_config
@@ -151,7 +152,10 @@ def build_model(cfg: MMFTConfig, device=None, dtype=None, quantize=None, with_vi
     if trainable and getattr(lm, "is_quantized", False):
         lm = prepare_model_for_kbit_training(lm, use_gradient_checkpointing=False)  # the Trainer enables it
     if adapter is not None:
-        lm = PeftModel.from_pretrained(lm, str(adapter), is_trainable=trainable)
+        try:
+            lm = PeftModel.from_pretrained(lm, str(adapter), is_trainable=trainable)
+        except SafetensorError as err:  # not an OSError/ValueError: callers' one-line handlers missed it
+            raise ValueError(f"{adapter}/adapter_model.safetensors is not a readable safetensors file: {err}") from err
     elif trainable:
         lm = get_peft_model(lm, lora_config(cfg))
     return MultimodalModel(cfg, lm, tokenizer, projector, vision)

@@ -123,6 +123,11 @@ def test_incomplete_round_folder_is_refused(tiny_model, tmp_path):
     (tmp_path / "r" / "projector.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="missing projector.safetensors"):
         load_round(tmp_path / "r")
+    tiny_model.save_pretrained(tmp_path / "cut")
+    adapter = tmp_path / "cut" / "adapter" / "adapter_model.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[:50])  # a download cut short: a one-line ValueError, as the CLIs catch
+    with pytest.raises(ValueError, match="adapter_model.safetensors is not a readable safetensors file"):
+        load_round(tmp_path / "cut", device="cpu", dtype=torch.float32, quantize="none")
 
 
 def test_refine_cuts_only_the_question_and_keeps_draft_and_instruction(pipeline, monkeypatch):
