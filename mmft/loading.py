@@ -164,9 +164,13 @@ def build_model(cfg: MMFTConfig, device=None, dtype=None, quantize=None, with_vi
 def pin_revisions(cfg: MMFTConfig) -> MMFTConfig:
     """Record the Hub commit of the base LM and CLIP, so a round says exactly which weights it was trained
     on: none given, or a branch or tag (which can move), becomes the commit it points to now; a commit id
-    is kept. Local folders have no commit: their revision stays None."""
+    is kept. Local folders have no commit: their revision stays as given, and their path becomes absolute
+    (a round reads "./x" relative to its own folder, `round_config`; any other relative path only works
+    from the directory training ran in)."""
+    local = {key: str(Path(getattr(cfg, key)).resolve()) for key in ("lm_model_id", "vit_model_id")
+             if Path(getattr(cfg, key)).exists()}
     return replace(cfg, lm_revision=pin_revision(cfg.lm_model_id, cfg.lm_revision),
-                   vit_revision=pin_revision(cfg.vit_model_id, cfg.vit_revision))
+                   vit_revision=pin_revision(cfg.vit_model_id, cfg.vit_revision), **local)
 
 
 def pin_revision(model_id: str, revision: str | None) -> str | None:

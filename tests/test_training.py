@@ -563,6 +563,22 @@ def test_a_mistyped_image_dir_leaves_a_good_cache_alone(tiny_dir, shapes_data, t
     assert done.value.code == 1 and "is a file" in capsys.readouterr().err
 
 
+def test_a_round_trained_on_relative_model_paths_loads_from_anywhere(tiny_dir, shapes_data, tmp_path, monkeypatch):
+    """`--lm_model_id ./tiny/lm`: the round recorded "./tiny/lm", which a round folder reads relative to
+    itself, so it never loaded. Local folders are recorded absolute."""
+    from mmft.config import load_config
+    from mmft.loading import load_round
+
+    cfg, run, targs = _args(tiny_dir, shapes_data, tmp_path / "run", steps=1, eval_steps=1, save_steps=1)
+    monkeypatch.chdir(tiny_dir.parent)
+    cfg.lm_model_id, cfg.vit_model_id = f"./{tiny_dir.name}/lm", f"./{tiny_dir.name}/clip"
+    folder, _ = finetune(cfg, run, targs)
+    saved = load_config(folder)[0]
+    assert (saved.lm_model_id, saved.vit_model_id) == (str((tiny_dir / "lm").resolve()), str((tiny_dir / "clip").resolve()))
+    monkeypatch.chdir(tmp_path)
+    load_round(folder, device="cpu", dtype=torch.float32, quantize="none")
+
+
 def test_entry_points_check_sizes_and_modes_before_any_work(tmp_path, capsys):
     """cache_features: a batch or shard size of 0 was a traceback, -1 an empty cache and exit 0;
     build_demo: a typo in --modes surfaced after minutes of pre-training, with demo/base already rebuilt."""
