@@ -32,12 +32,17 @@ class Encoded:
     truncated: bool = False  # a question or answer was cut to its token budget
 
 
-def _truncate(tokenizer, text: str, budget: int) -> tuple[str, bool]:
-    """Cut `text` before its (budget+1)-th token (counted alone), on a character boundary."""
+def _truncate(tokenizer, text: str, budget: int, whole_words: bool = False) -> tuple[str, bool]:
+    """Cut `text` before its (budget+1)-th token (counted alone), on a character boundary; with
+    `whole_words` (answers: the model learns them) back to the last whitespace before a cut word."""
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     if len(enc["input_ids"]) <= budget:
         return text, False
-    return text[: enc["offset_mapping"][budget][0]].rstrip(), True
+    cut = enc["offset_mapping"][budget][0]
+    if whole_words and not text[cut].isspace() and not text[cut - 1].isspace():
+        space = max(text.rfind(" ", 0, cut), text.rfind("\n", 0, cut))
+        cut = space if space > 0 else cut  # one long word: cut inside it, as before
+    return text[:cut].rstrip(), True
 
 
 def _free_tag(texts: list[str]) -> str:
@@ -68,21 +73,25 @@ def encode_chat(
     messages (with `config.prompt_system` first, if set). The image: `num_image_tokens` slots are
     inserted before the whitespace that leads the first user message — for Phi-3.5 right after
     `<|user|>`, before its `▁`, `<0x0A>` — so every other id is the plain chat's (the question's first
-    word has no `▁`), and it is where an exported Llava model's `<|user|><image>\n` puts the image. Labels are the ids of each answer's tokens *in context* (tokens starting inside the
-    answer's characters) and of the end-of-turn tokens right after it; -100 everywhere else.
+    word has no `▁`), and it is where an exported Llava model's `<|user|><image>\n` puts the image.
+    Labels are the ids of each answer's tokens *in context* (tokens starting inside the answer's
+    characters) and of the end-of-turn tokens right after it, unless the answer was cut to its budget
+    (the model must not learn to stop mid-sentence); -100 everywhere else.
     """
     if not turns or turns[0][0] != "user":
         raise ValueError("a conversation must start with a user turn")
     clean = config.prompt_clean_answers if clean_answers is None else clean_answers
-    contents, truncated = [], False
-    for role, text in turns:
+    contents, truncated, cut_answers = [], False, set()
+    for i, (role, text) in enumerate(turns):
         if role == "user":
             text, cut = text.strip(), False
             if budget_questions:
                 text, cut = _truncate(tokenizer, text, config.prompt_max_question_tokens)
         elif role == "assistant":
             text = clean_answer(text) if clean else text.strip()
-            text, cut = _truncate(tokenizer, text, config.prompt_max_answer_tokens)
+            text, cut = _truncate(tokenizer, text, config.prompt_max_answer_tokens, whole_words=True)
+            if cut:
+                cut_answers.add(i)
         else:
             raise ValueError(f"unknown role {role!r}; expected 'user' or 'assistant'")
         truncated |= cut
@@ -92,11 +101,14 @@ def encode_chat(
     tag = _free_tag(contents + [config.prompt_system])
     image_key = f"{tag}image\x00"
     answers: dict[str, str] = {}
+    cut_keys: set[str] = set()  # answers cut to their budget: taught without the end of turn
     messages = [{"role": "system", "content": config.prompt_system}] if config.prompt_system else []
     for i, ((role, _), text) in enumerate(zip(turns, contents)):
         if role == "assistant":
             key = f"{tag}answer{i}\x00"
             answers[key], text = text, key
+            if i in cut_answers:
+                cut_keys.add(key)
         elif i == 0 and num_image_tokens:
             text = image_key + text
         messages.append({"role": role, "content": text})
@@ -114,7 +126,7 @@ def encode_chat(
         if piece == image_key:
             image_at = len(text)
         elif piece in answers:
-            spans.append((len(text), len(text) + len(answers[piece])))
+            spans.append((len(text), len(text) + len(answers[piece]), piece not in cut_keys))
             text += answers[piece]
         else:
             text += piece
@@ -123,8 +135,8 @@ def encode_chat(
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     labels = [IGNORE_INDEX] * len(ids)
     eot = config.prompt_end_of_turn
-    for start, end in spans:
-        if eot and text.startswith(eot, end):
+    for start, end, whole in spans:
+        if eot and whole and text.startswith(eot, end):  # a cut answer must not teach stopping mid-sentence
             end += len(eot)
         for k, (s, _) in enumerate(offsets):
             if start <= s < end:

@@ -219,10 +219,14 @@ def test_long_questions_and_answers_are_cut_to_their_budgets(tokenizer):
     assert enc.input_ids == _chat_ids(tokenizer, [{"role": "user", "content": "red red red red red red red red"}], True)
     enc = encode_chat(tokenizer, cfg, [("user", "Who?"), ("assistant", "He is riding a bike.")])
     assert enc.truncated
-    assert tokenizer.decode([l for l in enc.labels if l != IGNORE_INDEX]) == "He is r<|end|>"  # "▁He", "▁is", "▁r" | "iding"
+    # "▁He", "▁is", "▁r" | "iding": cut before the word it would split, and no <|end|>: a cut answer must
+    # not teach the model to stop mid-sentence
+    assert tokenizer.decode([l for l in enc.labels if l != IGNORE_INDEX]) == "He is"
+    whole = encode_chat(tokenizer, cfg, [("user", "Who?"), ("assistant", "He is.")])
+    assert not whole.truncated and tokenizer.decode([l for l in whole.labels if l != IGNORE_INDEX]) == "He is.<|end|>"
     # a cut never splits a character: "🦙" is four byte tokens; 3 tokens leave "a" alone
     enc = encode_chat(tokenizer, cfg, [("user", "Who?"), ("assistant", "a🦙 b")])
-    assert enc.truncated and tokenizer.decode([l for l in enc.labels if l != IGNORE_INDEX]) == "a<|end|>"
+    assert enc.truncated and tokenizer.decode([l for l in enc.labels if l != IGNORE_INDEX]) == "a"
     assert not encode_chat(tokenizer, cfg, [("user", "red " * 8)]).truncated
 
 
