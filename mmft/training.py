@@ -20,8 +20,8 @@ from typing import Callable
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import Trainer, TrainingArguments, set_seed
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers import Trainer, TrainerState, TrainingArguments, set_seed
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 
 from mmft.config import MMFTConfig, RunArguments
 from mmft.data import Collator, ConversationDataset, DataError, read_llava
@@ -89,9 +89,17 @@ def checkpoint_round(folder: str | Path) -> int | None:
     return int(value) if value and value.isdigit() else None
 
 
-def last_complete_checkpoint(output_dir: str | Path, round_number: int | None = None) -> str | None:
+def checkpoint_weights(folder: str | Path) -> set[str]:
+    with safe_open(str(Path(folder) / CHECKPOINT_WEIGHTS), framework="pt") as f:
+        return set(f.keys())
+
+
+def last_complete_checkpoint(output_dir: str | Path, round_number: int | None = None,
+                             weights: set[str] | None = None) -> str | None:
     """The newest checkpoint that is complete; torn ones (a run killed while writing) are skipped, and
-    so, given `round_number`, are those of another round (rounds may share an output folder)."""
+    so, given `round_number`, are those of another round (rounds may share an output folder), and,
+    given `weights` (the run's trained tensor names), those of another stage (a projector-only stage
+    and the LoRA stage after it are both round N)."""
     output_dir = Path(output_dir)
     found = []
     for path in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if output_dir.is_dir() else []:
@@ -103,6 +111,8 @@ def last_complete_checkpoint(output_dir: str | Path, round_number: int | None = 
             logger.warning("skipping %s: incomplete (the run was killed while writing it)", path)
         elif round_number is not None and (other := checkpoint_round(path)) not in (None, round_number):
             logger.warning("skipping %s: a checkpoint of round %s, not of round %s", path, other, round_number)
+        elif weights is not None and checkpoint_weights(path) != weights:
+            logger.warning("skipping %s: it holds other weights than this run trains (another stage)", path)
         else:
             return str(path)
     return None
@@ -208,6 +218,8 @@ def round_train_loss(log_history: list[dict], start: int, end: int, this_run: fl
     for h in log_history:
         if "loss" in h and last < h["step"] <= start:
             total, last = total + h["loss"] * (h["step"] - last), h["step"]
+    if start > 0 and end <= start and last:  # nothing trained in this run: the checkpoint's losses alone
+        return total / last
     if start <= 0 or end <= start or last == 0:
         return this_run
     return (total / last * start + this_run * (end - start)) / end
@@ -269,13 +281,19 @@ def finetune(cfg: MMFTConfig, run: RunArguments, targs: TrainingArguments, callb
                           callbacks=callbacks)
     resume = targs.resume_from_checkpoint
     if resume in ("last", "True", "true"):
-        resume = last_complete_checkpoint(targs.output_dir, number)
+        resume = last_complete_checkpoint(targs.output_dir, number, set(model.trained_state_dict()))
         if resume is None:
             logger.warning("no complete checkpoint in %s: starting from step 0", targs.output_dir)
     # the step it resumes at (read now: the checkpoint may be rotated away during training)
     state = Path(resume) / TRAINER_STATE if resume else None
     start = json.loads(state.read_text())["global_step"] if state is not None and state.is_file() else 0
-    result = trainer.train(resume_from_checkpoint=resume)
+    if resume and 0 < targs.max_steps <= start:
+        # stopped after its last step (in the final evaluation or save): train() would take one step more
+        trainer._load_from_checkpoint(resume)
+        trainer.state = TrainerState.load_from_json(str(state))
+        result = TrainOutput(trainer.state.global_step, float("nan"), {})
+    else:
+        result = trainer.train(resume_from_checkpoint=resume)
     eval_metrics = trainer.evaluate()
 
     info = {

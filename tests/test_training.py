@@ -615,6 +615,35 @@ def test_last_checkpoint_is_this_rounds_when_rounds_share_an_output_folder(tiny_
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)  # round 2's own training, not round 1's
 
 
+def test_a_run_stopped_after_its_last_step_resumes_without_an_extra_step(tiny_dir, shapes_data, tmp_path):
+    """Killed in the final evaluation or save, after checkpoint-4 of 4: `last` trained a fifth step (the
+    Trainer steps before it checks max_steps). It now finishes the round from the checkpoint as it is."""
+    whole, info = finetune(*_args(tiny_dir, shapes_data, tmp_path / "whole", steps=4, save_steps=2))
+    shutil.copytree(tmp_path / "whole", tmp_path / "stopped", ignore=shutil.ignore_patterns(whole.name))
+    resumed, rinfo = finetune(*_args(tiny_dir, shapes_data, tmp_path / "stopped", steps=4, save_steps=2,
+                                     resume_from_checkpoint="last"))
+    assert rinfo["steps"] == info["steps"] == 4 and not (tmp_path / "stopped" / "checkpoint-5").exists()
+    assert rinfo["train_loss"] == info["train_loss"] and rinfo["eval_loss"] == info["eval_loss"]
+    a, b = _trained(whole), _trained(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_last_checkpoint_is_this_stages_when_stages_share_an_output_folder(tiny_dir, shapes_data, tmp_path):
+    """A projector-only stage and the LoRA stage after it are both round 1: `last` picked the projector
+    stage's checkpoint-4 for the LoRA stage, which then failed on the missing LoRA weights."""
+    runs = tmp_path / "runs"
+    stage1, _ = finetune(*_args(tiny_dir, shapes_data, runs, steps=4, save_steps=2, projector_only=True))
+    alone, _ = finetune(*_args(tiny_dir, shapes_data, tmp_path / "alone", steps=4, save_steps=2,
+                               init_projector=str(stage1)))
+    shutil.rmtree(runs / "checkpoint-2")
+    shutil.copytree(tmp_path / "alone" / "checkpoint-2", runs / "checkpoint-2")  # stage 2, killed at step 3
+    resumed, rinfo = finetune(*_args(tiny_dir, shapes_data, runs, steps=4, save_steps=2, init_projector=str(stage1),
+                                     resume_from_checkpoint="last"))
+    assert rinfo["steps"] == 4 and rinfo["stage"] == "finetune"
+    a, b = _trained(alone), _trained(resumed)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
 def test_a_mistyped_model_id_is_one_line(hub_online, tiny_dir, shapes_data, tmp_path, capsys):
     from train.finetune import main
 
