@@ -95,6 +95,10 @@ def parse_args(argv=None, environ=os.environ) -> argparse.Namespace:
         parser.error(f"--port / GRADIO_SERVER_PORT {args.port}: use a port from 1 to 65535")
     if args.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?|mps", args.device):
         parser.error(f"--device / MMFT_DEVICE {args.device!r}: use cpu, cuda, cuda:N or mps")
+    args.repo, args.revision = args.repo or None, args.revision or None  # --repo "" is unset, as MMFT_REPO="" is
+    if args.revision and not args.repo:  # a Space with MMFT_REVISION alone stays up, and says why it serves the demo
+        print(f"warning: --revision / MMFT_REVISION {args.revision!r} is ignored: there is no --repo / MMFT_REPO, "
+              "so the bundled demo round is served", file=sys.stderr)
     return args
 
 

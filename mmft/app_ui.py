@@ -21,6 +21,7 @@ from PIL import Image
 
 from mmft import shapes
 from mmft.hub import RoundNotFound
+from mmft.quantize import Int8Linear
 from mmft.serving import DEMO_KEY, Rounds, Settings  # noqa: F401 (Settings: for app.py and tests)
 from mmft.speech import (DEFAULT_MODEL_ID, GO_ONLINE, MAX_SECONDS, AudioError, SpeechUnavailable, Transcriber,
                          prepare_audio)
@@ -39,13 +40,27 @@ HOW_TO_POINT = ("To serve a trained round instead, run `python app.py --repo OWN
                 "(or set `MMFT_REPO` and `MMFT_REVISION`, e.g. in the Space's settings).")
 
 
+BOTH_STAGES = ("The draft comes from the fine-tuned (LoRA) model, which sees the image; the answer is the base "
+               "model's rewrite of it.")
+
+
 def banner(rounds: Rounds, key: str, problem: str | None = None) -> str:
     """Markdown saying plainly which round answers, and how to point the app at another one."""
     pipe = rounds.cache.get(key)
-    where = ""
+    where, stages = "", BOTH_STAGES
     if pipe is not None:
         dtype = str(next(pipe.model.lm.parameters()).dtype).removeprefix("torch.")
+        if any(isinstance(m, Int8Linear) for m in pipe.model.lm.modules()):  # the embedding's dtype is not the story
+            dtype = f"int8 linears, {dtype} around them"
+        elif getattr(pipe.model.lm.get_base_model() if pipe.model.has_adapter else pipe.model.lm, "is_loaded_in_4bit",
+                     False):
+            dtype = f"4-bit NF4, {dtype} around it"
         where = f" on {pipe.model.device.type}, {dtype}"
+        cfg = pipe.model.cfg
+        if not cfg.pipe_refine:
+            stages = "The answer is the fine-tuned (LoRA) model's, which sees the image: this round does not rewrite it."
+        elif not cfg.pipe_draft:
+            stages = "This round has no draft stage: the base model answers, without the image."
     if key == DEMO_KEY:
         text = (f"**Serving the bundled shapes demo round**{where}: a tiny model trained on synthetic "
                 "coloured shapes (circles, squares, triangles in six colours). Ask about the colour or the "
@@ -54,9 +69,7 @@ def banner(rounds: Rounds, key: str, problem: str | None = None) -> str:
             text = f"**Could not load the configured round:** {problem}\n\n{text}"
         return text
     served = f"`{rounds.repo}` at `{key}`" if rounds.on_hub else f"the round folder `{rounds.repo}`"
-    return (f"**Serving {served}**{where}. The draft comes from the fine-tuned (LoRA) "
-            "model, which sees the image; the answer is the base model's rewrite of it. Pick another round "
-            "below to compare.")
+    return f"**Serving {served}**{where}. {stages} Pick another round below to compare."
 
 
 def audio_help(model_id: str) -> str:
@@ -222,7 +235,8 @@ class Handlers:
             log.warning("could not load round %s: %s", choice, err)
             gr.Warning(f"Round {choice!r} cannot be loaded: {err}", title="Round not loaded")
             return current, banner(self.rounds, current), current
-        return choice, banner(self.rounds, choice), choice
+        # the labels name commits: re-listed, as picking a tag may have found it moved
+        return choice, banner(self.rounds, choice), gr.Dropdown(choices=self.rounds.choices(choice), value=choice)
 
     def refresh(self, current):
         """The picker with the repo's rounds now: usable again if listing them had failed at start-up."""

@@ -213,6 +213,7 @@ class Rounds:
         self.on_hub = self.repo is not None and not Path(self.repo).is_dir()  # else a local round folder
         self.cache = RoundCache(max(settings.cache_size, 1), max(settings.max_bases, 1))
         self._lock = threading.Lock()
+        self._listed: list[tuple[str, str]] = []  # the repo's rounds as last listed (kept if a listing fails)
 
     def _locate(self, key: str) -> Path:
         """The round's folder: cheap checks and, for the Hub, the download; raises before anything is dropped."""
@@ -284,12 +285,15 @@ class Rounds:
         options = [(f"{MAIN_KEY} (latest)" if self.on_hub else f"{self.repo} (local folder)", MAIN_KEY)]
         if self.on_hub:
             try:
-                options += [(f"{tag} ({sha[:7]})", tag) for tag, sha in reversed(list_rounds(self.repo))]
-            except Exception as err:  # the picker is a convenience: the app serves on without it
+                self._listed = [(f"{tag} ({sha[:7]})", tag) for tag, sha in reversed(list_rounds(self.repo))]
+            except Exception as err:  # the picker is a convenience: the app serves on, with the last listing
                 log.warning("could not list the rounds of %s: %s", self.repo, err)
+            options += self._listed
         keys = {key for _, key in options}
-        if self.settings.revision and self.settings.revision not in keys:
-            options.append((self.settings.revision, self.settings.revision))
+        for extra in (self.settings.revision, current):  # the configured round and the one being served
+            if extra and extra != DEMO_KEY and extra not in keys:
+                options.append((extra, extra))
+                keys.add(extra)
         if current == DEMO_KEY:
             options.append(("shapes demo (bundled)", DEMO_KEY))
         return options

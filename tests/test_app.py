@@ -183,7 +183,8 @@ def test_an_abandoned_answer_stops_and_the_next_one_uses_the_adapter(served, tmp
 def test_page_says_the_demo_round_is_served_and_how_to_change_it(served):
     _, client = served
     text = component(client, elem_id="banner")["value"]
-    assert "bundled shapes demo round" in text and "on cpu, float32" in text
+    # loaded as its evaluation loads it: int8 linears (the embedding's float32 alone told half the story)
+    assert "bundled shapes demo round" in text and "on cpu, int8 linears, float32 around them" in text
     assert "--repo OWNER/NAME --revision round-N" in text and "MMFT_REPO" in text
     picker = component(client, label="Round")
     assert picker["choices"] == [["shapes demo (bundled)", DEMO_KEY]] and not picker["interactive"]
@@ -416,13 +417,49 @@ def test_a_round_that_cannot_be_loaded_keeps_the_current_one(standin_round, tmp_
     assert rounds.loaded() == [DEMO_KEY]  # nothing was dropped for a round that is not there
 
 
+def test_banner_says_what_a_round_serves(standin_round, tmp_path):
+    """A round without its refine stage answers with the draft: the banner said "the base model's rewrite"."""
+    rounds = Rounds(Settings(demo_round=standin_round, repo=str(standin_round), quantize="none", dtype="float32"))
+    pipe = rounds.get(MAIN_KEY)
+    assert "on cpu, float32." in banner(rounds, MAIN_KEY) and "the answer is the base model's rewrite" in banner(
+        rounds, MAIN_KEY)
+    pipe.model.cfg.pipe_refine = False
+    try:
+        assert "this round does not rewrite it" in banner(rounds, MAIN_KEY)
+    finally:
+        pipe.model.cfg.pipe_refine = True
+
+
+def test_the_picker_keeps_its_rounds_and_the_served_one_when_a_listing_fails(standin_round, monkeypatch):
+    """A Hub 503 on Refresh left the picker with `main` alone, without the round being served, and disabled."""
+    from mmft import serving
+
+    rounds = Rounds(Settings(demo_round=standin_round, repo="user/rounds", revision="round-2"))
+    monkeypatch.setattr(serving, "list_rounds", lambda repo: [("round-1", "a" * 40), ("round-2", "b" * 40)])
+    listed = rounds.choices("round-2")
+    assert listed == [("main (latest)", MAIN_KEY), ("round-2 (bbbbbbb)", "round-2"), ("round-1 (aaaaaaa)", "round-1")]
+
+    def unavailable(repo):
+        raise RuntimeError("503 Service Unavailable")
+
+    monkeypatch.setattr(serving, "list_rounds", unavailable)
+    assert rounds.choices("round-2") == listed  # the last listing stays
+    assert ("round-7", "round-7") in Rounds(Settings(demo_round=standin_round, repo="user/rounds")).choices("round-7")
+
+
 # -- app.py --------------------------------------------------------------------------------------
+def test_a_revision_without_a_repo_is_said_to_be_ignored(capsys):
+    assert app_py.parse_args(["--revision", "round-2"], environ={}).repo is None
+    assert "'round-2' is ignored: there is no --repo / MMFT_REPO" in capsys.readouterr().err
+
+
 def test_flags_and_environment():
     env = {"MMFT_REPO": "o/n", "MMFT_REVISION": "round-2", "GRADIO_SERVER_NAME": "0.0.0.0", "MMFT_ASR_MODEL": "a/b"}
     a = app_py.parse_args([], environ=env)
     assert (a.repo, a.revision, a.host, a.port, a.asr_model) == ("o/n", "round-2", "0.0.0.0", 7860, "a/b")
     assert app_py.parse_args(["--revision", "round-1", "--quantize"], environ=env).revision == "round-1"
     assert app_py.parse_args([], environ={}).host == "127.0.0.1" and app_py.parse_args([], environ={}).quantize is None
+    assert app_py.parse_args(["--repo", ""], environ=env).repo is None  # as MMFT_REPO="" is
     space = {"MMFT_QUANTIZE": "int8", "MMFT_DTYPE": "float32", "MMFT_CACHE_SIZE": "8", "MMFT_MAX_BASES": "2",
              "MMFT_THREADS": "2", "MMFT_DEVICE": "cpu", "MMFT_DEMO": "1", "GRADIO_SERVER_PORT": "7861"}
     a = app_py.parse_args([], environ=space)
