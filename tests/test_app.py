@@ -335,8 +335,9 @@ def test_serves_a_hub_round_by_revision_and_the_picker_switches_rounds(hub_onlin
         rounds = app.mmft_rounds
         assert client.predict("Hello", api_name="/text")[0] == last(rounds.get("round-1").stream_text("Hello")).final
 
-        banner, value = client.predict("round-2", api_name="/select_round")  # this session now asks round-2
-        assert f"at `round-2`" in banner and value == "round-2"
+        banner, picked = client.predict("round-2", api_name="/select_round")  # this session now asks round-2
+        assert f"at `round-2`" in banner and picked["value"] == "round-2"  # the picker, its labels re-listed
+        assert picked["choices"] == picker["choices"]
         image = picture(tmp_path / "p.png")
         final = client.predict(handle_file(image), QUESTION, api_name="/image")[0]
         assert final == last(rounds.get("round-2").stream_image(str(image), QUESTION)).final
