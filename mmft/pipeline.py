@@ -144,7 +144,7 @@ class Pipeline:
 
     # -- user-facing -------------------------------------------------------------------------
     def answer_images(self, images: list, questions: list[str], batch_size: int = 16, **gen) -> list[Answer]:
-        if len(images) != len(questions):  # zip would pair them wrongly, or the slots would not add up
+        if len(images) != len(questions):  # else the error would be about image slots, not about the cause
             raise ValueError(f"one question per image: got {len(images)} images and {len(questions)} questions")
         answers = []
         for i in range(0, len(questions), batch_size):
