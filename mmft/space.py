@@ -8,7 +8,8 @@ configured or reachable), and the docs README.md links to. Files the Space does 
 training, benchmarks) stay home. `.gitattributes` travels too, so the Space's binaries (.safetensors,
 .png, tokenizer.json) are LFS. In a git checkout only files git tracks go (an uncommitted scratch
 module stays home; the command names what it left out). A file on the Space that is not in this list
-is deleted by the same commit. The token is the one huggingface_hub finds (HF_TOKEN, `hf auth login`) and is never printed.
+is deleted by the same commit. The token is the one huggingface_hub finds (HF_TOKEN, `hf auth login`)
+and is never printed.
 """
 
 from __future__ import annotations
