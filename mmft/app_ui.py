@@ -21,7 +21,7 @@ from PIL import Image
 
 from mmft import shapes
 from mmft.hub import RoundNotFound
-from mmft.quantize import Int8Linear
+from mmft.quantize import int8_linears
 from mmft.serving import DEMO_KEY, Rounds, Settings  # noqa: F401 (Settings: for app.py and tests)
 from mmft.speech import (DEFAULT_MODEL_ID, GO_ONLINE, MAX_SECONDS, AudioError, SpeechUnavailable, Transcriber,
                          prepare_audio)
@@ -50,7 +50,7 @@ def banner(rounds: Rounds, key: str, problem: str | None = None) -> str:
     where, stages = "", BOTH_STAGES
     if pipe is not None:
         dtype = str(next(pipe.model.lm.parameters()).dtype).removeprefix("torch.")
-        if any(isinstance(m, Int8Linear) for m in pipe.model.lm.modules()):  # the embedding's dtype is not the story
+        if int8_linears(pipe.model.lm):  # the embedding's dtype is not the story
             dtype = f"int8 linears, {dtype} around them"
         elif getattr(pipe.model.lm.get_base_model() if pipe.model.has_adapter else pipe.model.lm, "is_loaded_in_4bit",
                      False):

@@ -98,9 +98,10 @@ def _evaluation(metrics: dict) -> tuple[list[str], list[list[str]]]:
         prefix = next((p for p in beside if name.startswith(p)), None)
         if prefix and name[len(prefix):] in metrics:
             continue  # shown beside its held-out figure
-        if prefix:
-            rows.append([_label(name[len(prefix):])] + ["—"] * len(beside) + ["—"])
-            rows[-1][1 + 1 + beside.index(prefix)] = _fmt(metrics[name])
+        if prefix:  # a figure with no held-out twin: in its own column, dashes elsewhere
+            row = [_label(name[len(prefix):]), "—"] + ["—"] * len(beside)
+            row[2 + beside.index(prefix)] = _fmt(metrics[name])
+            rows.append(row)
         elif name.startswith("heldout_"):
             rows.append([_label(name[len("heldout_"):]) + " (held-out subgroup)", _fmt(metrics[name])]
                         + ["—"] * len(beside))

@@ -112,9 +112,8 @@ def _check_adapter(folder: Path, cfg: MMFTConfig, adapter_cfg: dict) -> None:
     for module in pairs:
         if index := LAYER_RE.search(module + "."):
             layers.setdefault(module.rpartition(".")[2], set()).add(index[1])
-    covered = {target: sorted(found, key=int) for target, found in layers.items()}
-    if len({tuple(v) for v in covered.values()}) > 1:
-        counts = ", ".join(f"{t}: {len(v)} layers" for t, v in sorted(covered.items()))
+    if len({frozenset(found) for found in layers.values()}) > 1:
+        counts = ", ".join(f"{t}: {len(found)} layers" for t, found in sorted(layers.items()))
         raise ValueError(f"{path}: the targets sit on different layers ({counts}): the file is damaged or incomplete")
 
 

@@ -82,16 +82,16 @@ def is_complete_checkpoint(folder: str | Path) -> bool:
     return True
 
 
+def checkpoint_header(folder: str | Path) -> tuple[int | None, set[str]]:
+    """(the round a checkpoint was written for, or None where written before checkpoints recorded it;
+    the names of the weights it holds), from one read of its safetensors header."""
+    with safe_open(str(Path(folder) / CHECKPOINT_WEIGHTS), framework="pt") as f:
+        value, names = (f.metadata() or {}).get("mmft_round"), set(f.keys())
+    return (int(value) if value and value.isdigit() else None), names
+
+
 def checkpoint_round(folder: str | Path) -> int | None:
-    """The round a checkpoint was written for (None: written before checkpoints recorded it)."""
-    with safe_open(str(Path(folder) / CHECKPOINT_WEIGHTS), framework="pt") as f:
-        value = (f.metadata() or {}).get("mmft_round")
-    return int(value) if value and value.isdigit() else None
-
-
-def checkpoint_weights(folder: str | Path) -> set[str]:
-    with safe_open(str(Path(folder) / CHECKPOINT_WEIGHTS), framework="pt") as f:
-        return set(f.keys())
+    return checkpoint_header(folder)[0]
 
 
 def last_complete_checkpoint(output_dir: str | Path, round_number: int | None = None,
@@ -109,9 +109,11 @@ def last_complete_checkpoint(output_dir: str | Path, round_number: int | None = 
     for _, path in sorted(found, reverse=True):
         if not is_complete_checkpoint(path):
             logger.warning("skipping %s: incomplete (the run was killed while writing it)", path)
-        elif round_number is not None and (other := checkpoint_round(path)) not in (None, round_number):
+            continue
+        other, names = checkpoint_header(path)
+        if round_number is not None and other not in (None, round_number):
             logger.warning("skipping %s: a checkpoint of round %s, not of round %s", path, other, round_number)
-        elif weights is not None and checkpoint_weights(path) != weights:
+        elif weights is not None and names != weights:
             logger.warning("skipping %s: it holds other weights than this run trains (another stage)", path)
         else:
             return str(path)
