@@ -127,9 +127,11 @@ class Pipeline:
             raise errors[0]
 
     # -- stages ------------------------------------------------------------------------------
-    def draft(self, images: list, questions: list[str], **gen) -> list[str]:
-        """LoRA model on (image + question): short, keyword-like answers."""
-        pixel_values = self.model.vision.preprocess(images)  # [B, 3, H, W]
+    def draft(self, images, questions: list[str], **gen) -> list[str]:
+        """LoRA model on (image + question): short, keyword-like answers. `images` may be pixel values
+        `[B, 3, H, W]` already preprocessed: an evaluation asking several questions per picture then
+        resizes each picture once."""
+        pixel_values = images if torch.is_tensor(images) else self.model.vision.preprocess(images)  # [B, 3, H, W]
         prompts = [self._encode(q, True) for q in questions]
         return self._tidied(prompts, questions, True, pixel_values, capitalize=False, **gen)
 

@@ -17,6 +17,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from PIL import Image, ImageDraw
 
 from mmft.questions import COLORS as COLOR_NAMES
@@ -193,9 +194,11 @@ def evaluate(pipeline, n: int = 300, seed: int = 10_000, split: str = "heldout",
     damaged = calls = 0
     families = {}  # what made a held-out question held-out -> [right or not]
     by_frame = {}  # kind -> frame -> [right or not]
+    pixels = torch.cat([pipeline.model.vision.preprocess(images[i : i + batch_size])  # [n, 3, H, W]: each
+                        for i in range(0, n, batch_size)])  # picture resized once, not once per kind
     for kind in kinds:
         asked = [ask(kind, color, shape, rng, split) for color, shape in truths]
-        answers = pipeline.answer_images(images, [q for q, _ in asked], batch_size=batch_size)
+        answers = pipeline.answer_images(pixels, [q for q, _ in asked], batch_size=batch_size)
         drafts_ok = [judge(a.draft, f) for a, (_, f) in zip(answers, asked)]
         finals_ok = [judge(a.final, f) for a, (_, f) in zip(answers, asked)]
         damage = sum(d and not f for d, f in zip(drafts_ok, finals_ok))

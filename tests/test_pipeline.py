@@ -80,6 +80,22 @@ def test_batched_answers_equal_one_by_one(pipeline):
         assert (single.draft, single.final) == (answer.draft, answer.final)
 
 
+def test_preprocessed_pixels_give_the_answers_the_images_give(pipeline, monkeypatch):
+    images = [Image.new("RGB", (90, 64), c) for c in ("red", "blue", "yellow")]
+    questions = [QUESTION, "Which shape is it?", "Describe it."]
+    from_images = pipeline.answer_images(images, questions, batch_size=2)
+    pixels = pipeline.model.vision.preprocess(images)  # [3, 3, H, W]
+    seen = []
+    real_generate = pipeline.model.generate
+    monkeypatch.setattr(pipeline.model.vision, "preprocess", lambda images: pytest.fail("resized again"))
+    monkeypatch.setattr(pipeline.model, "generate",
+                        lambda **kw: seen.append(kw.get("pixel_values")) or real_generate(**kw))
+    from_pixels = pipeline.answer_images(pixels, questions, batch_size=2)
+    assert [(a.draft, a.final) for a in from_pixels] == [(a.draft, a.final) for a in from_images]
+    drafted = [p for p in seen if p is not None]  # the two drafts' batches, sliced from `pixels`
+    assert [p.shape[0] for p in drafted] == [2, 1] and torch.equal(torch.cat(drafted), pixels)
+
+
 def test_long_question_gets_a_note(pipeline):
     answer = pipeline.answer_text("red " * 400)
     assert any("shortened to its first 64 tokens" in note for note in answer.notes)
