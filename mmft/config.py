@@ -127,7 +127,7 @@ class MMFTConfig:
     @property
     def feature_choice(self) -> dict:
         """What decides the image features (a feature cache must have been built with the same)."""
-        choice = {"vit_model_id": self.vit_model_id, "vit_feature_mode": self.vit_feature_mode}
+        choice = {"vit_model_id": model_key(self.vit_model_id), "vit_feature_mode": self.vit_feature_mode}
         if self.vit_feature_mode == "patch":
             choice.update(vit_feature_layer=self.vit_feature_layer,
                           vit_feature_select_strategy=self.vit_feature_select_strategy)
@@ -145,6 +145,12 @@ class MMFTConfig:
 
 _TYPES = {"str": (str,), "str | None": (str, type(None)), "int": (int,), "int | None": (int, type(None)),
           "float": (int, float), "bool": (bool,), "list[str]": (list,)}
+
+
+def model_key(model_id: str) -> str:
+    """A model id as compared: a local folder by its absolute path ("tiny/clip" typed in one directory and
+    "/work/tiny/clip" recorded are one model), a Hub id as it is."""
+    return str(Path(model_id).resolve()) if Path(model_id).exists() else model_id
 
 
 def _check_types(config) -> None:

@@ -8,6 +8,7 @@ data file that is missing, empty or not JSON is a `DataError` naming the file an
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections import Counter
@@ -125,6 +126,25 @@ def read_llava(json_path: str | Path, image_dir: str | Path | None, offset: int 
         report.kept += 1
     logger.info(report.summary())
     return records, report
+
+
+def split_key(record: Record) -> float:
+    """Where `record` falls in [0, 1) for the evaluation split: a hash of its picture (of its first turn
+    when it has none), never its place in the file or a seed. A picture is then held out by every round,
+    whatever its window or seed, and with all its conversations: no round trains on an image that
+    another round evaluates on."""
+    key = record.image if record.image is not None else record.turns[0][1]
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
+
+
+def split_records(records: list[Record], fraction: float, limit: int) -> tuple[list[Record], list[Record]]:
+    """(train, eval): eval is the records whose `split_key` is under `fraction`, the `limit` lowest kept;
+    the others held out are in neither (they stay unseen). At least one record is held out: the lowest
+    key, as the split of a file too small for `fraction` (that one is stable only within its window)."""
+    keys = {id(r): split_key(r) for r in records}
+    held = {id(r) for r in records if keys[id(r)] < fraction} or {id(min(records, key=lambda r: keys[id(r)]))}
+    held_out = sorted((r for r in records if id(r) in held), key=lambda r: keys[id(r)])
+    return [r for r in records if id(r) not in held], held_out[:limit]
 
 
 class ConversationDataset(torch.utils.data.Dataset):

@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from mmft.config import OLD_ROUND_FEATURES, MMFTConfig
+from mmft.config import OLD_ROUND_FEATURES, MMFTConfig, model_key
 from mmft.data import DataError
 from mmft.vision import ImageError, VisionEncoder
 
@@ -118,6 +118,7 @@ class FeatureCache:
         Both revisions are commits (`mmft.loading.pin_revisions`); a cache or a run that names none is not compared."""
         wanted = cfg.feature_choice
         built = {key: self.index[key] for key in wanted}
+        built["vit_model_id"] = model_key(built["vit_model_id"])  # older caches: a local path as typed
         built_revision = self.index.get("vit_revision")  # older caches did not record it
         if built_revision and cfg.vit_revision and built_revision != cfg.vit_revision:
             raise DataError(f"feature cache {self.folder} was built with CLIP at commit {built_revision}, but this run "

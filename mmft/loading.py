@@ -17,7 +17,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_t
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mmft.config import QUANTIZE_MODES, MMFTConfig, load_config
+from mmft.config import QUANTIZE_MODES, MMFTConfig, load_config, model_key
 from mmft.model import MultimodalModel
 from mmft.projector import Projector, load_projector
 from mmft.quantize import load_int8_lm, pick_cpu_path
@@ -167,8 +167,7 @@ def pin_revisions(cfg: MMFTConfig) -> MMFTConfig:
     is kept. Local folders have no commit: their revision stays as given, and their path becomes absolute
     (a round reads "./x" relative to its own folder, `round_config`; any other relative path only works
     from the directory training ran in)."""
-    local = {key: str(Path(getattr(cfg, key)).resolve()) for key in ("lm_model_id", "vit_model_id")
-             if Path(getattr(cfg, key)).exists()}
+    local = {key: model_key(getattr(cfg, key)) for key in ("lm_model_id", "vit_model_id")}
     return replace(cfg, lm_revision=pin_revision(cfg.lm_model_id, cfg.lm_revision),
                    vit_revision=pin_revision(cfg.vit_model_id, cfg.vit_revision), **local)
 

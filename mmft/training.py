@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -24,7 +23,7 @@ from transformers import Trainer, TrainerState, TrainingArguments, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 
 from mmft.config import MMFTConfig, RunArguments
-from mmft.data import Collator, ConversationDataset, DataError, read_llava
+from mmft.data import Collator, ConversationDataset, DataError, read_llava, split_records
 from mmft.features import FeatureCache, describe_features
 from mmft.loading import build_model, pin_revisions, round_config
 from mmft.model import MultimodalModel
@@ -151,7 +150,7 @@ def prepare_model(cfg: MMFTConfig, run: RunArguments, device, feature_dim: int |
     return model, parent
 
 
-def read_data(run: RunArguments, cache: FeatureCache | None, seed: int):
+def read_data(run: RunArguments, cache: FeatureCache | None):
     """Train and eval records (+ the skip report). With a feature cache no image file is opened."""
     if not run.train_json:
         raise DataError("no training data: give --train_json (a LLaVA-Instruct JSON file)")
@@ -160,10 +159,10 @@ def read_data(run: RunArguments, cache: FeatureCache | None, seed: int):
     if run.eval_json:
         eval_records, eval_report = read_llava(run.eval_json, run.image_dir, 0, run.max_eval_samples, problem)
         report.skipped.update(eval_report.skipped)
+    elif records:  # by picture, not by seed or window: every round holds out the same images (`split_records`)
+        records, eval_records = split_records(records, run.eval_fraction, run.max_eval_samples)
     else:
-        random.Random(seed).shuffle(records)
-        n_eval = min(run.max_eval_samples, max(1, int(len(records) * run.eval_fraction)))
-        eval_records, records = records[:n_eval], records[n_eval:]
+        eval_records = []
     if not records:
         raise DataError(f"{run.train_json}: no usable training records ({report.summary()})")
     if not eval_records:  # else the run would train to the end and fail at its evaluation, saving nothing
@@ -268,7 +267,7 @@ def finetune(cfg: MMFTConfig, run: RunArguments, targs: TrainingArguments, callb
             raise DataError(f"--init_projector {run.init_projector} was trained on {describe_features(built)}, but "
                             f"this run uses {describe_features(cfg.feature_choice)}: train it with the same features")
     # Data errors surface before any model is loaded.
-    records, eval_records, report = read_data(run, cache, targs.seed)
+    records, eval_records, report = read_data(run, cache)
     set_seed(targs.seed)  # LoRA and projector initialisation, before the Trainer seeds itself
     model, parent = prepare_model(cfg, run, targs.device, cache.feature_dim if cache else None, training_dtype(targs))
     train_set, eval_set = make_datasets(records, eval_records, report, run, model, cache)

@@ -227,6 +227,47 @@ def test_a_run_without_evaluation_records_stops_before_loading_anything(tiny_dir
     assert not (tmp_path / "out").exists()  # refused before any model was loaded or step trained
 
 
+def test_rounds_with_other_windows_never_train_on_each_others_evaluation_pictures(tmp_path):
+    """The evaluation split is by picture: round 2, reading a window that overlaps round 1's, holds out the
+    pictures round 1 held out and never trains on them (a seeded shuffle per window did)."""
+    from mmft.training import read_data
+
+    conversation = [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "Red."}]
+    raw = [{"id": str(i), "image": f"{i // 2}.png", "conversations": conversation} for i in range(400)]
+    train_json = tmp_path / "train.json"
+    train_json.write_text(json.dumps(raw))  # two conversations per picture, 200 pictures
+    rounds = []
+    for offset, limit in ((0, 240), (100, 300), (0, None)):
+        run = RunArguments(train_json=str(train_json), data_offset=offset, max_samples=limit, eval_fraction=0.1,
+                           max_eval_samples=1000)
+        train, held, _ = read_data(run, FeatureCacheStub())
+        rounds.append(({r.image for r in train}, {r.image for r in held}, held))
+    for train, _, _ in rounds:
+        for _, held, _ in rounds:
+            assert not train & held  # no round trains on a picture any round evaluates on
+    (_, _, first), (_, _, second), (_, everywhere, _) = rounds
+    assert {r.image for r in first} | {r.image for r in second} == everywhere  # the same pictures, held out
+    assert 10 <= len(everywhere) <= 32  # about 10 % of the 200 pictures (binomial: 20 +- 4.2)
+    assert all(sum(r.image == image for r in rounds[2][2]) == 2 for image in everywhere)  # with both conversations
+
+
+class FeatureCacheStub:
+    """Every picture usable: `read_llava` asks the cache, not the disk."""
+
+    problem = staticmethod(lambda name: None)
+
+
+def test_a_file_too_small_for_its_fraction_still_holds_one_picture_out(tmp_path):
+    from mmft.training import read_data
+
+    conversation = [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "Red."}]
+    train_json = tmp_path / "train.json"
+    train_json.write_text(json.dumps([{"id": str(i), "image": f"{i}.png", "conversations": conversation}
+                                      for i in range(5)]))
+    train, held, _ = read_data(RunArguments(train_json=str(train_json), eval_fraction=0.0), FeatureCacheStub())
+    assert len(held) == 1 and len(train) == 4 and held[0].image not in {r.image for r in train}
+
+
 @pytest.mark.parametrize("fields, message", [
     (dict(lora_r=0), "lora_r must be >= 1, got 0"), (dict(lora_dropout=1.5), r"lora_dropout must be in \[0, 1\)"),
     (dict(prompt_max_answer_tokens=0), "prompt_max_answer_tokens must be >= 1"),
@@ -539,6 +580,41 @@ def test_a_malformed_round_section_is_named(tiny_model, tmp_path, change, messag
     (folder / "config.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match=f"is not a valid mmft config: {message}"):
         load_config(folder)
+
+
+def test_the_cli_cache_holds_the_features_a_cpu_run_computes_and_takes_a_relative_clip_path(
+        tiny_dir, shapes_data, tmp_path, monkeypatch):
+    """train.cache_features on a CPU: float32 features, as a CPU run computes them (it took pick_dtype's bf16
+    where oneDNN reports bf16: 0.45 % off); a CLIP folder typed relative is recorded absolute, so a run
+    from any directory, and one typing the same relative path, is accepted (both were refused)."""
+    from mmft.loading import pin_revisions
+    from train.cache_features import main as cache_features
+
+    monkeypatch.setattr(loading, "pick_dtype", lambda device=None: torch.bfloat16)  # as on a CPU reporting bf16
+    monkeypatch.chdir(tiny_dir)
+    cache_features(["--train_json", str(shapes_data[0]), "--image_dir", str(shapes_data[1]), "--out",
+                    str(tmp_path / "cache"), "--vit_model_id", "clip", "--vit_feature_mode", "patch", "--batch_size", "32"])
+    cache = FeatureCache(tmp_path / "cache")
+    assert cache.index["vit_model_id"] == str(tiny_dir / "clip")
+    cfg = MMFTConfig(lm_model_id="lm", vit_model_id="clip", vit_feature_mode="patch")
+    cache.check(pin_revisions(cfg))  # as finetune checks it: no DataError
+    monkeypatch.chdir(tmp_path)
+    cache.check(MMFTConfig(vit_model_id=str(tiny_dir / "clip"), vit_feature_mode="patch"))
+    vision = VisionEncoder.from_pretrained(str(tiny_dir / "clip"), "patch", 10**8, dtype=torch.float32)
+    first = sorted(cache.index["files"])[:32]  # the cache's first batch: the same GEMM shapes, so bit for bit
+    with torch.no_grad():
+        features = vision(torch.cat([vision.preprocess([shapes_data[1] / n]) for n in first]))  # [32, 49, 32]
+    assert all(torch.equal(cache[name], features[j]) for j, name in enumerate(first))
+
+
+def test_a_seed_projector_and_a_run_naming_one_clip_folder_differently_agree(tiny_dir, monkeypatch):
+    """--init_projector's feature check compared a round's absolute CLIP path with the run's relative one."""
+    monkeypatch.chdir(tiny_dir.parent)
+    relative = MMFTConfig(vit_model_id=f"{tiny_dir.name}/clip", vit_feature_mode="patch")
+    absolute = MMFTConfig(vit_model_id=str(tiny_dir / "clip"), vit_feature_mode="patch")
+    assert relative.feature_choice == absolute.feature_choice
+    assert MMFTConfig(vit_model_id="openai/clip-vit-base-patch32").feature_choice["vit_model_id"] == \
+        "openai/clip-vit-base-patch32"  # a Hub id stays as it is
 
 
 def test_a_mistyped_image_dir_leaves_a_good_cache_alone(tiny_dir, shapes_data, tmp_path, capsys):

@@ -6,11 +6,13 @@ r"""Compute CLIP features for every image of a LLaVA-Instruct JSON once, into sa
 
 The feature choice (--vit_feature_mode, and in patch mode --vit_feature_layer and
 --vit_feature_select_strategy) must be the training run's: finetune refuses a cache built otherwise.
+Features are computed as a training run computes them (bf16 on CUDA, float32 on a CPU), so a run from
+the cache trains as one with CLIP on the fly; a local CLIP folder is recorded by its absolute path.
 """
 
 import argparse
 
-from mmft.config import FEATURE_MODES, SELECT_STRATEGIES, MMFTConfig
+from mmft.config import FEATURE_MODES, SELECT_STRATEGIES, MMFTConfig, model_key
 
 
 def _positive(value: str) -> int:
@@ -36,12 +38,14 @@ def main(argv=None):
     parser.add_argument("--shard_size", type=_positive, default=4096)
     args = parser.parse_args(argv)
 
+    import torch
+
     from mmft.data import DataError, load_json
     from mmft.features import build_cache
     from mmft.loading import pick_device, pick_dtype, pin_revision
     from mmft.vision import VisionEncoder
 
-    cfg = MMFTConfig(vit_model_id=args.vit_model_id, vit_revision=args.vit_revision,
+    cfg = MMFTConfig(vit_model_id=model_key(args.vit_model_id), vit_revision=args.vit_revision,
                      vit_feature_mode=args.vit_feature_mode, vit_feature_layer=args.vit_feature_layer,
                      vit_feature_select_strategy=args.vit_feature_select_strategy)
     try:
@@ -51,11 +55,13 @@ def main(argv=None):
     try:
         cfg.vit_revision = pin_revision(cfg.vit_model_id, cfg.vit_revision)  # a branch moves: record its commit now
         device = pick_device()
-        vision = VisionEncoder.from_config(cfg, dtype=pick_dtype(device)).to(device)
+        # as training computes them: bf16 on CUDA, float32 on a CPU (`training_dtype`; bf16 there only with --bf16)
+        dtype = pick_dtype(device) if device.type == "cuda" else torch.float32
+        vision = VisionEncoder.from_config(cfg, dtype=dtype).to(device)
     except (OSError, ValueError) as err:  # a mistyped or unreachable CLIP id
         parser.exit(1, f"error: {' '.join(str(err).split())}\n")
     try:
-        index = build_cache(vision, args.vit_model_id, args.image_dir, names, args.out, args.shard_size,
+        index = build_cache(vision, cfg.vit_model_id, args.image_dir, names, args.out, args.shard_size,
                             args.batch_size, vit_revision=cfg.vit_revision)
     except OSError as err:  # no such image folder, --out is a file: nothing was touched
         parser.exit(1, f"error: {err}\n")
