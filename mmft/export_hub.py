@@ -23,7 +23,7 @@ EXPORT_SUFFIX = "-llava"
 CARD = """
 # {title}
 
-A [mmft](https://github.com/) round exported as a plain **`LlavaForConditionalGeneration`**: CLIP
+An mmft round exported as a plain **`LlavaForConditionalGeneration`**: CLIP
 (`{vit_id}`) -> projector (Linear -> GELU -> Linear) -> `{lm_id}` with the round's LoRA adapter
 merged in. It loads with transformers alone, no mmft import.
 
