@@ -307,16 +307,16 @@ def demo_pipeline():
 
 
 # Regression guards, not the targets: the committed patch round measured (300 held-out images) colour
-# 0.98, shape 0.86, describe 0.83, yes/no 0.78, choice 0.97, refine damage 0.0; in-distribution
+# 0.97, shape 0.857, describe 0.80, yes/no 0.803, choice 0.98, refine damage 0.0; in-distribution
 # colour 0.99, shape 0.99 (docs/training.md). With 40 answers per kind one standard deviation is
-# sqrt(p (1 - p) / 40): 0.022 for 0.98, 0.055 for 0.86, 0.059 for 0.83, 0.066 for 0.78, 0.027 for
-# 0.97, so each floor sits ~2.5 deviations under the measured figure (this draw: 0.975, 0.925, 0.8,
-# 0.8, 0.975).
-HELDOUT_FLOORS = {"color": 0.92, "shape": 0.72, "describe": 0.68, "yesno": 0.62, "choice": 0.9}
-# The same 300 pictures asked in the independent writer's wordings measured 0.94, 0.95, 0.81, 0.78, 0.98
-# (deviations at 40 answers: 0.038, 0.033, 0.062, 0.065, 0.020); floors again ~2.5 deviations under
-# (this draw: 0.975, 0.925, 0.725, 0.85, 0.975).
-INDEPENDENT_FLOORS = {"color": 0.84, "shape": 0.87, "describe": 0.65, "yesno": 0.6, "choice": 0.93}
+# sqrt(p (1 - p) / 40): 0.027 for 0.97, 0.055 for 0.857, 0.063 for 0.80 and 0.803, 0.022 for 0.98,
+# so each floor sits ~2.5 deviations under the measured figure (this draw: 0.95, 0.95, 0.775, 0.825,
+# 0.975).
+HELDOUT_FLOORS = {"color": 0.9, "shape": 0.72, "describe": 0.64, "yesno": 0.64, "choice": 0.92}
+# The same 300 pictures asked in the independent writer's wordings measured 0.94, 0.937, 0.803, 0.78, 0.973
+# (deviations at 40 answers: 0.038, 0.038, 0.063, 0.065, 0.026); floors again ~2.5 deviations under
+# (this draw: 0.975, 0.925, 0.725, 0.825, 0.95).
+INDEPENDENT_FLOORS = {"color": 0.84, "shape": 0.84, "describe": 0.64, "yesno": 0.61, "choice": 0.9}
 
 
 @needs_demo
@@ -394,7 +394,7 @@ HAND_WORDINGS = {
     "yesno": ["could it be {v}?", "Is this {v}?", "so this one is {v}?", "Is the picture showing {v}?"],
     "choice": ["Is that {v} or {w}?", "would you say {v} or {w}?", "Which one is it: {v} or {w}?"],
 }
-# The committed patch round measured colour, shape, yes/no and choice 18/18, describe 17/18
+# The committed patch round measured colour, describe, yes/no and choice 18/18, shape 17/18
 # (docs/training.md). 18 answers per kind: one wrong answer is 0.056, so each floor allows two more misses.
 HAND_FLOORS = {"color": 0.85, "shape": 0.85, "describe": 0.8, "yesno": 0.8, "choice": 0.85}
 
