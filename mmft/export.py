@@ -168,6 +168,24 @@ def _copy_sentencepiece(cfg, folder: Path, out: Path) -> None:
         shutil.copyfile(path, out / "tokenizer.model")
 
 
+def _check_outputs(folder: Path, cfg, outputs: list[Path]) -> None:
+    """An output folder is replaced whole (with --force): never one that is, or holds, what the export reads
+    (the round, a local base model) or the other output."""
+    inputs = {"the round being exported": folder.resolve()}
+    for key in ("lm_model_id", "vit_model_id"):
+        path = Path(_resolve(folder, getattr(cfg, key)))
+        if path.exists():
+            inputs[f"the base model {getattr(cfg, key)}"] = path.resolve()
+    for i, out in enumerate(outputs):
+        for what, path in inputs.items():
+            if path == out.resolve() or out.resolve() in path.parents:
+                raise ExportError(f"{out} is or holds {what}: choose another output folder")
+        for other in outputs[i + 1 :]:
+            a, b = out.resolve(), other.resolve()
+            if a == b or a in b.parents or b in a.parents:
+                raise ExportError(f"the output folders {out} and {other} overlap: choose separate ones")
+
+
 def _fresh_folder(out: Path, force: bool) -> Path:
     """A temporary sibling of `out`; an existing non-empty `out` is only replaced with force."""
     if out.exists() and any(out.iterdir()) and not force:
@@ -205,6 +223,7 @@ def export_llava(round_dir: str | Path, out: str | Path, dtype=None, text_model:
 
     layer, strategy = feature_choice(cfg)
     out = Path(out)
+    _check_outputs(folder, cfg, [out] + ([Path(text_model)] if text_model else []))
     dtype = _export_dtype(cfg, folder, dtype)
     tmp = _fresh_folder(out, force)
     text_tmp = _fresh_folder(Path(text_model), force) if text_model else None

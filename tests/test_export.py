@@ -211,6 +211,25 @@ def test_cli_refuses_an_existing_folder_and_reruns_after_an_interruption(kit_rou
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
 
 
+def test_force_never_replaces_the_round_a_base_model_or_the_other_output(kit_round, tiny_dir, tmp_path, capsys):
+    """`mmft.export R R --force` replaced the round with its export (adapter and projector gone); an output
+    above the round, or a local base, went the same way."""
+    from mmft.export import main
+
+    round_dir, _ = kit_round
+    before = sorted(p.relative_to(round_dir) for p in round_dir.rglob("*"))
+    for out, extra, message in ((round_dir, [], "is or holds the round being exported"),
+                                (round_dir.parent, [], "is or holds the round being exported"),
+                                (tiny_dir / "lm", [], "is or holds the base model"),
+                                (tmp_path / "x", ["--text-model", str(tmp_path / "x" / "text")], "overlap")):
+        capsys.readouterr()
+        assert main([str(round_dir), str(out), "--force", *extra]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.relative_to(round_dir) for p in round_dir.rglob("*")) == before
+    assert (tiny_dir / "lm" / "config.json").is_file() and not (tmp_path / "x").exists()
+
+
 # -- publishing (local Hub server, real huggingface_hub client) ---------------------------------
 def _push(hub, *args):
     env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_secret_test_token", "HF_HUB_OFFLINE": "0"}
