@@ -19,6 +19,8 @@ from pathlib import Path
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
+from mmft.config import whole_number  # noqa: E402  (light: no torch, so --help stays fast)
+
 DEMO_ROUND = Path(__file__).resolve().parent / "demo" / "round"
 
 
@@ -28,12 +30,7 @@ QUANTIZE = ["nf4", "int8", "none"]
 TRUE, FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
 
 
-def _positive(value: str) -> int:
-    """argparse type: a whole number >= 1 (ASCII digits: "²".isdigit() is True, int("²") fails)."""
-    value = value.strip()
-    if not (value.isascii() and value.isdigit()) or int(value) < 1:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a positive whole number")
-    return int(value)
+_positive = whole_number(1)
 
 
 def _int(environ, name: str) -> int | None:

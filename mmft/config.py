@@ -7,6 +7,7 @@ Fields are prefixed by the part they configure (`lm_`, `vit_`, `mp_`, `lora_`, `
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import string
@@ -145,6 +146,17 @@ class MMFTConfig:
 
 _TYPES = {"str": (str,), "str | None": (str, type(None)), "int": (int,), "int | None": (int, type(None)),
           "float": (int, float), "bool": (bool,), "list[str]": (list,)}
+
+
+def whole_number(low: int = 1):
+    """An argparse type for counts: a whole number >= `low`, in ASCII digits ("²".isdigit() is True, int("²")
+    fails), or a one-line usage error; the entry points share it."""
+    def parse(value: str) -> int:
+        value = value.strip()
+        if not (value.isascii() and value.isdigit()) or int(value) < low:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a {'positive whole number' if low == 1 else f'whole number >= {low}'}")
+        return int(value)
+    return parse
 
 
 def model_key(model_id: str) -> str:

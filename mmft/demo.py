@@ -245,16 +245,18 @@ def build_demo(out: Path = DEMO_DIR, modes=("patch", "pooled"), samples: int = 4
                seed: int = 0, workers: int | None = None, batch_size: int = 16, lm_batch_size: int = 32,
                eval_seed: int | None = None) -> dict:
     """The whole rebuild; returns metrics per mode and stage times. `out/round` is the first mode's.
-    `eval_seed` (default `seed + 10_000`) draws the evaluation's images and questions."""
+    `eval_seed` (default `seed + 10_000`) draws the evaluation's images and questions. Built in
+    `out.partial` and moved into `out` at the end: a failed or interrupted build leaves `out` as it was
+    (a new base under old rounds would answer nonsense)."""
     eval_seed = seed + 10_000 if eval_seed is None else eval_seed
     start = time.time()
     workers = default_workers() if workers is None else workers
-    out.mkdir(parents=True, exist_ok=True)
+    stage = out.parent / (out.name + ".partial")
+    shutil.rmtree(stage, ignore_errors=True)  # left by an interrupted build: start again
+    stage.mkdir(parents=True)
     results = {"seconds": {}, "workers": workers}
     with tempfile.TemporaryDirectory() as tmp, worker_pool(workers) as pool:
-        work, base = Path(tmp), out / "base"
-        if base.exists():
-            shutil.rmtree(base)
+        work, base = Path(tmp), stage / "base"
         cfg = init_base(base, seed)
         # two processes: [LM pre-training | CLIP pre-training, then data + feature caches], then a round each
         lm = submit(pool, pretrain_text, base / "lm", cfg, refine_corpus(cfg, 6000, seed), steps=lm_steps,
@@ -265,11 +267,16 @@ def build_demo(out: Path = DEMO_DIR, modes=("patch", "pooled"), samples: int = 4
         data = submit(pool, prepare_features, base, work, modes, samples, seed)
         results["seconds"].update(data=data.result()[1], base_lm=lm.result()[1], base=round(time.time() - start, 1))
         rounds = [submit(pool, round_job, base, work, mode, samples, steps, seed, batch_size,
-                         out / ("round" if i == 0 else f"round-{mode}"), eval_n, indist_n, eval_seed)
+                         stage / ("round" if i == 0 else f"round-{mode}"), eval_n, indist_n, eval_seed)
                   for i, mode in enumerate(modes)]
         for mode, future in zip(modes, rounds):
             (metrics, train_s), total_s = future.result()
             results[mode] = metrics
             results["seconds"].update({f"{mode}_train": train_s, f"{mode}_eval": round(total_s - train_s, 1)})
+    out.mkdir(parents=True, exist_ok=True)
+    for part in sorted(stage.iterdir()):  # base and rounds together; the rounds read "../base"
+        shutil.rmtree(out / part.name, ignore_errors=True)
+        part.rename(out / part.name)
+    stage.rmdir()
     results["seconds"]["total"] = round(time.time() - start, 1)
     return results

@@ -487,6 +487,25 @@ def test_worker_pool_runs_jobs_in_one_thread_processes_and_inline_without_one(mo
 
 
 @pytest.mark.slow
+def test_a_failed_build_leaves_the_demo_as_it_was(tmp_path, monkeypatch):
+    """The build wrote the new base into demo/base first: failing later left old rounds on a new base."""
+    from mmft import demo
+
+    out = tmp_path / "demo"
+    for part in ("base", "round"):
+        (out / part).mkdir(parents=True)
+        (out / part / "old.txt").write_text(part)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the data step failed")
+
+    monkeypatch.setattr(demo, "prepare_features", broken)
+    with pytest.raises(RuntimeError, match="the data step failed"):
+        demo.build_demo(out, samples=24, steps=2, lm_steps=2, clip_steps=0, eval_n=2, indist_n=2, workers=1)
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == ["base", "base/old.txt", "round",
+                                                                        "round/old.txt"]
+
+
 def test_build_demo_side_by_side_writes_both_rounds_and_their_figures(tmp_path):
     """The whole two-process schedule at toy size: base, both rounds beside it, metrics, stage times."""
     from mmft import demo
@@ -509,3 +528,4 @@ def test_build_demo_side_by_side_writes_both_rounds_and_their_figures(tmp_path):
         assert cfg["round"]["metrics"]["independent_color_accuracy"] == independent["kinds"]["color"]["accuracy"]
     model, _ = load_round(tmp_path / "demo" / "round", device="cpu", dtype=torch.float32)
     assert model.cfg.vit_feature_mode == "patch"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]  # demo.partial moved in and gone

@@ -664,11 +664,19 @@ def test_entry_points_check_sizes_and_modes_before_any_work(tmp_path, capsys):
     for flag in (["--batch_size", "0"], ["--shard_size", "0"], ["--batch_size", "-1"]):
         with pytest.raises(SystemExit) as done:
             cache_features(["--train_json", "x.json", "--image_dir", ".", "--out", str(tmp_path / "c"), *flag])
-        assert done.value.code == 2 and "is not a whole number >= 1" in capsys.readouterr().err, flag
+        assert done.value.code == 2 and "is not a positive whole number" in capsys.readouterr().err, flag
     for modes in ("patch,pooeld", "patch,patch"):
         with pytest.raises(SystemExit) as done:
             build_demo(["--modes", modes, "--out", str(tmp_path / "demo")])
         assert done.value.code == 2 and f"--modes {modes!r}: a comma-separated list" in capsys.readouterr().err
+    # counts: --lm_steps 0 was a traceback after demo/base had been replaced; --eval_n -1 reported -0.0
+    for flag, message in ((["--lm_steps", "0"], "'0' is not a positive whole number"),
+                          (["--eval_n", "-1"], "'-1' is not a positive whole number"),
+                          (["--workers", "0"], "'0' is not a positive whole number"),
+                          (["--clip_steps", "-1"], "'-1' is not a whole number >= 0")):
+        with pytest.raises(SystemExit) as done:
+            build_demo([*flag, "--out", str(tmp_path / "demo")])
+        assert done.value.code == 2 and message in capsys.readouterr().err, flag
     assert not (tmp_path / "c").exists() and not (tmp_path / "demo").exists()
 
 

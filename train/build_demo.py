@@ -17,7 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
-from mmft.config import FEATURE_MODES  # light: no torch
+from mmft.config import FEATURE_MODES, whole_number  # light: no torch
 
 DEMO_DIR = Path(__file__).resolve().parents[1] / "demo"  # = mmft.demo.DEMO_DIR, without importing torch for --help
 
@@ -26,20 +26,20 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=DEMO_DIR)
     parser.add_argument("--modes", default="patch,pooled", help="feature modes to train; the first is served")
-    parser.add_argument("--samples", type=int, default=4000)
-    parser.add_argument("--steps", type=int, default=900)
-    parser.add_argument("--batch_size", type=int, default=16, help="rounds' batch size")
-    parser.add_argument("--lm_steps", type=int, default=800)
-    parser.add_argument("--lm_batch_size", type=int, default=32, help="the base LM's text pre-training batch size")
-    parser.add_argument("--clip_steps", type=int, default=1200)
-    parser.add_argument("--eval_n", type=int, default=300,
+    parser.add_argument("--samples", type=whole_number(1), default=4000)
+    parser.add_argument("--steps", type=whole_number(1), default=900)
+    parser.add_argument("--batch_size", type=whole_number(1), default=16, help="rounds' batch size")
+    parser.add_argument("--lm_steps", type=whole_number(1), default=800)
+    parser.add_argument("--lm_batch_size", type=whole_number(1), default=32, help="the base LM's text pre-training batch size")
+    parser.add_argument("--clip_steps", type=whole_number(0), default=1200)
+    parser.add_argument("--eval_n", type=whole_number(1), default=300,
                         help="fresh held-out images (each asked every kind, in held-out and in independent wordings)")
-    parser.add_argument("--indist_n", type=int, default=100, help="fresh in-distribution images")
+    parser.add_argument("--indist_n", type=whole_number(1), default=100, help="fresh in-distribution images")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval_seed", type=int, default=None,
                         help="draw of the evaluation's images and questions (default: seed + 10000); another one "
                              "checks a recipe on material its choice never saw")
-    parser.add_argument("--workers", type=int, default=None,
+    parser.add_argument("--workers", type=whole_number(1), default=None,
                         help="processes side by side (default: one per core, at most 2)")
     args = parser.parse_args(argv)
     modes = args.modes.split(",")

@@ -12,14 +12,7 @@ the cache trains as one with CLIP on the fly; a local CLIP folder is recorded by
 
 import argparse
 
-from mmft.config import FEATURE_MODES, SELECT_STRATEGIES, MMFTConfig, model_key
-
-
-def _positive(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number >= 1")
-    return number
+from mmft.config import FEATURE_MODES, SELECT_STRATEGIES, MMFTConfig, model_key, whole_number
 
 
 def main(argv=None):
@@ -34,8 +27,8 @@ def main(argv=None):
                         help="patch mode: index into CLIP's hidden_states (-1 last, -2 second-to-last)")
     parser.add_argument("--vit_feature_select_strategy", default=MMFTConfig.vit_feature_select_strategy,
                         choices=SELECT_STRATEGIES, help="patch mode: default = drop CLS (LLaVA), full = keep it")
-    parser.add_argument("--batch_size", type=_positive, default=64)
-    parser.add_argument("--shard_size", type=_positive, default=4096)
+    parser.add_argument("--batch_size", type=whole_number(1), default=64)
+    parser.add_argument("--shard_size", type=whole_number(1), default=4096)
     args = parser.parse_args(argv)
 
     import torch
