@@ -157,6 +157,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         self.records, self.tokenizer, self.cfg = records, tokenizer, cfg
         self.num_image_tokens, self.load_image = num_image_tokens, load_image
         self.report = report or ReadReport(kept=len(records))
+        self._unreadable: set[int] = set()  # found so at load time: not tried (or counted) again
 
     def __len__(self) -> int:
         return len(self.records)
@@ -167,17 +168,22 @@ class ConversationDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         for step in range(len(self.records)):
-            record = self.records[(index + step) % len(self.records)]
+            i = (index + step) % len(self.records)
+            if i in self._unreadable:
+                continue
+            record = self.records[i]
             try:
                 image = self.load_image(record) if record.image is not None else {}
             except ImageError as err:
+                self._unreadable.add(i)
                 self.report.skipped["unreadable image"] += 1
                 logger.warning("skipping %s: %s", record.image, err)
                 continue
             encoded = self.encode(record)
             return {"input_ids": encoded.input_ids, "labels": encoded.labels,
                     "image_mask": encoded.image_mask, **image}
-        raise RuntimeError("no record in the data set has a readable image")
+        raise DataError(f"none of the {len(self.records)} records has an image that decodes "
+                        "(each file's header reads, its pixels do not): is the image folder damaged?")
 
 
 def pad_batch(encoded: list[dict], pad_token_id: int, padding_side: str = "right",

@@ -2,10 +2,11 @@
 
 import json
 
+import pytest
 import torch
 from PIL import Image
 
-from mmft.data import Collator, ConversationDataset, read_llava
+from mmft.data import Collator, ConversationDataset, DataError, read_llava
 from mmft.prompt import IGNORE_INDEX
 
 
@@ -69,6 +70,20 @@ def test_image_failing_at_load_time_is_counted_and_replaced(tmp_path, tiny_confi
     item = ds[0]
     assert report.skipped["unreadable image"] == 1
     assert item["image_features"].shape == (1, 4) and sum(item["image_mask"]) == 1
+    ds[0], ds[1]
+    assert report.skipped["unreadable image"] == 1  # found once: not tried or counted again
+
+    tried = []
+
+    def broken(record):  # every picture's header read, no picture decodes (a damaged image folder)
+        tried.append(record.id)
+        raise ImageError("decoder failed")
+
+    ds = ConversationDataset(records, AutoTokenizer.from_pretrained(tiny_config.lm_model_id), tiny_config, 1, broken)
+    for _ in range(3):  # a clear DataError (a RuntimeError before: a traceback from train.finetune)
+        with pytest.raises(DataError, match="none of the 2 records has an image that decodes"):
+            ds[0]
+    assert tried == ["a", "b"]  # each file tried once, not once per item asked for
 
 
 def test_collator_pads_to_the_longest_in_the_batch_not_a_global_maximum():

@@ -633,6 +633,24 @@ def test_a_mistyped_image_dir_leaves_a_good_cache_alone(tiny_dir, shapes_data, t
         err = capsys.readouterr().err
         assert done.value.code == 1 and message in err and "Traceback" not in err, err
         assert FeatureCache(tmp_path / "cache").index == before  # untouched
+    # a JSON that is no list of records, or whose records name no image, emptied the cache and exited 0
+    (tmp_path / "dict.json").write_text(json.dumps({"data": [1, 2]}))
+    (tmp_path / "textonly.json").write_text(json.dumps([{"id": "1", "conversations": []}, {"image": 5}]))
+    for data, message in (("dict.json", "dict.json: expected a JSON list of conversations, got dict"),
+                          ("textonly.json", "textonly.json names an image: nothing to cache")):
+        with pytest.raises(SystemExit) as done:
+            cache_features(["--train_json", str(tmp_path / data), *args[2:], "--image_dir", str(shapes_data[1]),
+                            "--out", str(tmp_path / "cache")])
+        err = capsys.readouterr().err
+        assert done.value.code == 1 and message in err and len(err.strip().splitlines()) == 1, err
+        assert FeatureCache(tmp_path / "cache").index == before  # untouched
+    # a record whose "image" is not a file name is skipped (it was a TypeError in sorting the names)
+    records = json.loads(shapes_data[0].read_text())
+    (tmp_path / "odd.json").write_text(json.dumps(records[:3] + [{**records[3], "image": 5},
+                                                                  {**records[4], "image": ["a.png"]}]))
+    cache_features(["--train_json", str(tmp_path / "odd.json"), *args[2:], "--image_dir", str(shapes_data[1]),
+                    "--out", str(tmp_path / "odd")])
+    assert sorted(FeatureCache(tmp_path / "odd").index["files"]) == sorted(r["image"] for r in records[:3])
     (tmp_path / "file").write_text("x")
     with pytest.raises(SystemExit) as done:
         cache_features(args + ["--image_dir", str(shapes_data[1]), "--out", str(tmp_path / "file")])

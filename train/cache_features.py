@@ -41,10 +41,18 @@ def main(argv=None):
     cfg = MMFTConfig(vit_model_id=model_key(args.vit_model_id), vit_revision=args.vit_revision,
                      vit_feature_mode=args.vit_feature_mode, vit_feature_layer=args.vit_feature_layer,
                      vit_feature_select_strategy=args.vit_feature_select_strategy)
+    names = []
     try:
-        names = [r["image"] for path in args.train_json for r in load_json(path) if isinstance(r, dict) and r.get("image")]
+        for path in args.train_json:
+            records = load_json(path)
+            if not isinstance(records, list):  # before --out is touched: an empty run would empty a good cache
+                raise DataError(f"{path}: expected a JSON list of conversations, got {type(records).__name__}")
+            # a record whose "image" is not a file name is skipped, as training skips it
+            names += [r["image"] for r in records if isinstance(r, dict) and isinstance(r.get("image"), str) and r["image"]]
     except DataError as err:
         parser.exit(1, f"error: {err}\n")
+    if not names:
+        parser.exit(1, f"error: no record in {', '.join(args.train_json)} names an image: nothing to cache\n")
     try:
         cfg.vit_revision = pin_revision(cfg.vit_model_id, cfg.vit_revision)  # a branch moves: record its commit now
         device = pick_device()
