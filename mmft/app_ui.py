@@ -172,7 +172,8 @@ class Handlers:
 
     @staticmethod
     def _question(question: str | None) -> tuple[str, list[str]]:
-        question = (question or "").strip()
+        # a lone surrogate (JSON allows "\ud800") is no text the tokenizer takes: it becomes U+FFFD
+        question = (question or "").encode("utf-16", "surrogatepass").decode("utf-16", "replace").strip()
         if not question:
             raise _bad("The question is empty: type a question, e.g. “What colour is the shape?”.")
         if len(question) > MAX_QUESTION_CHARS:

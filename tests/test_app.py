@@ -265,6 +265,16 @@ def test_long_questions_are_cut_with_a_note(served, tmp_path):
     assert answer and "cut to its first 20,000 characters" in notes and "64 tokens" in notes
 
 
+def test_a_lone_surrogate_in_a_question_is_answered(served, tmp_path):
+    """JSON can carry "\\ud800", no text a tokenizer takes: it was "Something went wrong (TypeError ...)"."""
+    app, _ = served  # the handlers as the server calls them (httpx, in the client, cannot send one)
+    answer, notes = list(app.mmft_handlers.text("\ud800 what colour is the shape?", DEMO_KEY))[-1]
+    assert answer and not notes
+    answer, draft, notes = list(app.mmft_handlers.image(Image.open(picture(tmp_path / "p.png")), "\ud800 colour?",
+                                                        DEMO_KEY))[-1]
+    assert answer and draft and not notes
+
+
 def test_long_audio_is_trimmed_with_a_note(served, tmp_path):
     _, client = served
     answer, transcript, notes = client.predict(handle_file(wav(tmp_path / "long.wav", 35, rate=8000)),
