@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from transformers import Trainer, TrainerState, TrainingArguments, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 
-from mmft.config import MMFTConfig, RunArguments
+from mmft.config import CONFIG_NAME, MMFTConfig, RunArguments
 from mmft.data import Collator, ConversationDataset, DataError, read_llava, split_records
 from mmft.features import FeatureCache, describe_features
 from mmft.loading import build_model, pin_revisions, round_config
@@ -255,7 +255,12 @@ def finetune(cfg: MMFTConfig, run: RunArguments, targs: TrainingArguments, callb
     `evaluate(model)`, if given, runs on the main process after training; its dict is the round's
     `metrics` (in `config.json`, `metrics.json` and the model card's history)."""
     if run.resume_round:
-        cfg = round_config(check_round_folder(run.resume_round))[0]
+        cfg, continued = round_config(check_round_folder(run.resume_round))
+    number = int(continued.get("round", 0)) + 1 if run.resume_round else 1
+    done = Path(targs.output_dir) / f"round-{number}"
+    if (done / CONFIG_NAME).is_file():  # written last: a finished round, which this run would overwrite
+        raise DataError(f"{done} already holds a trained round {number}: choose another --output_dir "
+                        "(or --resume_round it for the next round; delete it to train it again)")
     cache = FeatureCache(run.feature_cache) if run.feature_cache else None
     if cache is not None and not run.resume_round:
         cfg = pin_revisions(cfg)  # the commit CLIP will load at, as the cache recorded its own
@@ -275,7 +280,6 @@ def finetune(cfg: MMFTConfig, run: RunArguments, targs: TrainingArguments, callb
     if not (run.resume_round or run.init_projector):
         match_projector_scale(model, train_set)
 
-    number = int(parent.get("round", 0)) + 1
     collator = Collator(model.tokenizer.pad_token_id, run.pad_to_length)
     trainer = MMFTTrainer(model=model, args=targs, train_dataset=train_set, eval_dataset=eval_set,
                           data_collator=collator, projector_lr=run.projector_lr, round_number=number,
@@ -326,15 +330,15 @@ def finetune(cfg: MMFTConfig, run: RunArguments, targs: TrainingArguments, callb
     info["history"] = parent.get("history", []) + [
         {k: info[k] for k in ("round", "created", "steps", "samples", "train_loss", "eval_loss", "metrics")}
     ]
-    folder = Path(targs.output_dir) / f"round-{number}"
-    if trainer.is_world_process_zero():
-        model.save_pretrained(folder, info)
+    if trainer.is_world_process_zero():  # config.json last: it marks the round finished (checked above)
+        done.mkdir(parents=True, exist_ok=True)
         history = trainer.state.log_history
-        (folder / "metrics.json").write_text(json.dumps(
+        (done / "metrics.json").write_text(json.dumps(
             {"train_loss": info["train_loss"], "eval_loss": info["eval_loss"], "eval_metrics": info["metrics"],
              "log_history": history}, indent=1) + "\n")
-        plot_loss(history, folder / "loss.png")
-    return folder, info
+        plot_loss(history, done / "loss.png")
+        model.save_pretrained(done, info)
+    return done, info
 
 
 def default_training_args(**overrides) -> dict:

@@ -227,6 +227,21 @@ def test_a_run_without_evaluation_records_stops_before_loading_anything(tiny_dir
     assert not (tmp_path / "out").exists()  # refused before any model was loaded or step trained
 
 
+def test_a_finished_round_is_never_trained_over(tiny_dir, shapes_data, tmp_path):
+    """A second run into the same --output_dir (a "next round" that forgot --resume_round) silently replaced
+    round-1 and its checkpoints; it is refused before any model is loaded."""
+    from mmft.data import DataError
+
+    first, _ = finetune(*_args(tiny_dir, shapes_data, tmp_path, steps=2, lora_target_modules=["qkv_proj"]))
+    before = {p: p.read_bytes() for p in first.rglob("*") if p.is_file()}
+    assert {"metrics.json", "loss.png", "config.json"} <= {p.name for p in before}
+    with pytest.raises(DataError, match=r"round-1 already holds a trained round 1: choose another --output_dir"):
+        finetune(*_args(tiny_dir, shapes_data, tmp_path, steps=2))
+    assert {p: p.read_bytes() for p in first.rglob("*") if p.is_file()} == before
+    second, info = finetune(*_args(tiny_dir, shapes_data, tmp_path, steps=2, resume_round=str(first)))
+    assert second == tmp_path / "round-2" and info["round"] == 2  # the next round goes beside it
+
+
 def test_rounds_with_other_windows_never_train_on_each_others_evaluation_pictures(tmp_path):
     """The evaluation split is by picture: round 2, reading a window that overlaps round 1's, holds out the
     pictures round 1 held out and never trains on them (a seeded shuffle per window did)."""
@@ -734,7 +749,8 @@ def test_last_checkpoint_is_this_stages_when_stages_share_an_output_folder(tiny_
     """A projector-only stage and the LoRA stage after it are both round 1: `last` picked the projector
     stage's checkpoint-4 for the LoRA stage, which then failed on the missing LoRA weights."""
     runs = tmp_path / "runs"
-    stage1, _ = finetune(*_args(tiny_dir, shapes_data, runs, steps=4, save_steps=2, projector_only=True))
+    finetune(*_args(tiny_dir, shapes_data, runs, steps=4, save_steps=2, projector_only=True))
+    stage1 = (runs / "round-1").rename(tmp_path / "stage1")  # a finished round-1 is never trained over
     alone, _ = finetune(*_args(tiny_dir, shapes_data, tmp_path / "alone", steps=4, save_steps=2,
                                init_projector=str(stage1)))
     shutil.rmtree(runs / "checkpoint-2")
