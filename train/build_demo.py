@@ -1,6 +1,6 @@
 """Rebuild the bundled shapes demo (demo/base, demo/round, demo/round-pooled) from nothing.
 
-    python -m train.build_demo     # about 5 minutes on 2 quiet CPU cores
+    python -m train.build_demo     # about 4.5 minutes on 2 quiet CPU cores
 
 The two pre-trainings (CLIP, LM), and then the two rounds, run side by side, one process of one
 thread per core, so a rebuild gives the same weights and figures. `--workers 1` runs them one after
