@@ -134,15 +134,18 @@ def split_key(record: Record) -> float:
     whatever its window or seed, and with all its conversations: no round trains on an image that
     another round evaluates on."""
     key = record.image if record.image is not None else record.turns[0][1]
-    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
+    # surrogatepass: a file name that is not UTF-8 (listed by Python as "caf\udce9.png") hashes too
+    return int.from_bytes(hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()[:8], "big") / 2**64
 
 
 def split_records(records: list[Record], fraction: float, limit: int) -> tuple[list[Record], list[Record]]:
     """(train, eval): eval is the records whose `split_key` is under `fraction`, the `limit` lowest kept;
-    the others held out are in neither (they stay unseen). At least one record is held out: the lowest
-    key, as the split of a file too small for `fraction` (that one is stable only within its window)."""
+    the others held out are in neither (they stay unseen). At least one picture is held out, with all its
+    conversations: the lowest key, as the split of a file too small for `fraction` (that one is stable only
+    within its window)."""
     keys = {id(r): split_key(r) for r in records}
-    held = {id(r) for r in records if keys[id(r)] < fraction} or {id(min(records, key=lambda r: keys[id(r)]))}
+    lowest = min(keys.values())
+    held = {i for i, key in keys.items() if key < fraction} or {i for i, key in keys.items() if key == lowest}
     held_out = sorted((r for r in records if id(r) in held), key=lambda r: keys[id(r)])
     return [r for r in records if id(r) not in held], held_out[:limit]
 

@@ -281,6 +281,16 @@ def test_a_file_too_small_for_its_fraction_still_holds_one_picture_out(tmp_path)
                                       for i in range(5)]))
     train, held, _ = read_data(RunArguments(train_json=str(train_json), eval_fraction=0.0), FeatureCacheStub())
     assert len(held) == 1 and len(train) == 4 and held[0].image not in {r.image for r in train}
+    # ... the whole picture, every conversation about it (the fallback held out one and trained on the rest)
+    from mmft.data import Record, split_records
+
+    records = [Record(str(i), f"{i // 3}.png", [("user", "q"), ("assistant", "a")]) for i in range(12)]
+    train, held = split_records(records, 0.0, 200)
+    assert len(held) == 3 and len({r.image for r in held}) == 1 and not {r.image for r in held} & {r.image for r in train}
+    # a file name that is not UTF-8, as Python lists it ("caf\udce9.png"), splits too (it raised UnicodeEncodeError)
+    train, held = split_records([Record("1", "caf\udce9.png", [("user", "q")]), Record("2", "b.png", [("user", "q")])],
+                                0.5, 10)
+    assert len(train) + len(held) == 2
 
 
 @pytest.mark.parametrize("fields, message", [
