@@ -240,6 +240,14 @@ def default_workers() -> int:
     return max(1, min(2, _cores()))
 
 
+def _reads_base(folder: Path) -> bool:
+    """Whether `folder` is a round on the demo's "../base" (an earlier build's, say with other --modes)."""
+    try:
+        return json.loads((folder / "config.json").read_text())["mmft"]["lm_model_id"] == "../base/lm"
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def build_demo(out: Path = DEMO_DIR, modes=("patch", "pooled"), samples: int = 4000, steps: int = 900,
                lm_steps: int = 800, clip_steps: int = 1200, eval_n: int = 300, indist_n: int = 100,
                seed: int = 0, workers: int | None = None, batch_size: int = 16, lm_batch_size: int = 32,
@@ -274,6 +282,10 @@ def build_demo(out: Path = DEMO_DIR, modes=("patch", "pooled"), samples: int = 4
             results[mode] = metrics
             results["seconds"].update({f"{mode}_train": train_s, f"{mode}_eval": round(total_s - train_s, 1)})
     out.mkdir(parents=True, exist_ok=True)
+    built = {part.name for part in stage.iterdir()}
+    for old in out.iterdir():  # a round of an earlier build that this one did not make reads the new "../base"
+        if old.name not in built and _reads_base(old):
+            shutil.rmtree(old)
     for part in sorted(stage.iterdir()):  # base and rounds together; the rounds read "../base"
         shutil.rmtree(out / part.name, ignore_errors=True)
         part.rename(out / part.name)

@@ -169,21 +169,23 @@ def _copy_sentencepiece(cfg, folder: Path, out: Path) -> None:
 
 
 def _check_outputs(folder: Path, cfg, outputs: list[Path]) -> None:
-    """An output folder is replaced whole (with --force): never one that is, or holds, what the export reads
-    (the round, a local base model) or the other output."""
+    """An output folder, and its `.partial` sibling, are replaced whole: never one that is, or holds, what the
+    export reads (the round, a local base model) or the other output."""
     inputs = {"the round being exported": folder.resolve()}
     for key in ("lm_model_id", "vit_model_id"):
         path = Path(_resolve(folder, getattr(cfg, key)))
         if path.exists():
             inputs[f"the base model {getattr(cfg, key)}"] = path.resolve()
-    for i, out in enumerate(outputs):
-        for what, path in inputs.items():
-            if path == out.resolve() or out.resolve() in path.parents:
-                raise ExportError(f"{out} is or holds {what}: choose another output folder")
-        for other in outputs[i + 1 :]:
-            a, b = out.resolve(), other.resolve()
-            if a == b or a in b.parents or b in a.parents:
-                raise ExportError(f"the output folders {out} and {other} overlap: choose separate ones")
+    groups = [(out, out.with_name(out.name + ".partial")) for out in outputs]  # each folder replaced whole
+    for n, group in enumerate(groups):
+        for out in group:
+            for what, path in inputs.items():
+                if path == out.resolve() or out.resolve() in path.parents:
+                    raise ExportError(f"{out} is or holds {what}: choose another output folder")
+            for other in (o for later in groups[n + 1 :] for o in later):
+                a, b = out.resolve(), other.resolve()
+                if a == b or a in b.parents or b in a.parents:
+                    raise ExportError(f"the output folders {out} and {other} overlap: choose separate ones")
 
 
 def _fresh_folder(out: Path, force: bool) -> Path:

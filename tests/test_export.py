@@ -221,13 +221,19 @@ def test_force_never_replaces_the_round_a_base_model_or_the_other_output(kit_rou
     for out, extra, message in ((round_dir, [], "is or holds the round being exported"),
                                 (round_dir.parent, [], "is or holds the round being exported"),
                                 (tiny_dir / "lm", [], "is or holds the base model"),
-                                (tmp_path / "x", ["--text-model", str(tmp_path / "x" / "text")], "overlap")):
+                                (tmp_path / "x", ["--text-model", str(tmp_path / "x" / "text")], "overlap"),
+                                (tmp_path / "y", ["--text-model", str(tmp_path / "y.partial")], "overlap")):
         capsys.readouterr()
         assert main([str(round_dir), str(out), "--force", *extra]) == 1
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1, err
     assert sorted(p.relative_to(round_dir) for p in round_dir.rglob("*")) == before
     assert (tiny_dir / "lm" / "config.json").is_file() and not (tmp_path / "x").exists()
+    # OUT.partial, the folder an export writes first and clears, is checked too
+    shutil.copytree(round_dir, tmp_path / "r.partial")
+    assert main([str(tmp_path / "r.partial"), str(tmp_path / "r")]) == 1
+    assert "r.partial is or holds the round being exported" in capsys.readouterr().err
+    assert (tmp_path / "r.partial" / "projector.safetensors").is_file()
 
 
 # -- publishing (local Hub server, real huggingface_hub client) ---------------------------------

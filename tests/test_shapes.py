@@ -511,8 +511,13 @@ def test_build_demo_side_by_side_writes_both_rounds_and_their_figures(tmp_path):
     from mmft import demo
     from mmft.loading import load_round
 
+    stale, other = tmp_path / "demo" / "round-old", tmp_path / "demo" / "round-mine"  # an earlier build's round
+    for folder, lm in ((stale, "../base/lm"), (other, "/somewhere/lm")):  # ... and one on another base
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(json.dumps({"mmft": {"lm_model_id": lm}}))
     results = demo.build_demo(tmp_path / "demo", samples=24, steps=2, lm_steps=2, clip_steps=2, eval_n=2,
                               indist_n=2, workers=2, eval_seed=5)
+    assert not stale.exists() and other.is_dir()  # it would have read the new base; the other one does not
     assert results["workers"] == 2
     assert set(results["seconds"]) == {"base", "base_lm", "base_clip", "data", "patch_train", "patch_eval",
                                        "pooled_train", "pooled_eval", "total"}
