@@ -154,7 +154,8 @@ def whole_number(low: int = 1):
     def parse(value: str) -> int:
         value = value.strip()
         if not (value.isascii() and value.isdigit()) or int(value) < low:
-            raise argparse.ArgumentTypeError(f"{value!r} is not a {'positive whole number' if low == 1 else f'whole number >= {low}'}")
+            wanted = "positive whole number" if low == 1 else f"whole number >= {low}"
+            raise argparse.ArgumentTypeError(f"{value!r} is not a {wanted}")
         return int(value)
     return parse
 

@@ -30,7 +30,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=whole_number(1), default=900)
     parser.add_argument("--batch_size", type=whole_number(1), default=16, help="rounds' batch size")
     parser.add_argument("--lm_steps", type=whole_number(1), default=800)
-    parser.add_argument("--lm_batch_size", type=whole_number(1), default=32, help="the base LM's text pre-training batch size")
+    parser.add_argument("--lm_batch_size", type=whole_number(1), default=32,
+                        help="the base LM's text pre-training batch size")
     parser.add_argument("--clip_steps", type=whole_number(0), default=1200)
     parser.add_argument("--eval_n", type=whole_number(1), default=300,
                         help="fresh held-out images (each asked every kind, in held-out and in independent wordings)")

@@ -48,7 +48,8 @@ def main(argv=None):
             if not isinstance(records, list):  # before --out is touched: an empty run would empty a good cache
                 raise DataError(f"{path}: expected a JSON list of conversations, got {type(records).__name__}")
             # a record whose "image" is not a file name is skipped, as training skips it
-            names += [r["image"] for r in records if isinstance(r, dict) and isinstance(r.get("image"), str) and r["image"]]
+            names += [r["image"] for r in records
+                      if isinstance(r, dict) and isinstance(r.get("image"), str) and r["image"]]
     except DataError as err:
         parser.exit(1, f"error: {err}\n")
     if not names:
