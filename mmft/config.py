@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import string
 from dataclasses import asdict, dataclass, field, fields
@@ -238,7 +239,9 @@ def save_config(folder: str | Path, config: MMFTConfig, round_info: dict | None 
     data = {"mmft": asdict(config)}
     if round_info is not None:
         data["round"] = round_info
-    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    partial = path.with_name(CONFIG_NAME + ".partial")  # a kill mid-write must not leave half a config.json
+    partial.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    os.replace(partial, path)
     return path
 
 

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from transformers import Trainer, TrainerState, TrainingArguments, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 
-from mmft.config import CONFIG_NAME, MMFTConfig, RunArguments
+from mmft.config import MMFTConfig, RunArguments, load_config
 from mmft.data import Collator, ConversationDataset, DataError, read_llava, split_records
 from mmft.features import FeatureCache, describe_features
 from mmft.loading import build_model, pin_revisions, round_config
@@ -60,12 +60,24 @@ class MMFTTrainer(Trainer):
         if self.args.should_save:
             output_dir = Path(output_dir or self.args.output_dir)
             output_dir.mkdir(parents=True, exist_ok=True)
+            # the Trainer writes a checkpoint into a folder of that name that may already exist (a run started
+            # again from step 0): until its trainer_state.json is written anew, it must read as torn
+            (output_dir / TRAINER_STATE).unlink(missing_ok=True)
             model = self.accelerator.unwrap_model(self.model)
             state = {k: v.detach().contiguous().cpu() for k, v in model.trained_state_dict().items()}
             metadata = {"format": "pt"}
             if self.round_number is not None:
                 metadata["mmft_round"] = str(self.round_number)
             save_file(state, str(output_dir / CHECKPOINT_WEIGHTS), metadata=metadata)
+
+
+def _finished_round(folder: Path) -> bool:
+    """Whether `folder` holds a finished round: its config.json (written last, atomically) reads."""
+    try:
+        load_config(folder)
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def is_complete_checkpoint(folder: str | Path) -> bool:
@@ -258,7 +270,7 @@ def finetune(cfg: MMFTConfig, run: RunArguments, targs: TrainingArguments, callb
         cfg, continued = round_config(check_round_folder(run.resume_round))
     number = int(continued.get("round", 0)) + 1 if run.resume_round else 1
     done = Path(targs.output_dir) / f"round-{number}"
-    if (done / CONFIG_NAME).is_file():  # written last: a finished round, which this run would overwrite
+    if _finished_round(done):  # a finished round, which this run would overwrite
         raise DataError(f"{done} already holds a trained round {number}: choose another --output_dir "
                         "(or --resume_round it for the next round; delete it to train it again)")
     cache = FeatureCache(run.feature_cache) if run.feature_cache else None

@@ -242,6 +242,43 @@ def test_a_finished_round_is_never_trained_over(tiny_dir, shapes_data, tmp_path)
     assert second == tmp_path / "round-2" and info["round"] == 2  # the next round goes beside it
 
 
+def test_a_round_whose_config_was_cut_short_is_finished_by_the_rerun(tiny_dir, shapes_data, tmp_path):
+    """A kill while config.json (the finished mark) was written left half a file; every re-run was refused as
+    "already holds a trained round", a round nothing could load. Now it is written whole or not at all, and
+    one that does not read is no finished round."""
+    from mmft.config import load_config
+
+    first, _ = finetune(*_args(tiny_dir, shapes_data, tmp_path, steps=2, save_steps=2))
+    config = first / "config.json"
+    config.write_text(config.read_text()[:300])  # as a kill mid-write left it before
+    again, info = finetune(*_args(tiny_dir, shapes_data, tmp_path, steps=2, save_steps=2,
+                                  resume_from_checkpoint="last"))
+    assert again == first and load_config(again)[1]["round"] == 1 and not (first / "config.json.partial").exists()
+
+
+def test_a_checkpoint_rewritten_in_place_reads_torn_until_it_is_whole(tiny_dir, shapes_data, tmp_path, monkeypatch):
+    """A run started again from step 0 writes checkpoint-2 into the old folder; killed after the new weights, the
+    folder still had the old trainer_state.json, read as complete, and `last` crashed on it at every re-run."""
+    from mmft.training import MMFTTrainer, is_complete_checkpoint
+
+    finetune(*_args(tiny_dir, shapes_data, tmp_path, steps=4, save_steps=2))
+    shutil.rmtree(tmp_path / "round-1")
+    shutil.rmtree(tmp_path / "checkpoint-4")  # as if killed at step 3
+    assert is_complete_checkpoint(tmp_path / "checkpoint-2")
+
+    def killed(self, output_dir):
+        raise KeyboardInterrupt("killed while writing the optimizer state")
+
+    monkeypatch.setattr(MMFTTrainer, "_save_optimizer_and_scheduler", killed)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(*_args(tiny_dir, shapes_data, tmp_path, steps=4, save_steps=2))  # from step 0, no resume
+    assert not is_complete_checkpoint(tmp_path / "checkpoint-2")
+    monkeypatch.undo()
+    folder, info = finetune(*_args(tiny_dir, shapes_data, tmp_path, steps=4, save_steps=2,
+                                   resume_from_checkpoint="last"))
+    assert info["steps"] == 4 and (folder / "config.json").is_file()
+
+
 def test_rounds_with_other_windows_never_train_on_each_others_evaluation_pictures(tmp_path):
     """The evaluation split is by picture: round 2, reading a window that overlaps round 1's, holds out the
     pictures round 1 held out and never trains on them (a seeded shuffle per window did)."""
