@@ -248,14 +248,28 @@ def _reads_base(folder: Path) -> bool:
         return False
 
 
+def move_in(stage: Path, out: Path) -> None:
+    """A finished build's base and rounds into `out`. Old rounds go first, then the base, then the new
+    rounds: a kill in between leaves rounds missing (a re-run builds them), never an old round reading the
+    new "../base" (it would answer nonsense), whichever rounds either build made."""
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.iterdir():
+        if _reads_base(old):
+            shutil.rmtree(old)
+    for part in sorted(stage.iterdir(), key=lambda p: p.name != "base"):
+        shutil.rmtree(out / part.name, ignore_errors=True)
+        part.rename(out / part.name)
+    stage.rmdir()
+
+
 def build_demo(out: Path = DEMO_DIR, modes=("patch", "pooled"), samples: int = 4000, steps: int = 900,
                lm_steps: int = 800, clip_steps: int = 1200, eval_n: int = 300, indist_n: int = 100,
                seed: int = 0, workers: int | None = None, batch_size: int = 16, lm_batch_size: int = 32,
                eval_seed: int | None = None) -> dict:
     """The whole rebuild; returns metrics per mode and stage times. `out/round` is the first mode's.
     `eval_seed` (default `seed + 10_000`) draws the evaluation's images and questions. Built in
-    `out.partial` and moved into `out` at the end: a failed or interrupted build leaves `out` as it was
-    (a new base under old rounds would answer nonsense)."""
+    `out.partial` and moved into `out` at the end: a build that fails or is interrupted before then
+    leaves `out` as it was (a new base under old rounds would answer nonsense)."""
     eval_seed = seed + 10_000 if eval_seed is None else eval_seed
     start = time.time()
     workers = default_workers() if workers is None else workers
@@ -281,14 +295,6 @@ def build_demo(out: Path = DEMO_DIR, modes=("patch", "pooled"), samples: int = 4
             (metrics, train_s), total_s = future.result()
             results[mode] = metrics
             results["seconds"].update({f"{mode}_train": train_s, f"{mode}_eval": round(total_s - train_s, 1)})
-    out.mkdir(parents=True, exist_ok=True)
-    built = {part.name for part in stage.iterdir()}
-    for old in out.iterdir():  # a round of an earlier build that this one did not make reads the new "../base"
-        if old.name not in built and _reads_base(old):
-            shutil.rmtree(old)
-    for part in sorted(stage.iterdir()):  # base and rounds together; the rounds read "../base"
-        shutil.rmtree(out / part.name, ignore_errors=True)
-        part.rename(out / part.name)
-    stage.rmdir()
+    move_in(stage, out)
     results["seconds"]["total"] = round(time.time() - start, 1)
     return results

@@ -188,10 +188,16 @@ def _check_outputs(folder: Path, cfg, outputs: list[Path]) -> None:
                     raise ExportError(f"the output folders {out} and {other} overlap: choose separate ones")
 
 
-def _fresh_folder(out: Path, force: bool) -> Path:
-    """A temporary sibling of `out`; an existing non-empty `out` is only replaced with force."""
-    if out.exists() and any(out.iterdir()) and not force:
-        raise ExportError(f"{out} already exists and is not empty; choose another folder or pass --force")
+def _refuse_existing(outputs: list[Path], force: bool) -> None:
+    """An existing non-empty output is only replaced with force; checked for every output before any
+    `.partial` folder is cleared (a refusal must not cost the work an interrupted export left there)."""
+    for out in outputs:
+        if out.exists() and any(out.iterdir()) and not force:
+            raise ExportError(f"{out} already exists and is not empty; choose another folder or pass --force")
+
+
+def _fresh_folder(out: Path) -> Path:
+    """A temporary sibling of `out`, emptied."""
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted export: start it again
     tmp.mkdir(parents=True)
@@ -225,10 +231,12 @@ def export_llava(round_dir: str | Path, out: str | Path, dtype=None, text_model:
 
     layer, strategy = feature_choice(cfg)
     out = Path(out)
-    _check_outputs(folder, cfg, [out] + ([Path(text_model)] if text_model else []))
+    outputs = [out] + ([Path(text_model)] if text_model else [])
+    _check_outputs(folder, cfg, outputs)
+    _refuse_existing(outputs, force)
     dtype = _export_dtype(cfg, folder, dtype)
-    tmp = _fresh_folder(out, force)
-    text_tmp = _fresh_folder(Path(text_model), force) if text_model else None
+    tmp = _fresh_folder(out)
+    text_tmp = _fresh_folder(Path(text_model)) if text_model else None
 
     model, _ = load_round(folder, device="cpu", dtype=dtype, quantize="none")  # strict projector, same checks
     lm = model.lm.merge_and_unload() if model.has_adapter else model.lm  # in memory; the base on disk is untouched

@@ -236,6 +236,24 @@ def test_force_never_replaces_the_round_a_base_model_or_the_other_output(kit_rou
     assert (tmp_path / "r.partial" / "projector.safetensors").is_file()
 
 
+def test_a_refused_export_clears_no_partial_folder(kit_round, tmp_path, capsys):
+    """Killed between its two final moves, an export has TEXT in place and OUT.partial whole; the re-run refused
+    TEXT only after it had emptied OUT.partial. Every refusal now comes first; --force then completes it."""
+    from mmft.export import main
+
+    round_dir, _ = kit_round
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "config.json").write_text("{}")
+    (tmp_path / "out.partial").mkdir()
+    (tmp_path / "out.partial" / "model.safetensors").write_text("the work of the interrupted export")
+    argv = [str(round_dir), str(tmp_path / "out"), "--text-model", str(tmp_path / "text"), "--dtype", "float32"]
+    assert main(argv) == 1
+    assert "text already exists and is not empty" in capsys.readouterr().err
+    assert (tmp_path / "out.partial" / "model.safetensors").read_text() == "the work of the interrupted export"
+    assert main(argv + ["--force"]) == 0
+    assert (tmp_path / "out" / "processor_config.json").is_file() and (tmp_path / "text" / "model.safetensors").is_file()
+
+
 # -- publishing (local Hub server, real huggingface_hub client) ---------------------------------
 def _push(hub, *args):
     env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_secret_test_token", "HF_HUB_OFFLINE": "0"}

@@ -506,6 +506,33 @@ def test_a_failed_build_leaves_the_demo_as_it_was(tmp_path, monkeypatch):
                                                                         "round/old.txt"]
 
 
+def test_a_build_killed_while_moving_in_leaves_no_old_round_on_the_new_base(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from mmft import demo
+
+    stage, out = tmp_path / "demo.partial", tmp_path / "demo"
+    for root, tag in ((out, "old"), (stage, "new")):
+        (root / "base").mkdir(parents=True)
+        (root / "base" / "weights").write_text(tag)
+        for name in ("round", "round-pooled"):
+            (root / name).mkdir()
+            (root / name / "config.json").write_text(json.dumps({"mmft": {"lm_model_id": "../base/lm"}, "tag": tag}))
+    rename, moved = Path.rename, []
+
+    def dies_on_the_second(self, target):
+        if len(moved) == 1:
+            raise KeyboardInterrupt("killed")
+        moved.append(self.name)
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", dies_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        demo.move_in(stage, out)
+    assert moved == ["base"] and (out / "base" / "weights").read_text() == "new"
+    assert not any((out / name).exists() for name in ("round", "round-pooled"))  # missing, not old on new
+
+
 def test_build_demo_side_by_side_writes_both_rounds_and_their_figures(tmp_path):
     """The whole two-process schedule at toy size: base, both rounds beside it, metrics, stage times."""
     from mmft import demo
