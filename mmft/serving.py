@@ -17,9 +17,11 @@ hold the base's lock, and loading or deleting an adapter takes the same lock.
 
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 import threading
+import traceback
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, fields
@@ -114,14 +116,30 @@ class RoundCache:
                 self._bases.move_to_end(bkey)
                 model = self._add_round(self._bases[bkey], folder, cfg)
             else:
+                dropped = []  # (key, folder) of the rounds that made way: back if the new base fails
                 while len(self._bases) >= self.max_bases:  # drop first: never two bases over budget
-                    self._drop_base(next(iter(self._bases)))
-                model, _ = load_round(folder, device=device, dtype=dtype, quantize=quantize)
+                    dropped += self._drop_base(next(iter(self._bases)))
+                try:
+                    model, _ = load_round(folder, device=device, dtype=dtype, quantize=quantize)
+                except Exception as err:
+                    # its frames hold the failed base: cleared, so the old one does not load beside it
+                    traceback.clear_frames(err.__traceback__)
+                    gc.collect()
+                    self._restore(dropped, device, dtype, quantize)
+                    raise
                 self._bases[bkey] = model
                 log.info("loaded a base (%s, %s) for round %s", cfg.lm_model_id, cfg.vit_model_id, key)
             # Pipeline() cannot fail here: a config with both stages off is refused by round_config above
             self._rounds[key], self._base_of[key], self._folder_of[key] = Pipeline(model), bkey, folder
             return self._rounds[key]
+
+    def _restore(self, rounds: list[tuple[str, Path]], device, dtype, quantize) -> None:
+        """Load again the rounds a failed load dropped (best effort: the failure is what the caller hears)."""
+        for key, folder in rounds:
+            try:
+                self._load(key, folder, device, dtype, quantize)
+            except Exception as err:
+                log.warning("could not reload %s after a failed load: %s", key, err)
 
     def folder(self, key: str) -> Path | None:
         return self._folder_of.get(key)
@@ -131,15 +149,9 @@ class RoundCache:
         so that on a shared base the base stays; then the old one is dropped."""
         with self._lock:
             new, old = f"{key}\0new", self._folder_of.get(key)  # no picker key holds a NUL
-            try:  # both held meanwhile (no eviction): no other round makes way for the new one
-                pipe = self._load(new, folder, device, dtype, quantize)
-            except Exception:
-                if key not in self._rounds and old is not None:  # its base made way for the new one's
-                    try:
-                        self.load(key, old, device, dtype, quantize)
-                    except Exception as err:
-                        log.warning("could not reload %s after a failed refresh: %s", key, err)
-                raise
+            # both held meanwhile (no eviction): no other round makes way for the new one; a failed load
+            # puts back the rounds (`key` among them) whose base made way for the new one's
+            pipe = self._load(new, folder, device, dtype, quantize)
             if key in self._rounds:
                 self._drop_round(key)
             self._rounds[key], self._base_of[key] = self._rounds.pop(new), self._base_of.pop(new)
@@ -179,13 +191,16 @@ class RoundCache:
             self._bases[bkey] = self._rounds[survivor].model
         log.info("dropped round %s from the cache", key)
 
-    def _drop_base(self, bkey: tuple) -> None:
-        """Forget a base and its rounds; the memory is freed once no request still holds them."""
+    def _drop_base(self, bkey: tuple) -> list[tuple[str, Path]]:
+        """Forget a base and its rounds (returned as (key, folder)); the memory is freed once no request
+        still holds them."""
+        dropped = []
         for key in [k for k, b in self._base_of.items() if b == bkey]:
             del self._rounds[key], self._base_of[key]
-            self._folder_of.pop(key, None)
+            dropped.append((key, self._folder_of.pop(key, None)))
             log.info("dropped round %s from the cache (its base was dropped)", key)
         del self._bases[bkey]
+        return [(key, folder) for key, folder in dropped if folder is not None]
 
 
 @dataclass

@@ -194,6 +194,47 @@ def test_a_round_that_fails_to_load_leaves_the_base_as_it_was(three_rounds, alon
     assert vars(served.answer_image(IMAGE, QUESTION)) == alone[2]
 
 
+def test_a_failed_round_on_another_base_puts_back_the_round_it_displaced(three_rounds, alone, tmp_path, monkeypatch):
+    """max_bases 1: the served round's base made way, the new round failed after its base had loaded, and the
+    served round was gone (the app then described a round it no longer held). Now it loads again, and only
+    once the failed base is freed (its traceback's frames held it: two bases on a 16 GB Space)."""
+    import gc
+
+    from safetensors.torch import load_file, save_file
+    from transformers import PreTrainedModel
+
+    from mmft import serving
+
+    bad = tmp_path / "bad"
+    shutil.copytree(three_rounds[0], bad)
+    cfg, info = load_config(bad)
+    cfg.vit_max_pixels = 1_000_000  # another base ...
+    save_config(bad, cfg, info)
+    tensors = load_file(str(bad / "adapter/adapter_model.safetensors"))
+    last = sorted(k for k in tensors if "lora_B" in k)[-1]  # ... whose adapter fails after the base loaded
+    tensors[last] = torch.zeros(tensors[last].shape[0] + 1, tensors[last].shape[1])
+    save_file(tensors, str(bad / "adapter/adapter_model.safetensors"))
+
+    live_at_load, real = [], serving.load_round
+
+    def counting(*args, **kwargs):
+        gc.collect()
+        live_at_load.append(sum(isinstance(o, PreTrainedModel) and not isinstance(o, type) for o in gc.get_objects()))
+        return real(*args, **kwargs)
+
+    cache = RoundCache(cache_size=3, max_bases=1)
+    cache.load("a", three_rounds[0], **FP32)
+    monkeypatch.setattr(serving, "load_round", counting)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        cache.load("bad", bad, **FP32)
+    assert cache.loaded() == ["a"] and cache.bases() == 1
+    assert vars(cache.get("a").answer_image(IMAGE, QUESTION)) == alone[0]
+    assert len(live_at_load) == 2 and live_at_load[1] <= live_at_load[0]  # the failed base was gone by then
+    with pytest.raises(RuntimeError, match="size mismatch"):  # the same through replace (a moved tag)
+        cache.replace("a", bad, **FP32)
+    assert cache.loaded() == ["a"] and cache.folder("a") == three_rounds[0]
+
+
 def test_a_dropped_round_says_so(three_rounds):
     cache = RoundCache(cache_size=1)
     old = cache.load("a", three_rounds[0], **FP32)
