@@ -240,9 +240,15 @@ class Handlers:
         return choice, banner(self.rounds, choice), gr.Dropdown(choices=self.rounds.choices(choice), value=choice)
 
     def refresh(self, current):
-        """The picker with the repo's rounds now: usable again if listing them had failed at start-up."""
+        """The picker with the repo's rounds now (usable again if listing them had failed at start-up), and
+        the served round re-checked as a pick re-checks it: a label names the commit that answers (a forced
+        re-publish moves a tag), and the banner says what is served."""
+        try:
+            self.rounds.get(current, refresh=True)
+        except Exception as err:  # the round served so far stays
+            log.warning("could not re-check round %s: %s", current, err)
         choices = self.rounds.choices(current)
-        return gr.Dropdown(choices=choices, value=current, interactive=len(choices) > 1)
+        return gr.Dropdown(choices=choices, value=current, interactive=len(choices) > 1), banner(self.rounds, current)
 
 
 def create_app(settings: Settings, transcriber: Transcriber | None = None,
@@ -304,7 +310,7 @@ def create_app(settings: Settings, transcriber: Transcriber | None = None,
         gr.on([ask_text.click, typed.submit], handlers.text, [typed, key], [text_answer, text_notes],
               api_name="text", **model_call)
         picker.input(handlers.select, [picker, key], [key, page_banner, picker], api_name="select_round", **model_call)
-        refresh.click(handlers.refresh, [key], [picker], api_name="rounds")
+        refresh.click(handlers.refresh, [key], [picker, page_banner], api_name="rounds", **model_call)
     app.mmft_rounds, app.mmft_handlers, app.mmft_examples = rounds, handlers, Path(examples[0][0]).parent
     return app
 

@@ -358,8 +358,13 @@ def test_serves_a_hub_round_by_revision_and_the_picker_switches_rounds(hub_onlin
 
         publish(plan_upload(tiny_round(tiny_dir, tmp_path / "round-3", 3), REPO))
         assert "round-3" in [key for _, key in rounds.choices("round-1")]  # what "Refresh" shows
-        refreshed = app.mmft_handlers.refresh("round-1")  # enabled again, had the listing failed at start-up
+        refreshed, _ = app.mmft_handlers.refresh("round-1")  # enabled again, had the listing failed at start-up
         assert refreshed.interactive and "round-3" in [key for _, key in refreshed.choices]
+        # a forced re-publish moves round-1's tag: after "Refresh", its label names the commit that answers
+        moved = publish(plan_upload(tiny_round(tiny_dir, tmp_path / "round-1b", 4), REPO, number=1), force=True)
+        refreshed, text = app.mmft_handlers.refresh("round-1")
+        assert (f"round-1 ({moved.commit_id[:7]})", "round-1") in refreshed.choices
+        assert rounds.cache.folder("round-1").name == moved.commit_id and "round-1" in text
     finally:
         app.close()
 
