@@ -148,7 +148,7 @@ class RoundCache:
         """`key` serves the round in `folder` from now on (a branch moved on). The new round loads first,
         so that on a shared base the base stays; then the old one is dropped."""
         with self._lock:
-            new, old = f"{key}\0new", self._folder_of.get(key)  # no picker key holds a NUL
+            new = f"{key}\0new"  # no picker key holds a NUL
             # both held meanwhile (no eviction): no other round makes way for the new one; a failed load
             # puts back the rounds (`key` among them) whose base made way for the new one's
             pipe = self._load(new, folder, device, dtype, quantize)
