@@ -41,6 +41,7 @@ from mmft.training import default_training_args, finetune
 from mmft.vision import VisionEncoder
 
 DEMO_DIR = Path(__file__).resolve().parents[1] / "demo"
+BASE_REL = "../base"  # where a demo round finds its base models, relative to itself
 
 
 def pretrain_clip(clip_dir: Path, steps: int, batch_size: int = 64, lr: float = 3e-3, seed: int = 0,
@@ -189,7 +190,7 @@ def round_job(base: Path, work: Path, mode: str, samples: int, steps: int, seed:
               dest: Path, eval_n: int, indist_n: int, eval_seed: int) -> tuple[dict, float]:
     """Train one feature mode's round, move it to `dest` beside the base, evaluate it."""
     folder, seconds = _timed(train_round, (base, work, mode, samples, steps, seed, batch_size), {})
-    relocate(folder, dest, "../base")
+    relocate(folder, dest, BASE_REL)
     return evaluate_round(dest, eval_n, indist_n, eval_seed), seconds
 
 
@@ -243,8 +244,8 @@ def default_workers() -> int:
 def _reads_base(folder: Path) -> bool:
     """Whether `folder` is a round on the demo's "../base" (an earlier build's, say with other --modes)."""
     try:
-        return json.loads((folder / "config.json").read_text())["mmft"]["lm_model_id"] == "../base/lm"
-    except (OSError, ValueError, KeyError, TypeError):
+        return load_config(folder)[0].lm_model_id == f"{BASE_REL}/lm"
+    except (OSError, ValueError):  # not a round (no config.json, or not one that reads)
         return False
 
 

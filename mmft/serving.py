@@ -197,10 +197,10 @@ class RoundCache:
         dropped = []
         for key in [k for k, b in self._base_of.items() if b == bkey]:
             del self._rounds[key], self._base_of[key]
-            dropped.append((key, self._folder_of.pop(key, None)))
+            dropped.append((key, self._folder_of.pop(key)))  # set with every round (_load, replace)
             log.info("dropped round %s from the cache (its base was dropped)", key)
         del self._bases[bkey]
-        return [(key, folder) for key, folder in dropped if folder is not None]
+        return dropped
 
 
 @dataclass
