@@ -35,7 +35,7 @@ from mmft.demo_text import fit, pretrain_text, refine_corpus
 from mmft.features import INDEX_NAME, build_cache
 from mmft.loading import load_round
 from mmft.pipeline import Pipeline
-from mmft.round import ADAPTER_DIR, without_local_paths
+from mmft.round import ADAPTER_DIR, METRICS_NAME, without_local_paths
 from mmft.testing import make_clip, make_lm, make_tokenizer
 from mmft.training import default_training_args, finetune
 from mmft.vision import VisionEncoder
@@ -178,7 +178,7 @@ def evaluate_round(folder: Path, n: int, n_indist: int, seed: int) -> dict:
     if info.get("history"):
         info["history"][-1]["metrics"] = flat
     save_config(folder, cfg, info)
-    metrics_path = folder / "metrics.json"
+    metrics_path = folder / METRICS_NAME
     record = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     record["eval_metrics"] = flat
     record["shapes_eval"] = {"heldout": heldout, "independent": independent, "in_distribution": indist}

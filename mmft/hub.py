@@ -40,12 +40,12 @@ from huggingface_hub.file_download import repo_folder_name
 
 from mmft.card import CARD_TEMPLATE, REPO_ID_RE, TAG_PREFIX, render_card, renumbered, round_tag
 from mmft.config import CONFIG_NAME
-from mmft.round import COMMIT_RE, path_matches, without_local_paths
+from mmft.round import COMMIT_RE, LOSS_PLOT, METRICS_NAME, ROUND_FILES, path_matches, without_local_paths
 from mmft.round_check import check_round
 
-# An allow-list: a checkpoint's other files (optimizer state, RNG pickles, PEFT's stub README) stay home.
-ROUND_PATTERNS = [CONFIG_NAME, "projector.safetensors", "adapter/*.safetensors", "adapter/*.json", "metrics.json",
-                  "loss.png"]
+# An allow-list of exact names: a checkpoint's other files (optimizer state, trainer state with its paths, RNG
+# pickles, PEFT's stub README) stay home, in the adapter folder too.
+ROUND_PATTERNS = [*ROUND_FILES, METRICS_NAME, LOSS_PLOT]
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl")
 TAG_RE = re.compile(r"round-(\d+)")
 
@@ -145,7 +145,7 @@ def plan_upload(folder: str | Path, repo_id: str, number: int | None = None,
     files = {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()}
     files = {k: v for k, v in files.items() if any(path_matches(k, pat) for pat in ROUND_PATTERNS)}
     files[CONFIG_NAME], warnings = published_config(folder, number)
-    card = render_card(cfg, without_local_paths(round_info), repo_id, number, "loss.png" in files, template)
+    card = render_card(cfg, without_local_paths(round_info), repo_id, number, LOSS_PLOT in files, template)
     return RoundUpload(repo_id, number, files, card, warnings)
 
 

@@ -20,6 +20,7 @@ PROJECTOR_NAME = "projector.safetensors"
 COMMIT_RE = re.compile(r"[0-9a-f]{40}")  # a Hub commit id: the one revision that never moves
 ROUND_FILES = [CONFIG_NAME, PROJECTOR_NAME, f"{ADAPTER_DIR}/adapter_config.json",
                f"{ADAPTER_DIR}/adapter_model.safetensors"]
+METRICS_NAME, LOSS_PLOT = "metrics.json", "loss.png"  # what a finished run adds: published, never needed to load
 
 
 def path_matches(path: str, pattern: str) -> bool:

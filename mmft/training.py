@@ -28,7 +28,7 @@ from mmft.features import FeatureCache, describe_features
 from mmft.loading import build_model, pin_revisions, round_config
 from mmft.model import MultimodalModel
 from mmft.projector import load_projector
-from mmft.round import ADAPTER_DIR, PROJECTOR_NAME, check_round_folder
+from mmft.round import ADAPTER_DIR, LOSS_PLOT, METRICS_NAME, PROJECTOR_NAME, check_round_folder
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_WEIGHTS = "model.safetensors"  # the Trainer's name: its resume path looks for it
@@ -345,10 +345,10 @@ def finetune(cfg: MMFTConfig, run: RunArguments, targs: TrainingArguments, callb
     if trainer.is_world_process_zero():  # config.json last: it marks the round finished (checked above)
         done.mkdir(parents=True, exist_ok=True)
         history = trainer.state.log_history
-        (done / "metrics.json").write_text(json.dumps(
+        (done / METRICS_NAME).write_text(json.dumps(
             {"train_loss": info["train_loss"], "eval_loss": info["eval_loss"], "eval_metrics": info["metrics"],
              "log_history": history}, indent=1) + "\n")
-        plot_loss(history, done / "loss.png")
+        plot_loss(history, done / LOSS_PLOT)
         model.save_pretrained(done, info)
     return done, info
 

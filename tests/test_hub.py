@@ -317,8 +317,9 @@ def test_published_config_has_no_build_machine_paths(hub_online, rounds, tmp_pat
 def test_only_the_rounds_own_files_travel_and_local_bases_are_warned_about(rounds, tmp_path, monkeypatch):
     folder = tmp_path / "round"
     shutil.copytree(rounds[0], folder)
-    for name in ("adapter/rng_state.pickle", "adapter/last.ckpt", "adapter/README.md", "notes.txt"):
-        (folder / name).write_bytes(b"not for the Hub")  # a checkpoint's leftovers, PEFT's stub card
+    for name in ("adapter/rng_state.pickle", "adapter/last.ckpt", "adapter/README.md", "notes.txt",
+                 "adapter/optimizer_state.safetensors", "adapter/trainer_state.json"):  # the last two: valid types,
+        (folder / name).write_bytes(b"not for the Hub")  # a checkpoint's leftovers (its paths), PEFT's stub card
     config = json.loads((folder / "config.json").read_text())
     config["mmft"].update(lm_model_id="../base/lm", vit_model_id="base/clip")
     (folder / "config.json").write_text(json.dumps(config))
