@@ -20,7 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--round", type=int, help="round number (default: round.round in the folder's config.json)")
     parser.add_argument("--dry-run", action="store_true", help="list what would be sent and print the card; send nothing")
     parser.add_argument("--force", action="store_true", help="republish a round whose tag exists and move the tag")
-    parser.add_argument("--private", action="store_true", help="create the repo private (if it does not exist yet)")
+    parser.add_argument("--private", action="store_true", help="create the repo private (if it does not exist yet); "
+                        "an --export repo is created private whenever the round's repo is")
     parser.add_argument("--export", choices=["llava"], help="also export the round as a LlavaForConditionalGeneration "
                         "and publish it to OWNER/NAME-llava, tagged round-N (mmft.export_hub)")
     args = parser.parse_args(argv)

@@ -118,8 +118,12 @@ def plan_export_upload(round_dir: str | Path, repo_id: str, number: int, workdir
 
 
 def publish_export(round_dir: str | Path, repo_id: str, number: int, force: bool = False, private: bool = False):
-    """Export and publish to `OWNER/NAME-llava` as one commit tagged `round-N`; returns `Published`."""
+    """Export and publish to `OWNER/NAME-llava` as one commit tagged `round-N`; returns `Published`.
+    The export holds the round's weights merged: it is created private when the round's repo is."""
+    from huggingface_hub import HfApi
+
     from mmft.hub import publish
 
+    private = private or bool(HfApi().model_info(repo_id).private)
     with tempfile.TemporaryDirectory() as tmp:
         return publish(plan_export_upload(round_dir, repo_id, number, tmp), force=force, private=private)

@@ -310,6 +310,24 @@ def test_an_export_that_fails_after_the_round_is_up_says_where_the_round_is(hub_
     assert "error: the round is published, its export is not:" in done.stderr and "run the same command" in done.stderr
 
 
+def test_the_export_of_a_private_round_is_private(hub_online, kit_round):
+    """A round pushed with --private, then again with --export but without --private (the flag only acts on
+    a repo not yet there): the export, the round's weights merged, must not come out public."""
+    from huggingface_hub import HfApi
+
+    from mmft.export_hub import publish_export
+    from mmft.hub import plan_upload, publish
+
+    round_dir, _ = kit_round
+    number = load_config(round_dir)[1]["round"]
+    publish(plan_upload(round_dir, "user/secret", number=number), private=True)
+    publish_export(round_dir, "user/secret", number)
+    assert HfApi().model_info("user/secret-llava").private is True
+    publish(plan_upload(round_dir, "user/open", number=number))
+    publish_export(round_dir, "user/open", number)
+    assert HfApi().model_info("user/open-llava").private is False
+
+
 def test_export_card_names_the_round_number_it_is_published_under(kit_round, tmp_path):
     """`--round 5` tags round-5 on both repos; the export's card said the folder's own number."""
     from mmft.export_hub import plan_export_upload
