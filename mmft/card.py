@@ -12,6 +12,7 @@ from pathlib import Path
 from huggingface_hub import ModelCard, ModelCardData
 
 from mmft.config import MMFTConfig
+from mmft.round import COMMIT_RE
 
 CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "model_card.md"
 TAG_PREFIX = "round-"
@@ -129,6 +130,19 @@ def _datasets(round_info: dict) -> tuple[list[str] | None, str]:
     return None, "This round's config.json does not say what it was trained on."
 
 
+def model_cell(model_id: str, revision: str | None) -> str:
+    """A base model as the card names it: the id, linked on the Hub at the commit the round pins (what
+    `load_round` loads), or said plainly when the revision is a branch or not recorded."""
+    if not REPO_ID_RE.fullmatch(model_id):
+        return f"`{model_id}` (a local path, not a Hub id: this round loads only where that path exists)"
+    url = f"https://huggingface.co/{model_id}"
+    if revision and COMMIT_RE.fullmatch(revision):
+        return f"[`{model_id}`]({url}/tree/{revision}) at commit `{revision}`"
+    if revision:
+        return f"[`{model_id}`]({url}/tree/{revision}) at `{revision}` (a branch or tag, not pinned to a commit)"
+    return f"[`{model_id}`]({url}) (no revision recorded: whatever `main` holds when it loads)"
+
+
 def render_card(cfg: MMFTConfig, round_info: dict, repo_id: str, number: int, has_loss_plot: bool,
                 template: str | Path = CARD_TEMPLATE) -> ModelCard:
     """The round's README.md: Hub metadata + feature mode, models, every round so far, plot, usage."""
@@ -154,6 +168,7 @@ def render_card(cfg: MMFTConfig, round_info: dict, repo_id: str, number: int, ha
     return ModelCard.from_template(
         data, template_path=str(template), repo_id=repo_id, revision=round_tag(number), round=number,
         lm_id=cfg.lm_model_id, lm_is_hub_id=lm_is_hub_id, vit_id=cfg.vit_model_id,
+        lm_cell=model_cell(cfg.lm_model_id, cfg.lm_revision), vit_cell=model_cell(cfg.vit_model_id, cfg.vit_revision),
         projector=" → GELU → ".join(["Linear"] * cfg.mp_depth),
         feature_mode=feature_text(cfg), data_text=data_text, method=_method(round_info),
         parent=round_info.get("parent"), header=header, rows=cells,

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from mmft.card import KNOWN_LICENSES
 from mmft.config import MMFTConfig
 from mmft.round import without_local_paths
 
@@ -76,7 +77,7 @@ def render_export_card(cfg: MMFTConfig, round_info: dict, repo: str, num_tokens:
     source = f"\nExported from mmft round {number}." if isinstance(number, int) else ""
     data = ModelCardData(library_name="transformers", pipeline_tag="image-text-to-text",
                          tags=["llava", "mmft", "clip", "phi3", f"feature-strategy-{strategy}"],
-                         license=round_info.get("license"))
+                         license=round_info.get("license") or KNOWN_LICENSES.get(cfg.lm_model_id))  # as the round's card
     # a base trained from a local folder: its name, not this machine's path
     vit_id, lm_id = without_local_paths(cfg.vit_model_id), without_local_paths(cfg.lm_model_id)
     penalty = "" if cfg.gen_repetition_penalty == 1.0 else (

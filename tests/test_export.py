@@ -338,6 +338,18 @@ def test_export_card_names_the_round_number_it_is_published_under(kit_round, tmp
     assert load_config(round_dir)[1]["round"] != 5
 
 
+def test_export_card_states_the_license_the_round_card_states():
+    from huggingface_hub import ModelCard
+
+    from mmft.card import render_card
+    from mmft.config import MMFTConfig
+    from mmft.export_hub import render_export_card
+
+    cfg = MMFTConfig()  # Phi-3.5-mini-instruct: MIT
+    export = ModelCard(str(render_export_card(cfg, {"round": 2}, "me/x-llava", 49, revision="round-2")))
+    assert export.data.license == ModelCard(str(render_card(cfg, {"round": 2}, "me/x", 2, False))).data.license == "mit"
+
+
 def test_push_with_export_refuses_a_pooled_round_before_sending(hub_online):
     done = _push(hub_online, ROOT / "demo" / "round-pooled", "--repo-id", "user/pooled", "--export", "llava")
     assert done.returncode == 1 and "Traceback" not in done.stderr

@@ -161,6 +161,13 @@ def test_card_metadata_for_the_real_models():
     assert card.data.datasets == ["liuhaotian/LLaVA-Instruct-150K"] and "feature-mode-pooled" in card.data.tags
     assert "qlora" in card.data.tags and "LoRA adapter trained with QLoRA (on a 4-bit NF4 base)." in card.text
     assert "openai/clip-vit-base-patch32" in card.text and "pooled" in card.text
+    assert "not pinned" not in card.text and card.text.count("no revision recorded") == 2  # MMFTConfig pins nothing
+    pinned = MMFTConfig(lm_revision="a" * 40, vit_revision="main")
+    text = str(render_card(pinned, llava, "me/phi3-llava", 3, False))
+    assert ("[`microsoft/Phi-3.5-mini-instruct`](https://huggingface.co/microsoft/Phi-3.5-mini-instruct/tree/"
+            f"{'a' * 40}) at commit `{'a' * 40}` + LoRA") in text  # the commit the round loads
+    assert "[`openai/clip-vit-base-patch32`](https://huggingface.co/openai/clip-vit-base-patch32/tree/main) at `main` " \
+           "(a branch or tag, not pinned to a commit), frozen" in text
     rows = [line for line in card.text.splitlines() if line.startswith("| round-")]
     assert rows == ["| round-3 | — | — | — | — | — |"]  # no history: this round alone
     assert "No loss plot was recorded" in card.text and "records no evaluation" in card.text
