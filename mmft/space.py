@@ -6,9 +6,10 @@ The Space runs `app.py` (README.md's front matter says so) with `requirements.tx
 package and the bundled demo round with its tiny base models (the fallback when no round is
 configured or reachable), and the docs README.md links to. Files the Space does not need (tests,
 training, benchmarks) stay home. `.gitattributes` travels too, so the Space's binaries (.safetensors,
-.png, tokenizer.json) are LFS. In a git checkout only files git tracks go (an uncommitted scratch
-module stays home; the command names what it left out). A file on the Space that is not in this list
-is deleted by the same commit. The token is the one huggingface_hub finds (HF_TOKEN, `hf auth login`)
+.png, tokenizer.json) are LFS. In a git checkout the Space gets the last commit: a file not committed
+(a scratch module, staged or not) stays home, and a committed file with uncommitted edits goes as
+committed (a debug edit never goes public); the command names both. A file on the Space that is not in
+this list is deleted by the same commit. The token is the one huggingface_hub finds (HF_TOKEN, `hf auth login`)
 and is never printed.
 """
 
@@ -17,8 +18,10 @@ from __future__ import annotations
 import argparse
 import glob
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from mmft.round import path_matches
@@ -31,43 +34,76 @@ SPACE_PATTERNS = ["README.md", ".gitattributes", "app.py", "requirements.txt", "
                   "docs/benchmarks.md", "docs/training.md", "docs/screenshot.png"]  # what README.md links to
 
 
-def _untracked(root: Path) -> set[str]:
-    """Files in a git checkout that git does not track (a scratch module, a local .env): never public.
-    Empty outside a checkout or without git: then the patterns alone decide."""
-    if not (root / ".git").exists():
-        return set()
+def _git(root: Path, *args: str) -> bytes | None:
     try:
-        done = subprocess.run(["git", "-C", str(root), "ls-files", "-z", "--others"], capture_output=True,
-                              timeout=60, check=True)
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, timeout=60, check=True).stdout
     except (OSError, subprocess.SubprocessError):
-        return set()
-    return {p for p in done.stdout.decode("utf-8", "surrogateescape").split("\0") if p}
+        return None
+
+
+def _names(out: bytes | None) -> set[str]:
+    return {p for p in (out or b"").decode("utf-8", "surrogateescape").split("\0") if p}
+
+
+def git_state(root: Path) -> tuple[set[str] | None, set[str]]:
+    """(the files of the last commit, those of them whose working copy or index differs from it). None
+    outside a checkout or without git: then the patterns alone decide, on the files as they are."""
+    if not (root / ".git").exists():
+        return None, set()
+    listed = _git(root, "ls-files", "-z")  # git works here (a checkout without commits has no HEAD)
+    if listed is None:
+        return None, set()
+    committed = _git(root, "ls-tree", "-r", "-z", "--name-only", "HEAD")
+    if committed is None:
+        return set(), set()
+    return _names(committed), _names(_git(root, "diff", "-z", "--name-only", "HEAD"))
 
 
 def space_files(root: str | Path = ROOT, skipped: list[str] | None = None) -> list[str]:
     """The repo-relative paths the Space needs, sorted (no caches, no tests, no training data; in a git
-    checkout, tracked files only: those the patterns match but git does not track go to `skipped`)."""
+    checkout, committed files only: those the patterns match but the last commit lacks go to `skipped`)."""
     root = Path(root)
-    untracked = _untracked(root)
+    committed, _ = git_state(root)
     paths = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
+    paths = [p for p in paths if any(path_matches(p, pat) for pat in SPACE_PATTERNS) and "__pycache__" not in p]
+    if committed is None:
+        return sorted(paths)
     if skipped is not None:
-        skipped += sorted(p for p in paths if p in untracked and any(path_matches(p, pat) for pat in SPACE_PATTERNS))
-    paths = [p for p in paths if p not in untracked]
-    return sorted(p for p in paths if any(path_matches(p, pat) for pat in SPACE_PATTERNS) and "__pycache__" not in p)
+        skipped += sorted(p for p in paths if p not in committed)
+    return sorted(p for p in paths if p in committed)
+
+
+def edited(root: str | Path, files: list[str]) -> list[str]:
+    """Which of `files` have uncommitted edits: the Space gets their committed version."""
+    return sorted(set(files) & git_state(Path(root))[1])
 
 
 def deploy(space_id: str, root: str | Path = ROOT, private: bool = False, variables: dict[str, str] | None = None):
-    """Create the Space (Gradio SDK) if needed, make it hold exactly `space_files`, set its variables;
-    (the commit, whether it is a new one)."""
+    """Create the Space (Gradio SDK) if needed, make it hold exactly `space_files` (as committed), set its
+    variables; (the commit, whether it is a new one)."""
     from huggingface_hub import HfApi
 
+    root = Path(root)
+    files = space_files(root)
+    changed = set(edited(root, files))
     api = HfApi()
     api.create_repo(space_id, repo_type="space", space_sdk="gradio", exist_ok=True, private=private)
     before = api.repo_info(space_id, repo_type="space").sha
-    info = api.upload_folder(repo_id=space_id, repo_type="space", folder_path=str(root),
-                             # exact paths: escaped, as the client matches them with fnmatch too
-                             allow_patterns=[glob.escape(p) for p in space_files(root)], delete_patterns="*",
-                             commit_message="Deploy the mmft app")
+    with tempfile.TemporaryDirectory() as stage:  # the files as committed, in one folder
+        for path in files:
+            target = Path(stage) / path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if path in changed:  # --filters: what a checkout writes (LFS smudged, line endings)
+                data = _git(root, "cat-file", "--filters", f"HEAD:{path}")
+                if data is None:
+                    raise RuntimeError(f"cannot read the committed {path} from git")
+                target.write_bytes(data)
+            else:
+                shutil.copyfile(root / path, target)
+        info = api.upload_folder(repo_id=space_id, repo_type="space", folder_path=stage,
+                                 # exact paths: escaped, as the client matches them with fnmatch too
+                                 allow_patterns=[glob.escape(p) for p in files], delete_patterns="*",
+                                 commit_message="Deploy the mmft app")
     for key, value in (variables or {}).items():
         api.add_space_variable(space_id, key, value)
     return info, info.oid != before  # the client skips an empty commit and reports the last one
@@ -99,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     skipped: list[str] = []
     files = space_files(skipped=skipped)
     for path in skipped:  # a public Space gets committed work only
-        print(f"not deployed (git does not track it): {path}", file=sys.stderr)
+        print(f"not deployed (not committed): {path}", file=sys.stderr)
+    for path in edited(ROOT, files):
+        print(f"deployed as last committed (its uncommitted edits stay home): {path}", file=sys.stderr)
     if args.dry_run:
         for path in files:
             print(f"  {path:<50} {(ROOT / path).stat().st_size:>10,} bytes")

@@ -625,23 +625,46 @@ def test_space_files_take_no_nested_or_hidden_strays(tmp_path):
                                      "demo/round/adapter/adapter_[1].json", "docs/benchmarks.md", "mmft/model.py"]
 
 
-def test_space_files_in_a_checkout_are_the_tracked_ones(tmp_path):
-    """An untracked module under mmft/ matches `mmft/*.py` but is not committed work: it stays home, and
-    the command says so."""
+def _checkout(folder, paths, commit):
+    for path in paths:
+        (folder / path).parent.mkdir(parents=True, exist_ok=True)
+        (folder / path).write_text(f"{path} as committed\n")
+    git = ["git", "-C", str(folder), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(git[:3] + ["init", "-q"], check=True)
+    subprocess.run(git + ["add", *commit], check=True)
+    subprocess.run(git + ["commit", "-q", "-m", "x"], check=True)
+    return git
+
+
+def test_space_files_in_a_checkout_are_the_committed_ones(tmp_path):
+    """An untracked or only staged module under mmft/ matches `mmft/*.py` but is not committed work: it
+    stays home, and the command says so."""
     from mmft.space import space_files
 
-    for path in ("app.py", "mmft/model.py", "mmft/scratch.py", "demo/round/config.json"):
-        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / path).write_text("x")
-    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
-    subprocess.run(git[:3] + ["init", "-q"], check=True)
-    subprocess.run(git + ["add", "app.py", "mmft/model.py", "demo/round/config.json"], check=True)
-    subprocess.run(git + ["commit", "-q", "-m", "x"], check=True)
+    committed = ["app.py", "mmft/model.py", "demo/round/config.json"]
+    git = _checkout(tmp_path, committed + ["mmft/scratch.py"], committed)
     skipped = []
     assert space_files(tmp_path, skipped) == ["app.py", "demo/round/config.json", "mmft/model.py"]
     assert skipped == ["mmft/scratch.py"]
-    subprocess.run(git + ["add", "mmft/scratch.py"], check=True)  # staged counts as tracked
+    subprocess.run(git + ["add", "mmft/scratch.py"], check=True)  # staged is not committed
+    assert "mmft/scratch.py" not in space_files(tmp_path)
+    subprocess.run(git + ["commit", "-q", "-m", "y"], check=True)
     assert "mmft/scratch.py" in space_files(tmp_path)
+
+
+def test_space_deploy_sends_committed_bytes_not_uncommitted_edits(hub_online, tmp_path):
+    """A debug edit to a committed file (a hard-coded token, a print) must not go public: the Space gets
+    the file as committed, and the command names it."""
+    from mmft.space import deploy, edited
+
+    committed = ["app.py", "mmft/model.py", "README.md"]
+    _checkout(tmp_path, committed, committed)
+    (tmp_path / "app.py").write_text("TOKEN = 'hf_debug'  # an uncommitted edit\n")
+    assert edited(tmp_path, committed) == ["app.py"]
+    deploy("user/edited", root=tmp_path)
+    files = hub_online.files("user/edited", repo_type="space")
+    assert files["app.py"] == b"app.py as committed\n" and files["mmft/model.py"] == b"mmft/model.py as committed\n"
+    assert (tmp_path / "app.py").read_text().startswith("TOKEN")  # the working copy is left as it was
 
 
 def test_round_number_override_is_the_one_in_config_json_and_nested_files_stay(rounds, tmp_path):
