@@ -230,6 +230,13 @@ def error_line(err: BaseException) -> str:
     if isinstance(err, (httpx2.TransportError, ConnectionRefusedError, ConnectionResetError, TimeoutError)) \
             and not isinstance(err, OfflineModeIsEnabled):  # "[Errno 111] Connection refused": of what?
         text = f"cannot reach the Hub at {constants.ENDPOINT}: {text}"
+    if isinstance(err, UnicodeEncodeError):  # an HTTP header must be ASCII: a token pasted with a stray character
+        from huggingface_hub import get_token
+
+        bad = next((ch for ch in get_token() or "" if not ch.isascii()), None)
+        if bad is not None:
+            text = (f"the Hub token (HF_TOKEN or the one `hf auth login` stored) holds a character that is not "
+                    f"ASCII (U+{ord(bad):04X}): copy it again")
     return text
 
 

@@ -352,6 +352,11 @@ def test_hub_errors_reach_the_console_as_one_line_saying_what_to_do(hub_online, 
     lines = [line for line in done.stderr.splitlines() if not line.startswith("warning: ")]  # the tiny bases' paths
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith("error: ") and "401" in lines[0] and "set HF_TOKEN" in lines[0]
+    pasted = SECRET[:6] + "\u200b" + SECRET[6:]  # copied with a zero-width space: the header cannot carry it
+    done = push_cli(hub_online, rounds[0], "--repo-id", REPO, token=pasted)
+    lines = [line for line in done.stderr.splitlines() if not line.startswith("warning: ")]
+    assert done.returncode == 1 and lines == ["error: the Hub token (HF_TOKEN or the one `hf auth login` stored) "
+                                              "holds a character that is not ASCII (U+200B): copy it again"], lines
 
 
 def test_an_unreachable_hub_and_a_bad_round_number_are_named(rounds, tmp_path):
