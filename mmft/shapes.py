@@ -142,10 +142,52 @@ def words_of(text: str) -> set[str]:
     return set(word_list(text))
 
 
+YES_WORDS, NO_WORDS = ("yes", "yeah", "yep", "yup"), ("no", "nope")
+DENIERS = ("not", "t", "no", "nope", "neither")  # "t": "isn't" reads as "isn t"
+_BETWEEN = ("a", "an", "the", *COLORS, *SHAPES)  # may stand between a denier and its value: "not a red square"
+
+
+def _denied(words: list[str], i: int, values, polarity_at: int | None = None) -> bool:
+    """Is the value words[i] denied? After a denier, articles and other values allowed between ("not red",
+    "isn't a square", "no red", "not the red one", "isn't a red square"), or joined by "or"/"nor" to a
+    denied value ("isn't red or blue"). The yes/no answer's own yes/no word (`polarity_at`) denies
+    nothing: the draft "Red No blue" affirms blue."""
+    j = i - 1
+    while j >= 0 and words[j] in _BETWEEN:
+        j -= 1
+    if j < 0:
+        return False
+    if words[j] in DENIERS and j != polarity_at:
+        return True
+    if words[j] in ("or", "nor"):
+        k = j - 1
+        while k >= 0 and words[k] in ("a", "an", "the"):
+            k -= 1
+        return k >= 0 and words[k] in values and _denied(words, k, values, polarity_at)
+    return False
+
+
 def score(text: str, truth: str, vocabulary) -> bool:
-    """Right when the answer names the true word and no other word of the same kind."""
-    words = words_of(text)
-    return truth in words and not (words & (set(vocabulary) - {truth}))
+    """Right when the answer affirms the true word, never denies it, and affirms no other word of the same
+    kind: "It is red, not blue." is right for red; "It is not red." and "red or blue" are not."""
+    words = word_list(text)
+    found = [(w, _denied(words, i, vocabulary)) for i, w in enumerate(words) if w in vocabulary]
+    return any(w == truth and not d for w, d in found) and all((w == truth) != d for w, d in found)
+
+
+def _polarity_words(words: list[str], values) -> list[int]:
+    """Positions of the yes/no words that answer: the first one, and any later one that does not deny a
+    value ("No, there is no red here": the second "no" denies red)."""
+    found = []
+    for i, w in enumerate(words):
+        if w not in YES_WORDS + NO_WORDS:
+            continue
+        j = i + 1
+        while j < len(words) and words[j] in _BETWEEN and words[j] not in values:
+            j += 1
+        if not found or w not in NO_WORDS or j >= len(words) or words[j] not in values:
+            found.append(i)
+    return found
 
 
 def judge(text: str, facts: dict) -> bool:
@@ -155,26 +197,23 @@ def judge(text: str, facts: dict) -> bool:
     values = set(COLORS if facts["attr"] == "color" else SHAPES)
     if facts["kind"] != "yesno":
         return score(text, facts["truth"], values)
-    # "No, it is blue.", "No.", "No, it is blue, not red.", "No, it is not red." and the draft "Red No blue"
-    # are right for a blue shape asked "Is it red?": one yes/no word, the right one; the first value
-    # affirmed after it (if any) is the truth, and the truth is never denied ("not blue"); no value is
-    # affirmed but the truth and the one asked about
-    words = word_list(text)
-    polarity = [i for i, w in enumerate(words) if w in ("yes", "no")]
-    if {words[i] for i in polarity} != {facts["polarity"]}:
+    # "No, it is blue.", "No.", "No, it is blue, not red.", "No, it is not red.", "Not red." and the draft
+    # "Red No blue" are right for a blue shape asked "Is it red?": yes/no words of one polarity, the right
+    # one (or none, when the asked value is denied); the truth is never denied; before the yes/no word only
+    # the echo of the asked value (or the truth) is named, after it only the truth is affirmed.
+    words, truth, asked = word_list(text), facts["truth"], facts.get("asked")
+    polar = _polarity_words(words, values)
+    first = polar[0] if polar else None
+    denied = {i for i, w in enumerate(words) if w in values and _denied(words, i, values, first)}
+    affirmed = [(i, w) for i, w in enumerate(words) if w in values and i not in denied]
+    if any(words[i] == truth for i in denied):
         return False
-    denied = {i for i, w in enumerate(words) if w in values and _denied(words, i)}
-    if any(words[i] == facts["truth"] for i in denied):
+    if not polar:  # "It is not red.": a denial of the value asked about is a no
+        return (facts["polarity"] == "no" and any(words[i] == asked for i in denied)
+                and all(w == truth for _, w in affirmed))
+    if {"yes" if words[i] in YES_WORDS else "no" for i in polar} != {facts["polarity"]}:
         return False
-    named = [w for i, w in enumerate(words) if i > polarity[0] and w in values and i not in denied]
-    affirmed = {w for i, w in enumerate(words) if w in values and i not in denied}
-    return (not named or named[0] == facts["truth"]) and not (affirmed - {facts["truth"], facts.get("asked")})
-
-
-def _denied(words: list[str], i: int) -> bool:
-    """words[i] follows "not" or an n't ("isn t"), an article allowed between: "not red", "isn't a square"."""
-    j = i - 1 - (i > 0 and words[i - 1] in ("a", "an"))
-    return j >= 0 and words[j] in ("not", "t")
+    return all(w in (asked, truth) if i < first else w == truth for i, w in affirmed)
 
 
 def evaluate(pipeline, n: int = 300, seed: int = 10_000, split: str = "heldout", batch_size: int = 64,
