@@ -224,6 +224,8 @@ def test_card_image_features_and_evaluation_follow_the_round():
     ({"synthetic": True, "train_json": "llava_instruct_150k.json"}, None, "synthetic shapes demo data"),
     # ... a Hub data set (only a repo id becomes metadata), free text, or nothing at all
     ({"dataset": "me/my-vqa", "train_json": "shapes/train.json"}, ["me/my-vqa"], "Trained on [me/my-vqa]"),
+    ({"dataset": "liuhaotian/LLaVA-Instruct-150K"}, ["liuhaotian/LLaVA-Instruct-150K"],
+     "licence as CC BY 4.0, its use subject to OpenAI's terms of use"),  # not the base model's MIT
     ({"dataset": "my holiday photos"}, None, "Trained on my holiday photos (as the training run declared it"),
     ({"train_json": "llava_instruct_150k.json"}, None, "does not say what it was trained on"),
 ])
