@@ -232,7 +232,7 @@ def test_card_image_features_and_evaluation_follow_the_round():
 def test_card_names_the_data_the_run_declared(data, datasets, text):
     card = ModelCard(str(render_card(MMFTConfig(), {"round": 1, "data": data}, "me/x", 1, True)))
     assert card.data.datasets == datasets and text in card.text
-    assert ("LLaVA-Instruct" in card.text) is False
+    assert ("LLaVA-Instruct" in card.text) is (datasets == ["liuhaotian/LLaVA-Instruct-150K"])  # only when declared
     assert "![Training and evaluation loss of round 1](loss.png)" in card.text
 
 
