@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from mmft.config import MMFTConfig
-from mmft.prompt import IGNORE_INDEX, Encoded, encode_chat
+from mmft.prompt import IGNORE_INDEX, IMAGE_TEXT, Encoded, encode_chat
 from mmft.vision import ImageError, open_image
 
 logger = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ def parse_conversation(raw) -> list[tuple[str, str]] | None:
         role = ROLES.get(turn.get("from"))
         if role != ("user" if i % 2 == 0 else "assistant"):
             return None
-        text = turn["value"].replace("<image>", "").strip()
+        text = turn["value"].replace(IMAGE_TEXT, "").strip()
         if not text:
             return None
         turns.append((role, text))

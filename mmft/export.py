@@ -23,9 +23,10 @@ import sys
 from pathlib import Path
 
 from mmft.config import load_config
+from mmft.prompt import IMAGE_TEXT
 from mmft.round import check_round_folder
 
-IMAGE_TOKEN = "<image>"
+IMAGE_TOKEN = IMAGE_TEXT  # the processor's image token: what mmft drops from every message
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 STRATEGIES = ("default", "full")  # LlavaConfig.vision_feature_select_strategy: "default" drops CLS
 
@@ -84,7 +85,7 @@ def chat_template(base_template: str, system: str = "") -> str:
         "{%- else -%}"
         "{%- set n_images = message['content'] | selectattr('type', 'equalto', 'image') | list | length -%}"
         "{%- set words = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text')"
-        " | join('\\n') -%}"
+        f" | join('\\n') | replace('{IMAGE_TOKEN}', '') -%}}"
         f"{{%- set text = '{IMAGE_TOKEN}' * n_images + (words | trim) -%}}"
         "{%- endif -%}"
         "{%- set ns.messages = ns.messages + [{'role': message['role'], 'content': text}] -%}"

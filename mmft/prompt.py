@@ -20,6 +20,9 @@ from mmft.config import MMFTConfig
 from mmft.text import clean_answer
 
 IGNORE_INDEX = -100
+# LLaVA's image placeholder is never text: LLaVA-Instruct marks the image with it, and an exported Llava
+# processor reads it as the image token, so every message loses it, in training, inference and the export.
+IMAGE_TEXT = "<image>"
 
 
 @dataclass
@@ -66,7 +69,8 @@ def encode_chat(
     Ending on a user turn gives an inference prompt (generation prompt appended); ending on an
     assistant turn gives a training example (the template's closing eos included). Questions are
     stripped and cut to `prompt_max_question_tokens` (unless `budget_questions=False`: a message
-    already budgeted, like `refine_prompt(..., tokenizer)`'s); answers are cleaned (`clean_answers`,
+    already budgeted, like `refine_prompt(..., tokenizer)`'s) and lose any `<image>` (`IMAGE_TEXT`), as answers
+    do; answers are cleaned (`clean_answers`,
     default `config.prompt_clean_answers`) or stripped, and cut to `prompt_max_answer_tokens`.
 
     The ids are exactly `tokenizer.apply_chat_template(messages, tokenize=True)["input_ids"]` of those
@@ -83,6 +87,7 @@ def encode_chat(
     clean = config.prompt_clean_answers if clean_answers is None else clean_answers
     contents, truncated, cut_answers = [], False, set()
     for i, (role, text) in enumerate(turns):
+        text = text.replace(IMAGE_TEXT, "")
         if role == "user":
             text, cut = text.strip(), False
             if budget_questions:

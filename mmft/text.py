@@ -22,8 +22,7 @@ is kept as written: cleaned to nothing, it would train the model to answer with 
 from __future__ import annotations
 
 import re
-
-from nltk.tokenize import TreebankWordTokenizer
+from functools import cache
 
 # NLTK's `stopwords.words("english")` (the 179-word list), copied so nothing is downloaded at run time.
 STOPWORDS = frozenset(
@@ -45,14 +44,23 @@ STEMS = frozenset({"don", "aren", "couldn", "didn", "doesn", "hadn", "hasn", "ha
                    "needn", "shan", "shouldn", "wasn", "weren", "won", "wouldn", "ain"})
 DROPPED = STOPWORDS - NEGATIONS - STEMS
 
-_tokenizer = TreebankWordTokenizer()
+
+@cache
+def _treebank():
+    """NLTK's Treebank tokenizer, imported when first needed: importing nltk takes over a second, which every
+    command that only builds prompts (`mmft.export --help`, the app's start) would pay."""
+    from nltk.tokenize import TreebankWordTokenizer
+
+    return TreebankWordTokenizer()
+
+
 _EDGE_PUNCT = re.compile(r"^[\W_]+|[\W_]+$")
 _NUMBER = re.compile(r"^[$€£]?[-+\u2212]?(?:\d[\d,]*(?:\.\d+)?|\.\d+)$")  # "€5" is one Treebank token, "$5" two
 
 
 def clean_answer(text: str) -> str:
     """'The cat is sitting on a red mat.' -> 'cat sitting red mat'; 'No, it isn't.' -> 'No not'."""
-    tokens = _tokenizer.tokenize(text.replace("\u2019", "'"))  # "isn’t" as "isn't": the tokenizer knows only '
+    tokens = _treebank().tokenize(text.replace("\u2019", "'"))  # "isn’t" as "isn't": the tokenizer knows only '
     kept = []
     for i, token in enumerate(tokens):
         low = token.lower()

@@ -411,6 +411,24 @@ def test_llava_style_string_content_gets_the_trained_prompt(kit_round, tmp_path,
     assert ids.tolist() == [image_id if m else t for t, m in zip(enc.input_ids, enc.image_mask)], repr(prompt)
 
 
+@pytest.mark.parametrize("question", ["What is <image> in html?", "<image><image>", "Compare <image> and <img>."])
+def test_image_placeholder_text_in_a_question_is_dropped_alike(kit_round, question):
+    """`<image>` typed in a question is no text anywhere: mmft.data drops it from training records, and the
+    export's processor would read it as a second image ("2 <image> tokens and 1 images"); mmft drops it too."""
+    round_dir, folder = kit_round
+    model, _ = load_round(round_dir, device="cpu", dtype=torch.float32, quantize="none")
+    enc = encode_chat(model.tokenizer, model.cfg, [("user", question)], num_image_tokens=model.vision.num_tokens)
+    plain = encode_chat(model.tokenizer, model.cfg, [("user", question.replace("<image>", ""))],
+                        num_image_tokens=model.vision.num_tokens)
+    assert enc.input_ids == plain.input_ids
+    processor = AutoProcessor.from_pretrained(folder)
+    image_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    content = [{"type": "image"}, {"type": "text", "text": question}]  # a LLaVA-style string marks images so
+    prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    ids = processor(images=_photo(), text=prompt, return_tensors="pt")["input_ids"][0]
+    assert ids.tolist() == [image_id if m else t for t, m in zip(enc.input_ids, enc.image_mask)], repr(prompt)
+
+
 def test_a_system_prompt_beyond_the_bmp_renders_unchanged():
     """json.dumps escapes an emoji as a surrogate pair, which Jinja decodes to two lone surrogates that
     the tokenizer refuses: every call of the exported processor failed."""
