@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,50 +144,72 @@ def words_of(text: str) -> set[str]:
 
 
 YES_WORDS, NO_WORDS = ("yes", "yeah", "yep", "yup"), ("no", "nope")
-DENIERS = ("not", "t", "no", "nope", "neither")  # "t": "isn't" reads as "isn t"
-_BETWEEN = ("a", "an", "the", *COLORS, *SHAPES)  # may stand between a denier and its value: "not a red square"
+DENIERS = ("not", "no", "nope", "never", "neither", "nor", "cannot", "isnt", "arent", "wasnt", "werent", "dont",
+           "doesnt", "didnt", "cant", "wont")  # and every n't word; the typed-without-apostrophe forms too
+_CLAUSE_ENDS = (".", ",", ";", ":", "!", "?", "but")
+_ARTICLES = ("a", "an", "the")
+_TOKEN = re.compile(r"[a-z0-9]+(?:'[a-z]+)*|[^\sa-z0-9']")  # words (with their n't, 's), punctuation marks
 
 
-def _denied(words: list[str], i: int, values, polarity_at: int | None = None) -> bool:
-    """Is the value words[i] denied? After a denier, articles and other values allowed between ("not red",
-    "isn't a square", "no red", "not the red one", "isn't a red square"), or joined by "or"/"nor" to a
-    denied value ("isn't red or blue"). The yes/no answer's own yes/no word (`polarity_at`) denies
-    nothing: the draft "Red No blue" affirms blue."""
-    j = i - 1
-    while j >= 0 and words[j] in _BETWEEN:
-        j -= 1
-    if j < 0:
-        return False
-    if words[j] in DENIERS and j != polarity_at:
-        return True
-    if words[j] in ("or", "nor"):
-        k = j - 1
-        while k >= 0 and words[k] in ("a", "an", "the"):
-            k -= 1
-        return k >= 0 and words[k] in values and _denied(words, k, values, polarity_at)
-    return False
+def _tokens(text: str) -> list[str]:
+    return _TOKEN.findall(text.lower().replace("\u2019", "'"))
+
+
+def _is_denier(word: str) -> bool:
+    return word in DENIERS or word.endswith("n't")
+
+
+def _denials(tokens: list[str], values, answers=frozenset()) -> dict[int, bool]:
+    """For each value of `values` in `tokens` (by position): is it denied? A value is denied when a denier
+    ("not", an n't, "no", "never"...) stands earlier in its clause ("not red", "isn't a square", "no red", "not
+    really blue", "can't be blue"), or when "or"/"nor" joins it to a denied value ("isn't red or blue"). The walk
+    back stops at the clause's end (punctuation, "but"), at a yes/no word that answers (`answers`: "No, it is
+    blue", the draft "Red No blue") and at another value of the same kind (the cleaned "not red blue" denies
+    red only). Left to right, so a value's denial is known when a later one joins it."""
+    out: dict[int, bool] = {}
+    for i, word in enumerate(tokens):
+        if word not in values:
+            continue
+        out[i] = False
+        j = i - 1
+        while j >= 0 and tokens[j] not in _CLAUSE_ENDS and j not in answers:
+            if tokens[j] in ("or", "nor"):
+                k = j - 1
+                while k >= 0 and tokens[k] in _ARTICLES:
+                    k -= 1
+                if k in out:  # "red or blue": blue shares red's fate
+                    out[i] = out[k]
+                    break
+            if tokens[j] in values:
+                break
+            if _is_denier(tokens[j]):
+                out[i] = True
+                break
+            j -= 1
+    return out
 
 
 def score(text: str, truth: str, vocabulary) -> bool:
     """Right when the answer affirms the true word, never denies it, and affirms no other word of the same
     kind: "It is red, not blue." is right for red; "It is not red." and "red or blue" are not."""
-    words = word_list(text)
-    found = [(w, _denied(words, i, vocabulary)) for i, w in enumerate(words) if w in vocabulary]
+    tokens = _tokens(text)
+    found = [(tokens[i], d) for i, d in _denials(tokens, set(vocabulary)).items()]
     return any(w == truth and not d for w, d in found) and all((w == truth) != d for w, d in found)
 
 
-def _polarity_words(words: list[str], values) -> list[int]:
-    """Positions of the yes/no words that answer: the first one, and any later one that does not deny a
-    value ("No, there is no red here": the second "no" denies red)."""
+def _answer_words(tokens: list[str], values) -> list[int]:
+    """Positions of the yes/no words that answer: every yes-word, and a no-word that opens the answer, follows
+    only the echo of a value ("Red? No, ..."; the draft "Red No blue") or ends a clause ("..., no."). Any other
+    "no" denies ("There is no blue.")."""
     found = []
-    for i, w in enumerate(words):
-        if w not in YES_WORDS + NO_WORDS:
-            continue
-        j = i + 1
-        while j < len(words) and words[j] in _BETWEEN and words[j] not in values:
-            j += 1
-        if not found or w not in NO_WORDS or j >= len(words) or words[j] not in values:
+    for i, word in enumerate(tokens):
+        if word in YES_WORDS:
             found.append(i)
+        elif word in NO_WORDS:
+            echo_only = all(t in values or t in _ARTICLES or not t.isalnum() for t in tokens[:i])
+            ends = i + 1 == len(tokens) or tokens[i + 1] in _CLAUSE_ENDS
+            if echo_only or ends:
+                found.append(i)
     return found
 
 
@@ -197,23 +220,22 @@ def judge(text: str, facts: dict) -> bool:
     values = set(COLORS if facts["attr"] == "color" else SHAPES)
     if facts["kind"] != "yesno":
         return score(text, facts["truth"], values)
-    # "No, it is blue.", "No.", "No, it is blue, not red.", "No, it is not red.", "Not red." and the draft
+    # "No, it is blue.", "No.", "No, it is blue, not red.", "No, it is not red.", "It is not red." and the draft
     # "Red No blue" are right for a blue shape asked "Is it red?": yes/no words of one polarity, the right
-    # one (or none, when the asked value is denied); the truth is never denied; before the yes/no word only
-    # the echo of the asked value (or the truth) is named, after it only the truth is affirmed.
-    words, truth, asked = word_list(text), facts["truth"], facts.get("asked")
-    polar = _polarity_words(words, values)
-    first = polar[0] if polar else None
-    denied = {i for i, w in enumerate(words) if w in values and _denied(words, i, values, first)}
-    affirmed = [(i, w) for i, w in enumerate(words) if w in values and i not in denied]
-    if any(words[i] == truth for i in denied):
+    # one (or none, when the asked value is denied); the truth is never denied; before the first yes/no word
+    # only the echo of the asked value (or the truth) is named, after it only the truth is affirmed.
+    tokens, truth, asked = _tokens(text), facts["truth"], facts.get("asked")
+    polar = _answer_words(tokens, values)
+    denials = _denials(tokens, values, frozenset(polar))
+    if any(tokens[i] == truth and d for i, d in denials.items()):
         return False
+    affirmed = [(i, tokens[i]) for i, d in denials.items() if not d]
     if not polar:  # "It is not red.": a denial of the value asked about is a no
-        return (facts["polarity"] == "no" and any(words[i] == asked for i in denied)
+        return (facts["polarity"] == "no" and any(tokens[i] == asked and d for i, d in denials.items())
                 and all(w == truth for _, w in affirmed))
-    if {"yes" if words[i] in YES_WORDS else "no" for i in polar} != {facts["polarity"]}:
+    if {"yes" if tokens[i] in YES_WORDS else "no" for i in polar} != {facts["polarity"]}:
         return False
-    return all(w in (asked, truth) if i < first else w == truth for i, w in affirmed)
+    return all(w in (asked, truth) if i < polar[0] else w == truth for i, w in affirmed)
 
 
 def evaluate(pipeline, n: int = 300, seed: int = 10_000, split: str = "heldout", batch_size: int = 64,

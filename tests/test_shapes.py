@@ -237,6 +237,21 @@ def test_images_vary_as_each_style_says():
     ("It is not red.", {"kind": "yesno", "attr": "color", "truth": "red", "polarity": "yes", "asked": "red"}, False),
     ("Nope, it is blue.", {"kind": "yesno", "attr": "color", "truth": "blue", "polarity": "no", "asked": "red"}, True),
     ("Yes and no.", {"kind": "yesno", "attr": "color", "truth": "red", "polarity": "yes", "asked": "red"}, False),
+    # a denial holds to the end of its clause, stops at a value of the same kind (the cleaned "not red blue")
+    ("It is not really blue.", {"kind": "color", "attr": "color", "truth": "blue"}, False),
+    ("not red blue", {"kind": "color", "attr": "color", "truth": "blue"}, True),
+    ("Red? No, blue.", {"kind": "color", "attr": "color", "truth": "red"}, False),
+    ("No, not red, green.", {"kind": "yesno", "attr": "color", "truth": "blue", "polarity": "no", "asked": "red"},
+     False),
+    ("No, it can't be blue.", {"kind": "yesno", "attr": "color", "truth": "blue", "polarity": "no", "asked": "red"},
+     False),
+    ("No, it isnt blue", {"kind": "yesno", "attr": "color", "truth": "blue", "polarity": "no", "asked": "red"}, False),
+    # a "no" inside a clause denies; one that opens the answer, follows the echo or ends a clause answers
+    ("There is no blue.", {"kind": "yesno", "attr": "color", "truth": "blue", "polarity": "no", "asked": "red"},
+     False),
+    ("Yes, it is red, no doubt.", {"kind": "yesno", "attr": "color", "truth": "red", "polarity": "yes",
+                                   "asked": "red"}, True),
+    ("No not red blue", {"kind": "yesno", "attr": "color", "truth": "blue", "polarity": "no", "asked": "red"}, True),
     # the other kinds: a denied truth is wrong, a denied other value is not named
     ("It is not red.", {"kind": "color", "attr": "color", "truth": "red"}, False),
     ("no red", {"kind": "color", "attr": "color", "truth": "red"}, False),
@@ -253,6 +268,13 @@ def test_images_vary_as_each_style_says():
 ])
 def test_judge(text, facts, ok):
     assert shapes.judge(text, facts) is ok
+
+
+def test_judge_takes_long_answers_in_linear_time():
+    """No recursion and no quadratic walk: a 4000-word answer is judged at once (it raised RecursionError)."""
+    assert shapes.judge("not " + " or ".join(["blue"] * 3000), {"kind": "color", "attr": "color", "truth": "blue"}) \
+        is False
+    assert shapes.judge(" ".join(["red"] * 4000), {"kind": "color", "attr": "color", "truth": "red"}) is True
 
 
 def test_refine_corpus_prompts_are_the_pipelines_own(tmp_path):
