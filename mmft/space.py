@@ -6,9 +6,10 @@ The Space runs `app.py` (README.md's front matter says so) with `requirements.tx
 package and the bundled demo round with its tiny base models (the fallback when no round is
 configured or reachable), and the docs README.md links to. Files the Space does not need (tests,
 training, benchmarks) stay home. `.gitattributes` travels too, so the Space's binaries (.safetensors,
-.png, tokenizer.json) are LFS. In a git checkout the Space gets the last commit: a file not committed
-(a scratch module, staged or not) stays home, and a committed file with uncommitted edits goes as
-committed (a debug edit never goes public); the command names both. A file on the Space that is not in
+.png, tokenizer.json) are LFS. In a git checkout (the project may be a subfolder of one) the Space gets
+the last commit: a file not committed (a scratch module, staged or not) stays home, a committed file with
+uncommitted edits, or moved or deleted since, goes as committed (a debug edit never goes public), and the
+command names both; a checkout with nothing committed is refused, not deployed as an empty Space. A file on the Space that is not in
 this list is deleted by the same commit. The token is the one huggingface_hub finds (HF_TOKEN, `hf auth login`)
 and is never printed.
 """
@@ -45,37 +46,67 @@ def _names(out: bytes | None) -> set[str]:
     return {p for p in (out or b"").decode("utf-8", "surrogateescape").split("\0") if p}
 
 
+class NothingCommitted(RuntimeError):
+    """A git checkout whose last commit holds none of the Space's files (or that has no commit yet)."""
+
+
 def git_state(root: Path) -> tuple[set[str] | None, set[str]]:
-    """(the files of the last commit, those of them whose working copy or index differs from it). None
-    outside a checkout or without git: then the patterns alone decide, on the files as they are."""
-    if not (root / ".git").exists():
+    """(the files of the last commit under `root`, those of them whose working copy or index differs from
+    it), as paths relative to `root` (the project may sit in a subfolder of its repository). None outside a
+    checkout or without git: then the patterns alone decide, on the files as they are."""
+    inside = _git(root, "rev-parse", "--is-inside-work-tree")
+    if inside is None or inside.strip() != b"true":
         return None, set()
-    listed = _git(root, "ls-files", "-z")  # git works here (a checkout without commits has no HEAD)
-    if listed is None:
-        return None, set()
-    committed = _git(root, "ls-tree", "-r", "-z", "--name-only", "HEAD")
-    if committed is None:
+    committed = _git(root, "ls-tree", "-r", "-z", "--name-only", "HEAD")  # relative to root, as run in it
+    if committed is None:  # no commit yet
         return set(), set()
-    return _names(committed), _names(_git(root, "diff", "-z", "--name-only", "HEAD"))
+    return _names(committed), _names(_git(root, "diff", "--relative", "-z", "--name-only", "HEAD"))
 
 
 def space_files(root: str | Path = ROOT, skipped: list[str] | None = None) -> list[str]:
-    """The repo-relative paths the Space needs, sorted (no caches, no tests, no training data; in a git
-    checkout, committed files only: those the patterns match but the last commit lacks go to `skipped`)."""
+    """The repo-relative paths the Space needs, sorted (no caches, no tests, no training data). In a git
+    checkout, the last commit's files, whether the working copy still has them or not; those the patterns
+    match on disk but the last commit lacks go to `skipped`."""
     root = Path(root)
     committed, _ = git_state(root)
-    paths = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
-    paths = [p for p in paths if any(path_matches(p, pat) for pat in SPACE_PATTERNS) and "__pycache__" not in p]
+    on_disk = [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()]
+    wanted = lambda paths: {p for p in paths if any(path_matches(p, pat) for pat in SPACE_PATTERNS)  # noqa: E731
+                            and "__pycache__" not in p}
     if committed is None:
-        return sorted(paths)
+        return sorted(wanted(on_disk))
     if skipped is not None:
-        skipped += sorted(p for p in paths if p not in committed)
-    return sorted(p for p in paths if p in committed)
+        skipped += sorted(wanted(on_disk) - committed)
+    return sorted(wanted(committed))
 
 
 def edited(root: str | Path, files: list[str]) -> list[str]:
-    """Which of `files` have uncommitted edits: the Space gets their committed version."""
-    return sorted(set(files) & git_state(Path(root))[1])
+    """Which of `files` have uncommitted edits, or are gone from the working copy: the Space gets their
+    committed version."""
+    root = Path(root)
+    committed, changed = git_state(root)
+    if committed is None:
+        return []
+    return sorted(p for p in files if p in changed or not (root / p).is_file())
+
+
+def committed_bytes(root: str | Path, files: list[str]) -> dict[str, bytes | Path]:
+    """What the Space gets of each file: the working copy where it is as committed, else the committed bytes
+    (`git cat-file --filters`: what a checkout writes, LFS smudged, line endings). Refuses an empty list (a
+    checkout with no commit would otherwise empty the Space)."""
+    root = Path(root)
+    if not files:
+        raise NothingCommitted(f"no file of the Space is committed in {root}: commit app.py, mmft/ and demo/ first")
+    out: dict[str, bytes | Path] = {}
+    stale = set(edited(root, files))
+    for path in files:
+        if path in stale:
+            data = _git(root, "cat-file", "--filters", f"HEAD:./{path}")
+            if data is None:
+                raise RuntimeError(f"cannot read the committed {path} from git")
+            out[path] = data
+        else:
+            out[path] = root / path
+    return out
 
 
 def deploy(space_id: str, root: str | Path = ROOT, private: bool = False, variables: dict[str, str] | None = None):
@@ -83,26 +114,21 @@ def deploy(space_id: str, root: str | Path = ROOT, private: bool = False, variab
     variables; (the commit, whether it is a new one)."""
     from huggingface_hub import HfApi
 
-    root = Path(root)
-    files = space_files(root)
-    changed = set(edited(root, files))
+    contents = committed_bytes(root, space_files(root))  # before anything is sent
     api = HfApi()
     api.create_repo(space_id, repo_type="space", space_sdk="gradio", exist_ok=True, private=private)
     before = api.repo_info(space_id, repo_type="space").sha
     with tempfile.TemporaryDirectory() as stage:  # the files as committed, in one folder
-        for path in files:
+        for path, content in contents.items():
             target = Path(stage) / path
             target.parent.mkdir(parents=True, exist_ok=True)
-            if path in changed:  # --filters: what a checkout writes (LFS smudged, line endings)
-                data = _git(root, "cat-file", "--filters", f"HEAD:{path}")
-                if data is None:
-                    raise RuntimeError(f"cannot read the committed {path} from git")
-                target.write_bytes(data)
+            if isinstance(content, bytes):
+                target.write_bytes(content)
             else:
-                shutil.copyfile(root / path, target)
+                shutil.copyfile(content, target)
         info = api.upload_folder(repo_id=space_id, repo_type="space", folder_path=stage,
                                  # exact paths: escaped, as the client matches them with fnmatch too
-                                 allow_patterns=[glob.escape(p) for p in files], delete_patterns="*",
+                                 allow_patterns=[glob.escape(p) for p in contents], delete_patterns="*",
                                  commit_message="Deploy the mmft app")
     for key, value in (variables or {}).items():
         api.add_space_variable(space_id, key, value)
@@ -139,8 +165,14 @@ def main(argv: list[str] | None = None) -> int:
     for path in edited(ROOT, files):
         print(f"deployed as last committed (its uncommitted edits stay home): {path}", file=sys.stderr)
     if args.dry_run:
-        for path in files:
-            print(f"  {path:<50} {(ROOT / path).stat().st_size:>10,} bytes")
+        try:
+            contents = committed_bytes(ROOT, files)
+        except (NothingCommitted, RuntimeError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        for path, content in contents.items():
+            size = len(content) if isinstance(content, bytes) else content.stat().st_size
+            print(f"  {path:<50} {size:>10,} bytes")
         print(f"Dry run, nothing sent: {len(files)} files for the Space {args.space_id}.")
         return 0
     try:

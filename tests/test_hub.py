@@ -674,6 +674,41 @@ def test_space_deploy_sends_committed_bytes_not_uncommitted_edits(hub_online, tm
     assert (tmp_path / "app.py").read_text().startswith("TOKEN")  # the working copy is left as it was
 
 
+def test_space_deploy_sends_the_last_commit_from_a_subfolder_after_a_move(hub_online, tmp_path):
+    """The project in a subfolder of its repository, a committed module moved away (not committed): the
+    Space still gets the last commit's files, as committed; the new name stays home."""
+    from mmft.space import deploy, space_files
+
+    paths = ["proj/app.py", "proj/mmft/model.py", "proj/README.md", "other/secret.py"]
+    git = _checkout(tmp_path, paths, paths)
+    (tmp_path / "proj" / "app.py").write_text("print('debug')\n")
+    subprocess.run(git + ["mv", "proj/mmft/model.py", "proj/mmft/model2.py"], check=True)
+    project = tmp_path / "proj"
+    skipped = []
+    assert space_files(project, skipped) == ["README.md", "app.py", "mmft/model.py"] and skipped == ["mmft/model2.py"]
+    deploy("user/moved", root=project)
+    files = hub_online.files("user/moved", repo_type="space")
+    assert {k: v for k, v in files.items() if k != ".gitattributes"} == {
+        "app.py": b"proj/app.py as committed\n", "mmft/model.py": b"proj/mmft/model.py as committed\n",
+        "README.md": b"proj/README.md as committed\n"}
+
+
+def test_space_deploy_refuses_a_checkout_with_nothing_committed(hub_online, tmp_path):
+    """`git init` + `git add`, no commit: nothing of the Space is committed, so nothing is sent (an upload of
+    no files with delete_patterns="*" would empty the live Space)."""
+    from mmft.space import NothingCommitted, deploy
+
+    for path in ("app.py", "mmft/model.py"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text("x")
+    subprocess.run(["git", "-C", str(tmp_path), "init", "-q"], check=True)
+    subprocess.run(["git", "-C", str(tmp_path), "add", "-A"], check=True)
+    hub_online.requests.clear()
+    with pytest.raises(NothingCommitted, match="no file of the Space is committed"):
+        deploy("user/live", root=tmp_path)
+    assert not hub_online.requests
+
+
 def test_round_number_override_is_the_one_in_config_json_and_nested_files_stay(rounds, tmp_path):
     """`--round N`: tag, card and the published config.json say N; only the round's own files travel
     (`adapter/*.json` does not take a nested `adapter/old/...`, nor a stray dotfile)."""
