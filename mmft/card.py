@@ -121,7 +121,7 @@ def _datasets(round_info: dict) -> tuple[list[str] | None, str]:
             return [dataset], (f"Trained on [LLaVA-Instruct-150K](https://huggingface.co/datasets/{dataset}) "
                                "(COCO images with GPT-written conversations). Its dataset card gives its licence as "
                                "CC BY 4.0, its use subject to OpenAI's terms of use, and the COCO images carry their "
-                               "own; the `license` above is the base model's.")
+                               "own.")
         return [dataset], f"Trained on [{dataset}](https://huggingface.co/datasets/{dataset})."
     if data.get("synthetic") or "mmft.shapes" in dataset:
         return None, ("Trained on the **synthetic shapes demo data** (coloured shapes on plain backgrounds, "

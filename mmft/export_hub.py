@@ -120,11 +120,24 @@ def plan_export_upload(round_dir: str | Path, repo_id: str, number: int, workdir
 
 def publish_export(round_dir: str | Path, repo_id: str, number: int, force: bool = False, private: bool = False):
     """Export and publish to `OWNER/NAME-llava` as one commit tagged `round-N`; returns `Published`.
-    The export holds the round's weights merged: it is created private when the round's repo is."""
+    The export holds the round's weights merged: it is created private when the round's repo is, and a
+    public export repo of a private round is refused before anything is sent."""
     from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError
 
+    from mmft.export import ExportError
     from mmft.hub import publish
 
-    private = private or bool(HfApi().model_info(repo_id).private)
+    api = HfApi()
+    private = private or bool(api.model_info(repo_id).private)
+    if private:
+        target = export_repo_id(repo_id)
+        try:
+            public = not api.model_info(target).private
+        except RepositoryNotFoundError:
+            public = False  # created private below
+        if public:
+            raise ExportError(f"{target} is public and {repo_id} is private: the export would publish the round's "
+                              f"weights; make {target} private (its Settings on the Hub) and run this again")
     with tempfile.TemporaryDirectory() as tmp:
         return publish(plan_export_upload(round_dir, repo_id, number, tmp), force=force, private=private)

@@ -326,6 +326,13 @@ def test_the_export_of_a_private_round_is_private(hub_online, kit_round):
     publish(plan_upload(round_dir, "user/open", number=number))
     publish_export(round_dir, "user/open", number)
     assert HfApi().model_info("user/open-llava").private is False
+    # an export repo made public before (by hand, or by an older mmft) is refused, nothing sent
+    HfApi().create_repo("user/hidden-llava")
+    publish(plan_upload(round_dir, "user/hidden", number=number), private=True)
+    hub_online.requests.clear()
+    with pytest.raises(ValueError, match="user/hidden-llava is public and user/hidden is private"):
+        publish_export(round_dir, "user/hidden", number)
+    assert not [r for r in hub_online.requests if r[0] == "POST"] and not hub_online.refs("user/hidden-llava")["tags"]
 
 
 def test_export_card_names_the_round_number_it_is_published_under(kit_round, tmp_path):
