@@ -29,6 +29,11 @@ def _all_kinds(split: str) -> set[str]:
     return {_norm(q) for kind in questions.KINDS for q in questions.training_phrasings(kind, split)}
 
 
+def _yn(truth: str, asked: str, attr: str = "color") -> dict:
+    """The facts of a yes/no question: "Is it {asked}?" about a {truth} shape."""
+    return {"kind": "yesno", "attr": attr, "truth": truth, "asked": asked, "polarity": "yes" if truth == asked else "no"}
+
+
 def test_heldout_families_are_disjoint_from_training():
     for kind in questions.KINDS:
         assert not set(questions.FRAMES[kind]["train"]) & set(questions.FRAMES[kind]["heldout"])
@@ -134,9 +139,9 @@ def test_questions_read_as_intended():
 
 
 @pytest.mark.parametrize("facts, full, draft", [
-    ({"kind": "yesno", "attr": "color", "truth": "blue", "polarity": "no", "asked": "red"}, "Red? No, it is blue.",
+    (_yn("blue", "red"), "Red? No, it is blue.",
      "Red No blue"),
-    ({"kind": "yesno", "attr": "shape", "truth": "circle", "polarity": "yes", "asked": "circle"},
+    (_yn("circle", "circle", "shape"),
      "A circle? Yes, it is a circle.", "circle Yes circle"),
     ({"kind": "describe", "attr": "describe", "truth": None, "color": "orange", "shape": "square"},
      "It is an orange square.", "orange square"),
@@ -196,62 +201,45 @@ def test_images_vary_as_each_style_says():
     ("It is a red or blue shape.", {"kind": "color", "attr": "color", "truth": "red"}, False),
     ("No, it is blue.", {"kind": "yesno", "attr": "color", "truth": "blue", "polarity": "no"}, True),
     ("blue no", {"kind": "yesno", "attr": "color", "truth": "blue", "polarity": "no"}, True),
-    ("Red No blue", {"kind": "yesno", "attr": "color", "truth": "blue", "polarity": "no", "asked": "red"}, True),
-    ("No, it is blue, not red.", {"kind": "yesno", "attr": "color", "truth": "blue", "polarity": "no", "asked": "red"},
-     True),
-    ("No, it is red.", {"kind": "yesno", "attr": "color", "truth": "blue", "polarity": "no", "asked": "red"}, False),
-    ("Green No blue", {"kind": "yesno", "attr": "color", "truth": "blue", "polarity": "no", "asked": "red"}, False),
+    ("Red No blue", _yn("blue", "red"), True),
+    ("No, it is blue, not red.", _yn("blue", "red"), True),
+    ("No, it is red.", _yn("blue", "red"), False),
+    ("Green No blue", _yn("blue", "red"), False),
     ("No, yes, it is blue.", {"kind": "yesno", "attr": "color", "truth": "blue", "polarity": "no"}, False),
     ("No, it is red.", {"kind": "yesno", "attr": "color", "truth": "blue", "polarity": "no"}, False),
     ("Yes, it is blue.", {"kind": "yesno", "attr": "color", "truth": "blue", "polarity": "no"}, False),
     # a value named only to deny it is not named: right, unless the truth is what is denied
-    ("No, it is not red.", {"kind": "yesno", "attr": "color", "truth": "blue", "polarity": "no", "asked": "red"}, True),
-    ("No, it isn't red, it is blue.", {"kind": "yesno", "attr": "color", "truth": "blue", "polarity": "no",
-                                       "asked": "red"}, True),
-    ("Yes, it is red, not blue.", {"kind": "yesno", "attr": "color", "truth": "red", "polarity": "yes",
-                                   "asked": "red"}, True),
-    ("No, it is not blue.", {"kind": "yesno", "attr": "color", "truth": "blue", "polarity": "no", "asked": "red"},
-     False),
-    ("No, it isn't a triangle.", {"kind": "yesno", "attr": "shape", "truth": "triangle", "polarity": "no",
-                                  "asked": "square"}, False),
+    ("No, it is not red.", _yn("blue", "red"), True),
+    ("No, it isn't red, it is blue.", _yn("blue", "red"), True),
+    ("Yes, it is red, not blue.", _yn("red", "red"), True),
+    ("No, it is not blue.", _yn("blue", "red"), False),
+    ("No, it isn't a triangle.", _yn("triangle", "square", "shape"), False),
     # after its yes/no word an answer affirms the truth only: the asked value is allowed as the echo before it
-    ("No, it is blue or red.", {"kind": "yesno", "attr": "color", "truth": "blue", "polarity": "no", "asked": "red"},
-     False),
-    ("No blue Red", {"kind": "yesno", "attr": "color", "truth": "blue", "polarity": "no", "asked": "red"}, False),
-    ("No, it is blue. It is red.", {"kind": "yesno", "attr": "color", "truth": "blue", "polarity": "no",
-                                    "asked": "red"}, False),
+    ("No, it is blue or red.", _yn("blue", "red"), False),
+    ("No blue Red", _yn("blue", "red"), False),
+    ("No, it is blue. It is red.", _yn("blue", "red"), False),
     # a denial reaches across "or" and past an article or a value of the other kind
-    ("No, it isn't red or blue.", {"kind": "yesno", "attr": "color", "truth": "blue", "polarity": "no",
-                                   "asked": "red"}, False),
-    ("No, it is not the red one, it is blue.", {"kind": "yesno", "attr": "color", "truth": "blue", "polarity": "no",
-                                                "asked": "red"}, True),
-    ("No, it isn't a red square, it's a circle.", {"kind": "yesno", "attr": "shape", "truth": "circle",
-                                                   "polarity": "no", "asked": "square"}, True),
+    ("No, it isn't red or blue.", _yn("blue", "red"), False),
+    ("No, it is not the red one, it is blue.", _yn("blue", "red"), True),
+    ("No, it isn't a red square, it's a circle.", _yn("circle", "square", "shape"), True),
     # a later "no" before a value denies it; a denial of the asked value is a no; "nope" is one
-    ("No, there is no red here.", {"kind": "yesno", "attr": "color", "truth": "blue", "polarity": "no",
-                                   "asked": "red"}, True),
-    ("It is not a square.", {"kind": "yesno", "attr": "shape", "truth": "triangle", "polarity": "no",
-                             "asked": "square"}, True),
-    ("It is a triangle.", {"kind": "yesno", "attr": "shape", "truth": "triangle", "polarity": "no",
-                           "asked": "square"}, False),
-    ("It is not red.", {"kind": "yesno", "attr": "color", "truth": "red", "polarity": "yes", "asked": "red"}, False),
-    ("Nope, it is blue.", {"kind": "yesno", "attr": "color", "truth": "blue", "polarity": "no", "asked": "red"}, True),
-    ("Yes and no.", {"kind": "yesno", "attr": "color", "truth": "red", "polarity": "yes", "asked": "red"}, False),
+    ("No, there is no red here.", _yn("blue", "red"), True),
+    ("It is not a square.", _yn("triangle", "square", "shape"), True),
+    ("It is a triangle.", _yn("triangle", "square", "shape"), False),
+    ("It is not red.", _yn("red", "red"), False),
+    ("Nope, it is blue.", _yn("blue", "red"), True),
+    ("Yes and no.", _yn("red", "red"), False),
     # a denial holds to the end of its clause, stops at a value of the same kind (the cleaned "not red blue")
     ("It is not really blue.", {"kind": "color", "attr": "color", "truth": "blue"}, False),
     ("not red blue", {"kind": "color", "attr": "color", "truth": "blue"}, True),
     ("Red? No, blue.", {"kind": "color", "attr": "color", "truth": "red"}, False),
-    ("No, not red, green.", {"kind": "yesno", "attr": "color", "truth": "blue", "polarity": "no", "asked": "red"},
-     False),
-    ("No, it can't be blue.", {"kind": "yesno", "attr": "color", "truth": "blue", "polarity": "no", "asked": "red"},
-     False),
-    ("No, it isnt blue", {"kind": "yesno", "attr": "color", "truth": "blue", "polarity": "no", "asked": "red"}, False),
+    ("No, not red, green.", _yn("blue", "red"), False),
+    ("No, it can't be blue.", _yn("blue", "red"), False),
+    ("No, it isnt blue", _yn("blue", "red"), False),
     # a "no" inside a clause denies; one that opens the answer, follows the echo or ends a clause answers
-    ("There is no blue.", {"kind": "yesno", "attr": "color", "truth": "blue", "polarity": "no", "asked": "red"},
-     False),
-    ("Yes, it is red, no doubt.", {"kind": "yesno", "attr": "color", "truth": "red", "polarity": "yes",
-                                   "asked": "red"}, True),
-    ("No not red blue", {"kind": "yesno", "attr": "color", "truth": "blue", "polarity": "no", "asked": "red"}, True),
+    ("There is no blue.", _yn("blue", "red"), False),
+    ("Yes, it is red, no doubt.", _yn("red", "red"), True),
+    ("No not red blue", _yn("blue", "red"), True),
     # the other kinds: a denied truth is wrong, a denied other value is not named
     ("It is not red.", {"kind": "color", "attr": "color", "truth": "red"}, False),
     ("no red", {"kind": "color", "attr": "color", "truth": "red"}, False),
