@@ -144,19 +144,22 @@ def words_of(text: str) -> set[str]:
 
 
 YES_WORDS, NO_WORDS = ("yes", "yeah", "yep", "yup"), ("no", "nope")
-DENIERS = ("not", "no", "nope", "never", "neither", "nor", "cannot", "isnt", "arent", "wasnt", "werent", "dont",
-           "doesnt", "didnt", "cant", "wont")  # and every n't word; the typed-without-apostrophe forms too
-_CLAUSE_ENDS = (".", ",", ";", ":", "!", "?", "but")
+DENIERS = ("not", "no", "nope", "never", "neither", "nor", "cannot", "cant", "wont", "aint")
+# an n't word typed without its apostrophe: "isnt", "couldnt", "doesnt"...
+_AUXILIARIES = ("is", "are", "was", "were", "do", "does", "did", "has", "have", "had", "could", "should", "would",
+                "must", "might", "need", "shall")
+_CLAUSE_ENDS = (".", ",", ";", ":", "!", "?", "-", "\u2013", "\u2014", "\u2026", "(", ")", "[", "]", "but")
 _ARTICLES = ("a", "an", "the")
+_APOSTROPHES = str.maketrans({c: "'" for c in "\u2018\u2019\u00b4`\u02bc"})
 _TOKEN = re.compile(r"[a-z0-9]+(?:'[a-z]+)*|[^\sa-z0-9']")  # words (with their n't, 's), punctuation marks
 
 
 def _tokens(text: str) -> list[str]:
-    return _TOKEN.findall(text.lower().replace("\u2019", "'"))
+    return _TOKEN.findall(text.lower().translate(_APOSTROPHES))
 
 
 def _is_denier(word: str) -> bool:
-    return word in DENIERS or word.endswith("n't")
+    return word in DENIERS or word.endswith("n't") or (word.endswith("nt") and word[:-2] in _AUXILIARIES)
 
 
 def _denials(tokens: list[str], values, answers=frozenset()) -> dict[int, bool]:
@@ -165,12 +168,15 @@ def _denials(tokens: list[str], values, answers=frozenset()) -> dict[int, bool]:
     really blue", "can't be blue"), or when "or"/"nor" joins it to a denied value ("isn't red or blue"). The walk
     back stops at the clause's end (punctuation, "but"), at a yes/no word that answers (`answers`: "No, it is
     blue", the draft "Red No blue") and at another value of the same kind (the cleaned "not red blue" denies
-    red only). Left to right, so a value's denial is known when a later one joins it."""
+    red only). A value asked back and answered no is denied too ("Blue? No."). Left to right, so a value's
+    denial is known when a later one joins it."""
     out: dict[int, bool] = {}
     for i, word in enumerate(tokens):
         if word not in values:
             continue
-        out[i] = False
+        out[i] = tokens[i + 1 : i + 2] == ["?"] and i + 2 < len(tokens) and tokens[i + 2] in NO_WORDS
+        if out[i]:
+            continue
         j = i - 1
         while j >= 0 and tokens[j] not in _CLAUSE_ENDS and j not in answers:
             if tokens[j] in ("or", "nor"):
@@ -202,14 +208,13 @@ def _answer_words(tokens: list[str], values) -> list[int]:
     only the echo of a value ("Red? No, ..."; the draft "Red No blue") or ends a clause ("..., no."). Any other
     "no" denies ("There is no blue.")."""
     found = []
+    echo = next((i for i, t in enumerate(tokens) if t.isalnum() and t not in values and t not in _ARTICLES),
+                len(tokens))  # tokens[:echo] are values, articles and marks only
     for i, word in enumerate(tokens):
         if word in YES_WORDS:
             found.append(i)
-        elif word in NO_WORDS:
-            echo_only = all(t in values or t in _ARTICLES or not t.isalnum() for t in tokens[:i])
-            ends = i + 1 == len(tokens) or tokens[i + 1] in _CLAUSE_ENDS
-            if echo_only or ends:
-                found.append(i)
+        elif word in NO_WORDS and (i <= echo or i + 1 == len(tokens) or tokens[i + 1] in _CLAUSE_ENDS):
+            found.append(i)
     return found
 
 

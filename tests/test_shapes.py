@@ -240,6 +240,14 @@ def test_images_vary_as_each_style_says():
     ("There is no blue.", _yn("blue", "red"), False),
     ("Yes, it is red, no doubt.", _yn("red", "red"), True),
     ("No not red blue", _yn("blue", "red"), True),
+    # n't typed without its apostrophe or with another one; a dash ends a clause; a value asked back, then no
+    ("It couldnt be blue.", {"kind": "color", "attr": "color", "truth": "blue"}, False),
+    ("It isn\u2018t blue.", {"kind": "color", "attr": "color", "truth": "blue"}, False),
+    ("It isn`t blue.", {"kind": "color", "attr": "color", "truth": "blue"}, False),
+    ("It's not a circle - it's blue", {"kind": "color", "attr": "color", "truth": "blue"}, True),
+    ("Circle\u2014no\u2014a square.", {"kind": "shape", "attr": "shape", "truth": "circle"}, False),
+    ("Blue? No.", {"kind": "color", "attr": "color", "truth": "blue"}, False),
+    ("Red? No.", _yn("blue", "red"), True),
     # the other kinds: a denied truth is wrong, a denied other value is not named
     ("It is not red.", {"kind": "color", "attr": "color", "truth": "red"}, False),
     ("no red", {"kind": "color", "attr": "color", "truth": "red"}, False),
@@ -263,6 +271,7 @@ def test_judge_takes_long_answers_in_linear_time():
     assert shapes.judge("not " + " or ".join(["blue"] * 3000), {"kind": "color", "attr": "color", "truth": "blue"}) \
         is False
     assert shapes.judge(" ".join(["red"] * 4000), {"kind": "color", "attr": "color", "truth": "red"}) is True
+    assert shapes.judge("red " * 20000 + "no " * 20000, _yn("blue", "red")) is True  # echo, no: 39 s when each "no" rescanned
 
 
 def test_refine_corpus_prompts_are_the_pipelines_own(tmp_path):
