@@ -7,9 +7,10 @@ package and the bundled demo round with its tiny base models (the fallback when 
 configured or reachable), and the docs README.md links to. Files the Space does not need (tests,
 training, benchmarks) stay home. `.gitattributes` travels too, so the Space's binaries (.safetensors,
 .png, tokenizer.json) are LFS. In a git checkout (the project may be a subfolder of one) the Space gets
-the last commit: a file not committed (a scratch module, staged or not) stays home, a committed file with
-uncommitted edits, or moved or deleted since, goes as committed (a debug edit never goes public), and the
-command names both; a checkout with nothing committed is refused, not deployed as an empty Space. A file on the Space that is not in
+the last commit, read from git: a file not committed (a scratch module, staged or not) stays home, a
+committed file with uncommitted edits, or moved or deleted since, goes as committed (a debug edit never goes
+public), and the command names both. Refused: a checkout with nothing committed (not deployed as an empty
+Space), a committed symlink, and a checkout where git cannot be run. A file on the Space that is not in
 this list is deleted by the same commit. The token is the one huggingface_hub finds (HF_TOKEN, `hf auth login`)
 and is never printed.
 """
@@ -53,9 +54,13 @@ class NothingCommitted(RuntimeError):
 def git_state(root: Path) -> tuple[set[str] | None, set[str]]:
     """(the files of the last commit under `root`, those of them whose working copy or index differs from
     it), as paths relative to `root` (the project may sit in a subfolder of its repository). None outside a
-    checkout or without git: then the patterns alone decide, on the files as they are."""
+    checkout: then the patterns alone decide, on the files as they are."""
     inside = _git(root, "rev-parse", "--is-inside-work-tree")
     if inside is None or inside.strip() != b"true":
+        if shutil.which("git") is None and any((d / ".git").exists() for d in (Path(root).resolve(),
+                                                                             *Path(root).resolve().parents)):
+            raise RuntimeError(f"{root} is a git checkout but git cannot be run: install git, so that only "
+                               "committed files go to the Space")
         return None, set()
     committed = _git(root, "ls-tree", "-r", "-z", "--name-only", "HEAD")  # relative to root, as run in it
     if committed is None:  # no commit yet
@@ -90,22 +95,29 @@ def edited(root: str | Path, files: list[str]) -> list[str]:
 
 
 def committed_bytes(root: str | Path, files: list[str]) -> dict[str, bytes | Path]:
-    """What the Space gets of each file: the working copy where it is as committed, else the committed bytes
-    (`git cat-file --filters`: what a checkout writes, LFS smudged, line endings). Refuses an empty list (a
-    checkout with no commit would otherwise empty the Space)."""
+    """What the Space gets of each file: in a checkout, the committed bytes (`git cat-file --filters`: what
+    a checkout writes, LFS smudged, line endings), never the working copy (an edit git is told to ignore,
+    `--skip-worktree`, stays home too); elsewhere the file. Refuses an empty list (a checkout with no commit
+    would otherwise empty the Space) and a committed symlink or submodule (its bytes are not a file's)."""
     root = Path(root)
     if not files:
         raise NothingCommitted(f"no file of the Space is committed in {root}: commit app.py, mmft/ and demo/ first")
+    if git_state(root)[0] is None:
+        return {path: root / path for path in files}
+    modes = {}  # "100644 blob <sha>\t<path>" -> path: mode
+    for entry in (_git(root, "ls-tree", "-r", "-z", "HEAD") or b"").split(b"\0"):
+        if entry:
+            meta, _, name = entry.partition(b"\t")
+            modes[name.decode("utf-8", "surrogateescape")] = meta.split()[0].decode()
     out: dict[str, bytes | Path] = {}
-    stale = set(edited(root, files))
     for path in files:
-        if path in stale:
-            data = _git(root, "cat-file", "--filters", f"HEAD:./{path}")
-            if data is None:
-                raise RuntimeError(f"cannot read the committed {path} from git")
-            out[path] = data
-        else:
-            out[path] = root / path
+        if modes.get(path) not in ("100644", "100755"):
+            raise RuntimeError(f"{path} is not a plain file in the last commit (mode {modes.get(path)}: a symlink or "
+                               "a submodule): the Space takes plain files only")
+        data = _git(root, "cat-file", "--filters", f"HEAD:./{path}")
+        if data is None:
+            raise RuntimeError(f"cannot read the committed {path} from git")
+        out[path] = data
     return out
 
 

@@ -693,6 +693,28 @@ def test_space_deploy_sends_the_last_commit_from_a_subfolder_after_a_move(hub_on
         "README.md": b"proj/README.md as committed\n"}
 
 
+def test_space_bytes_come_from_git_whatever_the_working_copy_says(tmp_path, monkeypatch):
+    """An edit git is told to ignore (`--skip-worktree`) stays home; a committed symlink is refused (its target
+    is whatever is on disk now); a checkout where git cannot be run is refused, not deployed from the disk."""
+    from mmft import space
+
+    committed = ["app.py", "mmft/model.py"]
+    git = _checkout(tmp_path, committed, committed)
+    (tmp_path / "app.py").write_text("TOKEN = 'hf_hidden'\n")
+    subprocess.run(git + ["update-index", "--skip-worktree", "app.py"], check=True)
+    assert space.committed_bytes(tmp_path, committed)["app.py"] == b"app.py as committed\n"
+    (tmp_path / "secret.txt").write_text("SECRET=1\n")
+    (tmp_path / "mmft" / "cfg.py").symlink_to("../secret.txt")
+    subprocess.run(git + ["add", "mmft/cfg.py"], check=True)
+    subprocess.run(git + ["commit", "-q", "-m", "link"], check=True)
+    with pytest.raises(RuntimeError, match="mmft/cfg.py is not a plain file in the last commit"):
+        space.committed_bytes(tmp_path, space.space_files(tmp_path))
+    monkeypatch.setattr(space.shutil, "which", lambda name: None)
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))  # git is not found
+    with pytest.raises(RuntimeError, match="is a git checkout but git cannot be run"):
+        space.space_files(tmp_path)
+
+
 def test_space_deploy_refuses_a_checkout_with_nothing_committed(hub_online, tmp_path):
     """`git init` + `git add`, no commit: nothing of the Space is committed, so nothing is sent (an upload of
     no files with delete_patterns="*" would empty the live Space)."""
