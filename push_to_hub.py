@@ -44,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.export:
                 _dry_run_export(args.round_dir, upload)
             return 0
+        if args.export:
+            from mmft.export_hub import check_export_visibility
+
+            check_export_visibility(upload.repo_id, args.private)  # a public copy of a private round: refused now
         print(f"Publishing {args.round_dir} to {upload.repo_id} as {upload.tag} ({len(upload.listing())} files)...")
         done = publish(upload, force=args.force, private=args.private)
     except Exception as err:  # one readable line, no traceback (and so no local variables) on the console

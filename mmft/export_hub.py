@@ -118,26 +118,40 @@ def plan_export_upload(round_dir: str | Path, repo_id: str, number: int, workdir
     return RoundUpload(target, number, files, card)
 
 
-def publish_export(round_dir: str | Path, repo_id: str, number: int, force: bool = False, private: bool = False):
-    """Export and publish to `OWNER/NAME-llava` as one commit tagged `round-N`; returns `Published`.
-    The export holds the round's weights merged: it is created private when the round's repo is, and a
-    public export repo of a private round is refused before anything is sent."""
+def check_export_visibility(repo_id: str, private: bool = False) -> bool:
+    """Whether the export must be private: the round's repo is, or `private` (`--private`) asks for it. An
+    export repo that exists public then is refused (`ExportError`) before anything is sent: it would
+    publish the round's weights, merged."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import RepositoryNotFoundError
 
     from mmft.export import ExportError
-    from mmft.hub import publish
 
     api = HfApi()
-    private = private or bool(api.model_info(repo_id).private)
-    if private:
-        target = export_repo_id(repo_id)
+
+    def visibility(repo: str) -> bool | None:  # None: not there (or not ours to see)
         try:
-            public = not api.model_info(target).private
+            return bool(api.model_info(repo).private)
         except RepositoryNotFoundError:
-            public = False  # created private below
-        if public:
-            raise ExportError(f"{target} is public and {repo_id} is private: the export would publish the round's "
-                              f"weights; make {target} private (its Settings on the Hub) and run this again")
+            return None
+
+    round_private = visibility(repo_id) is True
+    if not (private or round_private):
+        return False
+    target = export_repo_id(repo_id)
+    if visibility(target) is False:
+        why = f"{repo_id} is private" if round_private else "--private was given"
+        raise ExportError(f"{target} is public and {why}: the export would publish the round's weights; make "
+                          f"{target} private (its Settings on the Hub) and run this again")
+    return True
+
+
+def publish_export(round_dir: str | Path, repo_id: str, number: int, force: bool = False, private: bool = False):
+    """Export and publish to `OWNER/NAME-llava` as one commit tagged `round-N`; returns `Published`.
+    The export holds the round's weights merged: it is created private when the round's repo is, and a
+    public export repo of a private round is refused before anything is sent (`check_export_visibility`)."""
+    from mmft.hub import publish
+
+    private = check_export_visibility(repo_id, private)
     with tempfile.TemporaryDirectory() as tmp:
         return publish(plan_export_upload(round_dir, repo_id, number, tmp), force=force, private=private)

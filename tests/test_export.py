@@ -333,6 +333,13 @@ def test_the_export_of_a_private_round_is_private(hub_online, kit_round):
     with pytest.raises(ValueError, match="user/hidden-llava is public and user/hidden is private"):
         publish_export(round_dir, "user/hidden", number)
     assert not [r for r in hub_online.requests if r[0] == "POST"] and not hub_online.refs("user/hidden-llava")["tags"]
+    # the CLI refuses before the round goes up: nothing is sent, and the reason is the one that holds
+    HfApi().create_repo("user/cli-llava")
+    hub_online.requests.clear()
+    done = _push(hub_online, round_dir, "--repo-id", "user/cli", "--private", "--export", "llava")
+    assert done.returncode == 1 and not [r for r in hub_online.requests if r[0] == "POST"], done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(
+        "error: user/cli-llava is public and --private was given: the export would publish the round's weights")
 
 
 def test_export_card_names_the_round_number_it_is_published_under(kit_round, tmp_path):
