@@ -171,17 +171,18 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         variables[key] = value
     skipped: list[str] = []
-    files = space_files(skipped=skipped)
+    try:  # what goes, read from git: refusals (nothing committed, a symlink, no git) before anything is sent
+        files = space_files(skipped=skipped)
+        stale = edited(ROOT, files)
+        contents = committed_bytes(ROOT, files) if args.dry_run else None
+    except RuntimeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     for path in skipped:  # a public Space gets committed work only
         print(f"not deployed (not committed): {path}", file=sys.stderr)
-    for path in edited(ROOT, files):
+    for path in stale:
         print(f"deployed as last committed (its uncommitted edits stay home): {path}", file=sys.stderr)
-    if args.dry_run:
-        try:
-            contents = committed_bytes(ROOT, files)
-        except (NothingCommitted, RuntimeError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 1
+    if contents is not None:
         for path, content in contents.items():
             size = len(content) if isinstance(content, bytes) else content.stat().st_size
             print(f"  {path:<50} {size:>10,} bytes")

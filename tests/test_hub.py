@@ -715,6 +715,15 @@ def test_space_bytes_come_from_git_whatever_the_working_copy_says(tmp_path, monk
         space.space_files(tmp_path)
 
 
+def test_space_command_says_in_one_line_when_git_cannot_run(tmp_path):
+    env = {**os.environ, "PATH": str(tmp_path)}  # no git on it (python is run by its full path)
+    done = subprocess.run([sys.executable, "-m", "mmft.space", "user/x", "--dry-run"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and done.stderr.splitlines() == [
+        f"error: {ROOT} is a git checkout but git cannot be run: install git, so that only committed files go to "
+        "the Space"], done.stderr
+
+
 def test_space_deploy_refuses_a_checkout_with_nothing_committed(hub_online, tmp_path):
     """`git init` + `git add`, no commit: nothing of the Space is committed, so nothing is sent (an upload of
     no files with delete_patterns="*" would empty the live Space)."""
