@@ -51,10 +51,10 @@ class NothingCommitted(RuntimeError):
     """A git checkout whose last commit holds none of the Space's files (or that has no commit yet)."""
 
 
-def git_state(root: Path) -> tuple[set[str] | None, set[str]]:
-    """(the files of the last commit under `root`, those of them whose working copy or index differs from
-    it), as paths relative to `root` (the project may sit in a subfolder of its repository). None outside a
-    checkout: then the patterns alone decide, on the files as they are."""
+def git_state(root: Path) -> tuple[dict[str, str] | None, set[str]]:
+    """(the files of the last commit under `root` with their git modes, those of them whose working copy or
+    index differs from it), as paths relative to `root` (the project may sit in a subfolder of its
+    repository). None outside a checkout: then the patterns alone decide, on the files as they are."""
     inside = _git(root, "rev-parse", "--is-inside-work-tree")
     if inside is None or inside.strip() != b"true":
         if shutil.which("git") is None and any((d / ".git").exists() for d in (Path(root).resolve(),
@@ -62,10 +62,15 @@ def git_state(root: Path) -> tuple[set[str] | None, set[str]]:
             raise RuntimeError(f"{root} is a git checkout but git cannot be run: install git, so that only "
                                "committed files go to the Space")
         return None, set()
-    committed = _git(root, "ls-tree", "-r", "-z", "--name-only", "HEAD")  # relative to root, as run in it
-    if committed is None:  # no commit yet
-        return set(), set()
-    return _names(committed), _names(_git(root, "diff", "--relative", "-z", "--name-only", "HEAD"))
+    tree = _git(root, "ls-tree", "-r", "-z", "HEAD")  # "100644 blob <sha>\t<path>", relative to root
+    if tree is None:  # no commit yet
+        return {}, set()
+    modes = {}
+    for entry in tree.split(b"\0"):
+        if entry:
+            meta, _, name = entry.partition(b"\t")
+            modes[name.decode("utf-8", "surrogateescape")] = meta.split()[0].decode()
+    return modes, _names(_git(root, "diff", "--relative", "-z", "--name-only", "HEAD"))
 
 
 def space_files(root: str | Path = ROOT, skipped: list[str] | None = None) -> list[str]:
@@ -80,7 +85,7 @@ def space_files(root: str | Path = ROOT, skipped: list[str] | None = None) -> li
     if committed is None:
         return sorted(wanted(on_disk))
     if skipped is not None:
-        skipped += sorted(wanted(on_disk) - committed)
+        skipped += sorted(wanted(on_disk) - committed.keys())
     return sorted(wanted(committed))
 
 
@@ -102,13 +107,9 @@ def committed_bytes(root: str | Path, files: list[str]) -> dict[str, bytes | Pat
     root = Path(root)
     if not files:
         raise NothingCommitted(f"no file of the Space is committed in {root}: commit app.py, mmft/ and demo/ first")
-    if git_state(root)[0] is None:
+    modes, _ = git_state(root)
+    if modes is None:
         return {path: root / path for path in files}
-    modes = {}  # "100644 blob <sha>\t<path>" -> path: mode
-    for entry in (_git(root, "ls-tree", "-r", "-z", "HEAD") or b"").split(b"\0"):
-        if entry:
-            meta, _, name = entry.partition(b"\t")
-            modes[name.decode("utf-8", "surrogateescape")] = meta.split()[0].decode()
     out: dict[str, bytes | Path] = {}
     for path in files:
         if modes.get(path) not in ("100644", "100755"):
