@@ -1,5 +1,9 @@
 """Device, dtype and quantization choices."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -114,3 +118,17 @@ def test_old_round_loads_with_the_features_it_was_trained_on(tmp_path):
 
     save_config(tmp_path, MMFTConfig(vit_feature_mode="patch"))
     assert load_config(tmp_path)[0].vit_feature_select_strategy == "default"
+
+
+def test_the_bitsandbytes_kernels_hint_is_dropped_on_every_cpu():
+    """peft imports bitsandbytes, which logs on CPUs with avx512_bf16 only that its CPU 4-bit kernel wants
+    the `kernels` package (mmft never runs 4-bit on a CPU). The record is logged here as bitsandbytes
+    logs it, so the test can fail on any CPU: it is dropped, the logger's other records are not."""
+    code = ("import logging, mmft.loading\n"
+            "log = logging.getLogger('bitsandbytes.backends.cpu.ops')\n"
+            "log.warning('Failed to load CPU gemm_4bit_forward from kernels-community: No module named kernels')\n"
+            "log.warning('another bitsandbytes warning')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "kernels-community" not in done.stderr and "another bitsandbytes warning" in done.stderr
