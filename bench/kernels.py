@@ -6,8 +6,9 @@ decode (M = 1 row) and prefill (M = 80), and the error against fp32.
 
 Why: decode reads every weight once per token, so the kernel that reads the fewest bytes at memory
 speed wins. int8 (fbgemm, what mmft serves) reads 1 byte a weight; torch's int4 kernel half that,
-but was compute-bound on a CPU without avx512_bf16 (docs/benchmarks.md). This script asks the same
-question of any CPU, AMX ones included, in one run.
+but was compute-bound on a CPU without avx512_bf16 (docs/benchmarks.md). oneDNN's int8 (AMX on
+CPUs that have it) and 7-bit activations (torch's dynamic Linear) are the alternatives to mmft's
+int8. This script asks the same question of any CPU, AMX ones included, in one run.
 
 The layer is copied and the calls cycle through the copies, so that no kernel is timed from the
 CPU's last-level cache: each kernel gets at least `--copies` copies and enough for twice the L3 (read
@@ -52,14 +53,29 @@ def _int8_weight_only(w: torch.Tensor):
     return (w / scale[:, None]).round().to(torch.int8), scale.bfloat16()
 
 
+def _onednn_int8(w: torch.Tensor):
+    """The same int8 weights packed for oneDNN, torch's other x86 int8 library (AMX where present)."""
+    from mmft.quantize import quantize_rows
+
+    engine, torch.backends.quantized.engine = torch.backends.quantized.engine, "onednn"
+    try:
+        return torch.ops.quantized.linear_prepack(quantize_rows(w), None)  # calls dispatch on the packing
+    finally:
+        torch.backends.quantized.engine = engine
+
+
 def kernels() -> dict:
     """name -> (prepare(w [N, K] fp32), call(x [M, K] fp32, prepared) -> y [M, N])."""
-    from mmft.quantize import Int8Linear
+    from mmft.quantize import Int8Linear, activation_bits
 
+    bits = activation_bits()
     out = {
         "fp32 F.linear": (lambda w: w, lambda x, p: F.linear(x, p)),
         "bf16 F.linear (oneDNN; AMX where present)": (lambda w: w.bfloat16(), lambda x, p: F.linear(x.bfloat16(), p)),
-        "int8 fbgemm (mmft Int8Linear)": (Int8Linear.from_tensors, lambda x, p: p(x)),
+        f"int8 fbgemm (mmft Int8Linear, {bits}-bit act.)": (Int8Linear.from_tensors, lambda x, p: p(x)),
+        "int8 fbgemm, 7-bit act. (torch's dynamic Linear)": (
+            lambda w: Int8Linear.from_tensors(w, reduce_range=True), lambda x, p: p(x)),
+        "int8 oneDNN, 8-bit act.": (_onednn_int8, lambda x, p: torch.ops.quantized.linear_dynamic(x, p, False)),
         "int8 weight-only _weight_int8pack_mm, bf16 act.": (
             _int8_weight_only, lambda x, p: torch._weight_int8pack_mm(x.bfloat16(), *p)),
     }
@@ -138,8 +154,8 @@ def _tensors(prepared: dict) -> list[torch.Tensor]:
     """The bytes a kernel reads per layer: its weight tensors (int8: the unpacked int8 values)."""
     out = []
     for p in prepared.values():
-        if isinstance(p, torch.nn.Module):
-            w, _ = p.unpack()
+        if isinstance(p, (torch.nn.Module, torch.ScriptObject)):
+            w, _ = p.unpack() if isinstance(p, torch.nn.Module) else torch.ops.quantized.linear_unpack(p)
             out.append(w.int_repr() if w.is_quantized else w)
         elif isinstance(p, tuple):
             out.extend(p)

@@ -3,8 +3,9 @@
 Decode on a CPU is memory-bound: every token reads every weight once. int8 weights read 4x fewer
 bytes than fp32 (2x fewer than bf16), and fbgemm's u8 x s8 kernels also prefill faster than fp32
 or bf16 GEMMs on CPUs without AMX (docs/benchmarks.md, "CPU path"). So CPU inference quantizes the
-LM's linears to int8 (per output channel, activations quantized per call) and keeps everything
-else, LoRA included, in the model's float dtype:
+LM's linears to int8 (per output channel; activations quantized per call, to 8 bits where the kernel
+cannot saturate, else 7: `activation_bits`) and keeps everything else, LoRA included, in the model's
+float dtype:
 
 - `Int8Linear` *is* an `nn.Linear` (a subclass), so PEFT wraps it like any linear: adapters can be
   attached, loaded as named adapters (several rounds on one base) and disabled after quantization,
@@ -22,6 +23,7 @@ used through it.
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
 import re
@@ -41,26 +43,25 @@ class Int8Linear(nn.Linear):
     value-less stand-in for PEFT (device, dtype, shape), `unpack()` gives the values.
     """
 
-    def __init__(self, linear: nn.Linear, reduce_range: bool = True):
+    def __init__(self, linear: nn.Linear, reduce_range: bool | None = None):
         self._init(linear.weight, linear.bias, reduce_range)
 
     @classmethod
-    def from_tensors(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, reduce_range: bool = True):
+    def from_tensors(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, reduce_range: bool | None = None):
         """From a float weight [out, in] (and bias [out]) read straight from a checkpoint: no nn.Linear."""
         q = cls.__new__(cls)
         q._init(weight, bias, reduce_range)
         return q
 
-    def _init(self, weight: torch.Tensor, bias: torch.Tensor | None, reduce_range: bool) -> None:
+    def _init(self, weight: torch.Tensor, bias: torch.Tensor | None, reduce_range: bool | None) -> None:
         nn.Module.__init__(self)  # not nn.Linear.__init__: it would allocate a float weight
         self.out_features, self.in_features = weight.shape
         qweight = quantize_rows(weight.detach())
         bias = None if bias is None else bias.detach().float()
         self._packed = torch.ops.quantized.linear_prepack(qweight, bias)
         self._bias = bias  # [out] fp32 (tiny), so that reading it never unpacks
-        # fbgemm's x86 kernels saturate int16 intermediates without VNNI: 7-bit activations avoid
-        # it (torch's own dynamic Linear always passes True; the error is measured in the bench).
-        self.reduce_range = reduce_range
+        # 7-bit activations where 8 would saturate the kernel (None: `activation_bits()` decides)
+        self.reduce_range = activation_bits() == 7 if reduce_range is None else reduce_range
 
     @property
     def weight(self) -> torch.Tensor:
@@ -88,6 +89,21 @@ class Int8Linear(nn.Linear):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+
+
+@functools.cache
+def activation_bits() -> int:
+    """8 where fbgemm's int8 kernel on this CPU adds u8 x s8 products in int32 (VNNI), else 7.
+
+    Without VNNI fbgemm adds pairs of products in int16 (`vpmaddubsw`), which saturates once
+    activations use all 8 bits (255 x 127 x 2 > 32767); torch's own dynamic Linear therefore always
+    quantizes them to 7. With VNNI nothing saturates, and 8 bits halve the error at the same speed
+    (docs/benchmarks.md, section 5). Probed on the kernel itself, not read off CPU flags: fbgemm
+    picks its kernel at run time (`FBGEMM_ENABLE_INSTRUCTIONS` can hold it to AVX2)."""
+    ones = torch.ones(1, 64)  # [1, in]: activations 255, weights 127: every product pair saturates int16
+    packed = torch.ops.quantized.linear_prepack(quantize_rows(ones), None)
+    y = torch.ops.quantized.linear_dynamic(ones, packed, False)  # [1, 1]: 64 exactly, or ~32 saturated
+    return 8 if abs(float(y) - 64.0) < 1.0 else 7
 
 
 ROWS_PER_CHUNK = 2048  # rows converted to fp32 at a time: lm_head (32064 x 3072) in fp32 alone is 394 MB
