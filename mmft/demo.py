@@ -35,6 +35,7 @@ from mmft.demo_text import fit, pretrain_text, refine_corpus
 from mmft.features import INDEX_NAME, build_cache
 from mmft.loading import load_round
 from mmft.pipeline import Pipeline
+from mmft.quantize import activation_bits, int8_linears
 from mmft.round import ADAPTER_DIR, METRICS_NAME, without_local_paths
 from mmft.testing import make_clip, make_lm, make_tokenizer
 from mmft.training import default_training_args, finetune
@@ -159,8 +160,12 @@ def evaluate_round(folder: Path, n: int, n_indist: int, seed: int) -> dict:
     config.json (the model card's table: unprefixed = held-out, `independent_` = the same held-out
     pictures asked in an independent writer's wordings, `indist_` = training phrasings and image style,
     `heldout_frames_` / `heldout_synonyms_` = the held-out questions no model saw / only the base LM's
-    text saw) and metrics.json (everything, with examples)."""
+    text saw) and metrics.json (everything, with examples, and how the round was loaded: int8 answers
+    move a little with the activations' bits, `mmft.quantize.activation_bits`)."""
     model, _ = load_round(folder, device="cpu", dtype=torch.float32)
+    int8 = bool(int8_linears(model.lm))
+    loaded = dict(device="cpu", dtype="float32", quantize="int8" if int8 else "none",
+                  **({"int8_activation_bits": activation_bits()} if int8 else {}))
     pipe = Pipeline(model)
     with torch.no_grad():
         heldout = shapes.evaluate(pipe, n=n, seed=seed, split="heldout")
@@ -181,6 +186,7 @@ def evaluate_round(folder: Path, n: int, n_indist: int, seed: int) -> dict:
     metrics_path = folder / METRICS_NAME
     record = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     record["eval_metrics"] = flat
+    record["evaluated_with"] = loaded
     record["shapes_eval"] = {"heldout": heldout, "independent": independent, "in_distribution": indist}
     metrics_path.write_text(json.dumps(record, indent=1) + "\n")
     return record["shapes_eval"]
