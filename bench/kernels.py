@@ -64,18 +64,25 @@ def _onednn_int8(w: torch.Tensor):
         torch.backends.quantized.engine = engine
 
 
+def _onednn_bits() -> int:
+    """8 where oneDNN's int8 kernel takes 8-bit activations without saturating, else 7 (as `activation_bits`)."""
+    ones = torch.ones(1, 64, dtype=torch.float32)
+    return 8 if abs(float(torch.ops.quantized.linear_dynamic(ones, _onednn_int8(ones), False)) - 64) < 1 else 7
+
+
 def kernels() -> dict:
     """name -> (prepare(w [N, K] fp32), call(x [M, K] fp32, prepared) -> y [M, N])."""
     from mmft.quantize import Int8Linear, activation_bits
 
-    bits = activation_bits()
+    bits, onednn_bits = activation_bits(), _onednn_bits()
     out = {
         "fp32 F.linear": (lambda w: w, lambda x, p: F.linear(x, p)),
         "bf16 F.linear (oneDNN; AMX where present)": (lambda w: w.bfloat16(), lambda x, p: F.linear(x.bfloat16(), p)),
         f"int8 fbgemm (mmft Int8Linear, {bits}-bit act.)": (Int8Linear.from_tensors, lambda x, p: p(x)),
         "int8 fbgemm, 7-bit act. (torch's dynamic Linear)": (
             lambda w: Int8Linear.from_tensors(w, reduce_range=True), lambda x, p: p(x)),
-        "int8 oneDNN, 8-bit act.": (_onednn_int8, lambda x, p: torch.ops.quantized.linear_dynamic(x, p, False)),
+        f"int8 oneDNN, {onednn_bits}-bit act.": (
+            _onednn_int8, lambda x, p: torch.ops.quantized.linear_dynamic(x, p, onednn_bits == 7)),
         "int8 weight-only _weight_int8pack_mm, bf16 act.": (
             _int8_weight_only, lambda x, p: torch._weight_int8pack_mm(x.bfloat16(), *p)),
     }

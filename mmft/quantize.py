@@ -93,14 +93,16 @@ class Int8Linear(nn.Linear):
 
 @functools.cache
 def activation_bits() -> int:
-    """8 where fbgemm's int8 kernel on this CPU adds u8 x s8 products in int32 (VNNI), else 7.
+    """8 where fbgemm's int8 kernel on this CPU adds u8 x s8 products in int32 (AVX-512 VNNI), else 7.
 
     Without VNNI fbgemm adds pairs of products in int16 (`vpmaddubsw`), which saturates once
     activations use all 8 bits (255 x 127 x 2 > 32767); torch's own dynamic Linear therefore always
     quantizes them to 7. With VNNI nothing saturates, and 8 bits halve the error at the same speed
     (docs/benchmarks.md, section 5). Probed on the kernel itself, not read off CPU flags: fbgemm
-    picks its kernel at run time (`FBGEMM_ENABLE_INSTRUCTIONS` can hold it to AVX2)."""
-    ones = torch.ones(1, 64)  # [1, in]: activations 255, weights 127: every product pair saturates int16
+    picks its kernel at run time (`FBGEMM_ENABLE_INSTRUCTIONS` can hold it to AVX2), and has none for
+    AVX-VNNI (Intel's desktop chips since Alder Lake get its AVX2 kernel, so 7)."""
+    ones = torch.ones(1, 64, dtype=torch.float32, device="cpu")  # [1, in]: activations 255, weights 127:
+    # every product pair saturates int16 (the kernel takes float32 only, whatever the default dtype)
     packed = torch.ops.quantized.linear_prepack(quantize_rows(ones), None)
     y = torch.ops.quantized.linear_dynamic(ones, packed, False)  # [1, 1]: 64 exactly, or ~32 saturated
     return 8 if abs(float(y) - 64.0) < 1.0 else 7

@@ -2,15 +2,12 @@
 
 Tolerances: symmetric per-channel int8 rounds each weight by at most half a step, scale/2 =
 max|w_row| / 255, and activations are quantized per call to 8 bits, or 7 where fbgemm's kernel
-would saturate (`activation_bits`; the bounds below assume 7): step = (max - min) / 127. For one linear the output error is therefore a small fraction of the
-largest output; through a whole (toy) model the errors add up over layers, so the model-level
-check is looser and says so. Exactness is asserted where it holds: the adapter toggle, the same
-base seen from several adapters, int8 against itself.
+would saturate (`activation_bits`, tests/test_activation_bits.py; the bounds below assume 7): step =
+(max - min) / 127. For one linear the output error is therefore a small fraction of the largest
+output; through a whole (toy) model the errors add up over layers, so the model-level check is looser
+and says so. Exactness is asserted where it holds: the adapter toggle, the same base seen from several
+adapters, int8 against itself.
 """
-
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -107,57 +104,6 @@ def test_one_row_as_a_vector_like_nn_linear():
     q, x = Int8Linear(linear), torch.randn(64)
     assert q(x).shape == linear(x).shape == (32,)
     assert torch.equal(q(x), q(x[None])[0])  # the same row as a batch of one
-
-
-def saturating_linear() -> tuple[nn.Linear, torch.Tensor]:
-    """Weights at the ends of int8 (+127, -128, and half of that) and activations that quantize to the
-    top of their range: every pair of products is past int16 (255 x 127 x 2 = 64770), so a kernel
-    that adds pairs in int16 halves the outputs."""
-    linear = nn.Linear(256, 3, bias=False)
-    with torch.no_grad():
-        linear.weight.copy_(torch.tensor([[1.0], [-1.0], [0.5]]).expand(3, 256))
-    return linear, torch.ones(2, 256)
-
-
-def test_default_activation_bits_never_saturate_the_kernel():
-    linear, x = saturating_linear()
-    want = linear(x)  # 256, -256, 128 in each row
-    # Exact but for the weights' rounding: 1.0 is 127.5 steps, stored as 127 or -128: 0.4 %. Saturation: ~50 %.
-    assert ((Int8Linear(linear)(x) - want).abs() <= 0.01 * want.abs()).all()
-    assert quantize.activation_bits() in (7, 8)
-
-
-def test_eight_bit_activations_halve_the_error_where_the_kernel_allows():
-    torch.manual_seed(0)
-    linear = nn.Linear(1024, 256)
-    x = torch.randn(16, 1024)
-    x[:, :8] *= 20  # outlier channels, as an LLM's activations have: they set the quantization step
-    with torch.no_grad():
-        ref = linear(x)
-        err = {bits: float((Int8Linear(linear, reduce_range=bits == 7)(x) - ref).abs().max()) for bits in (7, 8)}
-        default = float((Int8Linear(linear)(x) - ref).abs().max())
-    assert default == err[quantize.activation_bits()]
-    # Measured 0.5x (one more bit halves the activation step, which dominates); bound 0.75x.
-    assert err[8] < 0.75 * err[7]
-
-
-def test_without_vnni_the_probe_picks_seven_bits():
-    """FBGEMM_ENABLE_INSTRUCTIONS=AVX2 holds fbgemm to its kernel for CPUs without VNNI (int16 pairs),
-    as on an older CPU: 8-bit activations must saturate there and the probe must choose 7."""
-    code = (
-        "import torch, tests.test_quantize as t\n"
-        "from mmft.quantize import Int8Linear, activation_bits\n"
-        "linear, x = t.saturating_linear(); want = linear(x)\n"
-        "rel = lambda q: float(((q(x) - want).abs() / want.abs()).max())\n"
-        "print(activation_bits(), rel(Int8Linear(linear)), rel(Int8Linear(linear, reduce_range=False)))\n"
-    )
-    env = dict(os.environ, FBGEMM_ENABLE_INSTRUCTIONS="AVX2", PYTHONWARNINGS="ignore")
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert done.returncode == 0, done.stderr[-2000:]
-    bits, default_rel, eight_bit_rel = done.stdout.split()[-3:]
-    assert float(eight_bit_rel) > 0.3  # the kernel really saturates 8 bits (measured 0.50)
-    assert (int(bits), float(default_rel) <= 0.01) == (7, True)
 
 
 def test_an_adapter_on_lm_head_attached_first_still_gets_an_int8_base():

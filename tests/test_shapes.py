@@ -371,11 +371,11 @@ def demo_pipeline():
 
 # Regression guards, not the targets: the committed patch round measured (300 held-out images) colour
 # 0.967, shape 0.857, describe 0.807, yes/no 0.81, choice 0.983, refine damage 0.0 with 8-bit int8
-# activations (7-bit, CPUs without VNNI: 0.97, 0.857, 0.80, 0.807, 0.98); in-distribution colour 0.99,
+# activations (7-bit, CPUs without AVX-512 VNNI: 0.97, 0.857, 0.80, 0.807, 0.98); in-distribution colour 0.99,
 # shape 0.99 (docs/training.md). With 40 answers per kind one standard deviation is
 # sqrt(p (1 - p) / 40): 0.027 for 0.97, 0.055 for 0.857, 0.063 for 0.80 and 0.81, 0.022 for 0.98,
 # so each floor sits ~2.5 deviations under the measured figure (this draw: 0.95, 0.95, 0.775, 0.85,
-# 0.975; 7-bit: 0.95, 0.95, 0.775, 0.825, 0.975).
+# 0.975; the same at 7 bits).
 HELDOUT_FLOORS = {"color": 0.9, "shape": 0.72, "describe": 0.64, "yesno": 0.64, "choice": 0.92}
 # The same 300 pictures asked in the independent writer's wordings measured 0.94, 0.94, 0.803, 0.773, 0.973
 # (7-bit: 0.94, 0.937, 0.803, 0.78, 0.973)
