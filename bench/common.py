@@ -65,13 +65,14 @@ def machine() -> dict:
     import transformers
 
     from mmft.loading import cpu_has_bf16
-    from mmft.quantize import cpu_has_amx
+    from mmft.quantize import activation_bits, cpu_has_amx
 
     return dict(
         cpu=cpu_model(), cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
         # oneDNN's "bf16" is True on any AVX-512 core (emulated); the two probes say what is native
         cpu_onednn_bf16=cpu_has_bf16(), cpu_avx512_bf16=_probe("_is_avx512_bf16_supported"),
-        cpu_amx=cpu_has_amx(), ram_gb=round(psutil.virtual_memory().total / GB, 1),
+        cpu_amx=cpu_has_amx(), int8_activation_bits=activation_bits(),
+        ram_gb=round(psutil.virtual_memory().total / GB, 1),
         torch=torch.__version__, transformers=transformers.__version__, python=platform.python_version(),
         date=datetime.datetime.now().isoformat(timespec="seconds"), load_avg=load_avg(),
     )

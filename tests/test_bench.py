@@ -228,6 +228,14 @@ def test_machine_survives_a_torch_without_the_private_cpu_probes(monkeypatch):
     assert common.machine()["cpu_avx512_bf16"] is None
 
 
+def test_machine_records_the_int8_activation_bits():
+    """int8's figures (speed, error) depend on the activation bits this CPU's kernel takes: every bench says."""
+    from bench import common
+    from mmft.quantize import activation_bits
+
+    assert common.machine()["int8_activation_bits"] == activation_bits() in (7, 8)
+
+
 def test_goal_check_takes_the_same_statistic_for_both_engines():
     """With --rounds 2 the check took mmft's first row and llama.cpp's best: a fail where mmft led in
     every round (4.0 vs 3.8, then 4.6 vs 4.2). Now the best of each."""
