@@ -97,7 +97,7 @@ def activation_bits() -> int:
 
     Without VNNI fbgemm adds pairs of products in int16 (`vpmaddubsw`), which saturates once
     activations use all 8 bits (255 x 127 x 2 > 32767); torch's own dynamic Linear therefore always
-    quantizes them to 7. With VNNI nothing saturates, and 8 bits halve the error at the same speed
+    quantizes them to 7. With VNNI nothing saturates, and 8 bits cut the error by about 40 % at the same speed
     (docs/benchmarks.md, section 5). Probed on the kernel itself, not read off CPU flags: fbgemm
     picks its kernel at run time (`FBGEMM_ENABLE_INSTRUCTIONS` can hold it to AVX2), and has none for
     AVX-VNNI (Intel's desktop chips since Alder Lake get its AVX2 kernel, so 7)."""
