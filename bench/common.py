@@ -32,8 +32,9 @@ from mmft.projector import Projector
 from mmft.quantize import quantize_module_int8_
 from mmft.vision import VisionEncoder
 
+from bench import PRECISIONS  # noqa: F401  (light: the flags name them)
+
 GB = 1e9
-PRECISIONS = ("fp32", "bf16", "int8", "nf4")
 QUESTION = "What is the man in the picture doing, and what is next to him on the street?"
 
 

@@ -31,9 +31,26 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 
-from bench import common
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="tiny kit models (runs on CPU; what the tests run)")
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=8, help="samples per training step")
+    parser.add_argument("--steps", type=int, default=10, help="timed training steps (after 2 warm-up steps)")
+    parser.add_argument("--gen-tokens", type=int, default=64)
+    parser.add_argument("--budget-s", type=float, default=270, help="stop timed steps early past this wall time")
+    parser.add_argument("--checks", default="bench", help="comma list of bench, finetune, vllm (vllm needs finetune)")
+    parser.add_argument("--finetune-steps", type=int, default=4)
+    return parser
+
+
+if __name__ == "__main__":  # flags before torch: --help and a mistyped flag answer at once
+    build_parser().parse_args()
+
+import torch  # noqa: E402
+
+from bench import common  # noqa: E402
 
 # Dense bf16 tensor-core peaks (TFLOPS, no sparsity), from NVIDIA's data sheets. Checked in order.
 BF16_PEAK_TFLOPS = [
@@ -198,15 +215,7 @@ def sync(device):
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true", help="tiny kit models (runs on CPU; what the tests run)")
-    parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--batch", type=int, default=8, help="samples per training step")
-    parser.add_argument("--steps", type=int, default=10, help="timed training steps (after 2 warm-up steps)")
-    parser.add_argument("--gen-tokens", type=int, default=64)
-    parser.add_argument("--budget-s", type=float, default=270, help="stop timed steps early past this wall time")
-    parser.add_argument("--checks", default="bench", help="comma list of bench, finetune, vllm (vllm needs finetune)")
-    parser.add_argument("--finetune-steps", type=int, default=4)
+    parser = build_parser()
     args = parser.parse_args(argv)
     checks = {c.strip() for c in args.checks.split(",") if c.strip()}
     if not checks <= {"bench", "finetune", "vllm"} or ("vllm" in checks and "finetune" not in checks):

@@ -24,10 +24,25 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
 
-from bench import common
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tiny", action="store_true", help="toy shapes (tests)")
+    parser.add_argument("--copies", type=int, default=4, help="layer copies cycled through, at least (more where "
+                                                              "needed to exceed twice the L3)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed passes over the copies")
+    parser.add_argument("--prefill", type=int, default=80, help="rows of the prefill call")
+    return parser
+
+
+if __name__ == "__main__":  # flags before torch: --help and a mistyped flag answer at once
+    build_parser().parse_args()
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from bench import common  # noqa: E402
 
 # Phi-3.5-mini: hidden 3072, intermediate 8192, 32 heads of 96 (qkv fused, gate_up fused).
 REAL = dict(qkv_proj=(9216, 3072), o_proj=(3072, 3072), gate_up_proj=(16384, 3072), down_proj=(3072, 8192))
@@ -102,13 +117,7 @@ def l3_bytes() -> int:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--tiny", action="store_true", help="toy shapes (tests)")
-    parser.add_argument("--copies", type=int, default=4, help="layer copies cycled through, at least (more where "
-                                                              "needed to exceed twice the L3)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed passes over the copies")
-    parser.add_argument("--prefill", type=int, default=80, help="rows of the prefill call")
+    parser = build_parser()
     args = parser.parse_args(argv)
     threads = common.set_threads(args.threads)
     shapes = TINY if args.tiny else REAL

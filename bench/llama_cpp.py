@@ -13,9 +13,6 @@ from pathlib import Path
 
 from bench import common
 
-VOCAB_GGUF = "/work/shared/phi3-tokenizer/ggml-vocab-phi-3.gguf"
-GGUF_TYPES = ("Q4_K_M", "Q8_0")
-
 
 def llama_cpp_dir(arg: str | None) -> tuple[Path | None, str]:
     """The llama.cpp tree, or None and why."""

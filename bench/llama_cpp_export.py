@@ -31,7 +31,20 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--llama-cpp", type=Path, default=Path("/work/llama/llama_cpp_python-0.3.36/vendor/llama.cpp"))
+    parser.add_argument("--work", type=Path, help="keep the files here (default: a temporary folder)")
+    parser.add_argument("--tokens", type=int, default=8)
+    parser.add_argument("--vocab-gguf", type=Path, help="Phi-3 vocab GGUF (default: LLAMA_CPP/models/ggml-vocab-phi-3.gguf)")
+    return parser
+
+
+if __name__ == "__main__":  # flags before torch: --help and a mistyped flag answer at once
+    build_parser().parse_args()
+
+import torch  # noqa: E402
 
 QUESTION = "What colour is the shape?"
 VARIANTS = [(-1, "full"), (-1, "default"), (-2, "default")]
@@ -174,11 +187,7 @@ def legacy_mmproj(llava_dir: Path, clip_dir: Path, out: Path, llama_cpp: Path, e
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--llama-cpp", type=Path, default=Path("/work/llama/llama_cpp_python-0.3.36/vendor/llama.cpp"))
-    parser.add_argument("--work", type=Path, help="keep the files here (default: a temporary folder)")
-    parser.add_argument("--tokens", type=int, default=8)
-    parser.add_argument("--vocab-gguf", type=Path, help="Phi-3 vocab GGUF (default: LLAMA_CPP/models/ggml-vocab-phi-3.gguf)")
+    parser = build_parser()
     args = parser.parse_args(argv)
     llama_cpp = args.llama_cpp.resolve()
     bins = llama_cpp / "build" / "bin"

@@ -28,11 +28,29 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
-from bench import common
-
 LOADERS = ("streamed", "transformers")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--tiny", action="store_true", help="toy shapes (tests)")
+    parser.add_argument("--loaders", default=",".join(LOADERS))
+    parser.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: the app's, around int8)")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--keep", default=None, help="keep the saved weights here (a re-run reuses them)")
+    parser.add_argument("--worker", choices=(*LOADERS, "save"), help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
+    return parser
+
+
+if __name__ == "__main__":  # flags before torch: --help and a mistyped flag answer at once
+    build_parser().parse_args()
+
+import torch  # noqa: E402
+
+from bench import common  # noqa: E402
+
 GOAL_GB = 8.0
 
 
@@ -110,15 +128,7 @@ def worker(folder: Path, loader: str, dtype: str) -> dict:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--tiny", action="store_true", help="toy shapes (tests)")
-    parser.add_argument("--loaders", default=",".join(LOADERS))
-    parser.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: the app's, around int8)")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--keep", default=None, help="keep the saved weights here (a re-run reuses them)")
-    parser.add_argument("--worker", choices=(*LOADERS, "save"), help=argparse.SUPPRESS)
-    parser.add_argument("--folder", help=argparse.SUPPRESS)
+    parser = build_parser()
     args = parser.parse_args(argv)
     common.set_threads(args.threads)
     if args.worker == "save":

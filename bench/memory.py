@@ -29,14 +29,34 @@ import sys
 import tempfile
 import time
 
-import numpy as np
-import torch
-from PIL import Image
-from transformers import LogitsProcessor, LogitsProcessorList
-
-from bench import common
+from bench import PRECISIONS
 
 VARIANTS = ("single", "one_copy", "two_copies")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--tiny", action="store_true", help="tiny kit, in this process (tests)")
+    parser.add_argument("--precision", choices=PRECISIONS[:3], default=None,
+                        help="default: the app's CPU path, int8")
+    parser.add_argument("--layers", default="32", help="one count, or several to fit and extrapolate: 4,8")
+    parser.add_argument("--target-layers", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=32, help="tokens forced per stage")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    return parser
+
+
+if __name__ == "__main__":  # flags before torch: --help and a mistyped flag answer at once
+    build_parser().parse_args()
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from transformers import LogitsProcessor, LogitsProcessorList  # noqa: E402
+
+from bench import common  # noqa: E402
 
 
 class KeepVocab(LogitsProcessor):
@@ -123,19 +143,11 @@ def fit(rows: list[dict], variant: str, target: int) -> dict | None:
 
 
 def main(argv=None) -> dict:
-    from bench.decode import default_precision as app_precision
+    from bench.decode import default_precision
 
-    default_precision = app_precision()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--tiny", action="store_true", help="tiny kit, in this process (tests)")
-    parser.add_argument("--precision", choices=common.PRECISIONS[:3], default=default_precision)
-    parser.add_argument("--layers", default="32", help="one count, or several to fit and extrapolate: 4,8")
-    parser.add_argument("--target-layers", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=32, help="tokens forced per stage")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser = build_parser()
     args = parser.parse_args(argv)
+    args.precision = args.precision or default_precision()
     common.set_threads(args.threads)
     layer_counts = [int(x) for x in args.layers.split(",") if x]
 

@@ -31,12 +31,36 @@ import subprocess
 import sys
 import time
 
-import torch
+from bench import PRECISIONS
 
-from bench import common
+DEFAULT_TOKENS = {"fp32": 16, "bf16": 16, "int8": 32, "nf4": 6}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--tiny", action="store_true", help="toy Phi-3 shapes, all in this process (tests)")
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--precisions", default=",".join(PRECISIONS))
+    parser.add_argument("--new-tokens", type=int, default=None,
+                        help=f"decoded tokens per precision (default {DEFAULT_TOKENS})")
+    parser.add_argument("--prompt-tokens", type=int, default=80,
+                        help="prefill length (the issue's 80; the patch-mode image prompt is 77 now)")
+    parser.add_argument("--paired", action="store_true",
+                        help="load --precisions together and alternate decode runs (ratios robust to load)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternations for --paired")
+    parser.add_argument("--worker", choices=PRECISIONS, help=argparse.SUPPRESS)
+    return parser
+
+
+if __name__ == "__main__":  # flags before torch: --help and a mistyped flag answer at once
+    build_parser().parse_args()
+
+import torch  # noqa: E402
+
+from bench import common  # noqa: E402
 
 # nf4 decodes at ~1 token/s or less on this CPU: fewer tokens keep a full run under 10 minutes.
-DEFAULT_TOKENS = {"fp32": 16, "bf16": 16, "int8": 32, "nf4": 6}
 WEIGHT_BYTES = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0, "nf4": 0.6}
 
 
@@ -122,19 +146,7 @@ def tokens_for(precision: str, args) -> int:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--tiny", action="store_true", help="toy Phi-3 shapes, all in this process (tests)")
-    parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--precisions", default=",".join(common.PRECISIONS))
-    parser.add_argument("--new-tokens", type=int, default=None,
-                        help=f"decoded tokens per precision (default {DEFAULT_TOKENS})")
-    parser.add_argument("--prompt-tokens", type=int, default=80,
-                        help="prefill length (the issue's 80; the patch-mode image prompt is 77 now)")
-    parser.add_argument("--paired", action="store_true",
-                        help="load --precisions together and alternate decode runs (ratios robust to load)")
-    parser.add_argument("--rounds", type=int, default=3, help="alternations for --paired")
-    parser.add_argument("--worker", choices=common.PRECISIONS, help=argparse.SUPPRESS)
+    parser = build_parser()
     args = parser.parse_args(argv)
     common.set_threads(args.threads)
 
@@ -144,9 +156,9 @@ def main(argv=None) -> dict:
         return {}
 
     precisions = [p for p in args.precisions.split(",") if p]
-    bad = sorted(set(precisions) - set(common.PRECISIONS))
+    bad = sorted(set(precisions) - set(PRECISIONS))
     if bad:
-        parser.error(f"unknown precisions {bad}; choose from {common.PRECISIONS}")
+        parser.error(f"unknown precisions {bad}; choose from {PRECISIONS}")
     result = dict(bench="precision", machine=common.machine(), tiny=args.tiny,
                   layers=None if args.tiny else args.layers, threads=torch.get_num_threads())
     if args.paired:

@@ -35,11 +35,41 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save_file
+from bench import GGUF_TYPES, VOCAB_GGUF
 
-from bench import common
-from bench.llama_cpp import GGUF_TYPES, VOCAB_GGUF, llama_bench, llama_cpp_dir, make_ggufs, run_logged, tail
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--llama-cpp", default=None, help="llama.cpp source tree with build/bin (or MMFT_LLAMA_CPP)")
+    parser.add_argument("--vocab-gguf", default=VOCAB_GGUF, help="Phi-3 vocab-only GGUF for the converted model")
+    parser.add_argument("--threads", type=int, default=2, help="threads for both engines")
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--tiny", action="store_true", help="toy shapes (tests)")
+    parser.add_argument("--mmft", default=None,
+                        help="mmft rows as dtype:quantize, comma separated (default: the app's default, "
+                             "bfloat16:none (the reference), and int8 with the other dtype)")
+    parser.add_argument("--rounds", type=int, default=1, help="alternations of all engines")
+    parser.add_argument("--prompt-tokens", type=int, default=80)
+    parser.add_argument("--new-tokens", type=int, default=32, help="mmft decode tokens (llama-bench: 64)")
+    parser.add_argument("--gguf", default=",".join(GGUF_TYPES), help="llama.cpp quantizations to compare")
+    parser.add_argument("--llama-reps", type=int, default=2, help="llama-bench repetitions (-r)")
+    parser.add_argument("--keep", default=None,
+                        help="keep the weights and GGUFs in this folder (a re-run reuses what it holds)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--pipeline", action="store_true", help=argparse.SUPPRESS)
+    return parser
+
+
+if __name__ == "__main__":  # flags before torch: --help and a mistyped flag answer at once
+    build_parser().parse_args()
+
+import torch  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from bench import common  # noqa: E402
+from bench.llama_cpp import llama_bench, llama_cpp_dir, make_ggufs, run_logged, tail  # noqa: E402
 
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 GOALS = dict(decode_vs_q4_k_m=1.0, prefill_s=1.5, image_question_s=10.0, rss_three_rounds_gb=8.0)
@@ -269,26 +299,7 @@ def goal_check(rows: list[dict], default: str) -> dict:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--llama-cpp", default=None, help="llama.cpp source tree with build/bin (or MMFT_LLAMA_CPP)")
-    parser.add_argument("--vocab-gguf", default=VOCAB_GGUF, help="Phi-3 vocab-only GGUF for the converted model")
-    parser.add_argument("--threads", type=int, default=2, help="threads for both engines")
-    parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--tiny", action="store_true", help="toy shapes (tests)")
-    parser.add_argument("--mmft", default=None,
-                        help="mmft rows as dtype:quantize, comma separated (default: the app's default, "
-                             "bfloat16:none (the reference), and int8 with the other dtype)")
-    parser.add_argument("--rounds", type=int, default=1, help="alternations of all engines")
-    parser.add_argument("--prompt-tokens", type=int, default=80)
-    parser.add_argument("--new-tokens", type=int, default=32, help="mmft decode tokens (llama-bench: 64)")
-    parser.add_argument("--gguf", default=",".join(GGUF_TYPES), help="llama.cpp quantizations to compare")
-    parser.add_argument("--llama-reps", type=int, default=2, help="llama-bench repetitions (-r)")
-    parser.add_argument("--keep", default=None,
-                        help="keep the weights and GGUFs in this folder (a re-run reuses what it holds)")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--folder", help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
-    parser.add_argument("--pipeline", action="store_true", help=argparse.SUPPRESS)
+    parser = build_parser()
     args = parser.parse_args(argv)
     common.set_threads(args.threads)
 

@@ -11,15 +11,26 @@ import tempfile
 import time
 from pathlib import Path
 
-from transformers import TrainingArguments
-from transformers.utils import logging as hf_logging
 
-from mmft import shapes
-from mmft.features import build_cache
-from mmft.testing import build_tiny_models
-from mmft.config import RunArguments
-from mmft.training import default_training_args, finetune
-from mmft.vision import VisionEncoder
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--pad_to", type=int, default=256, help="the fixed length to compare against")
+    return parser
+
+
+if __name__ == "__main__":  # flags before torch: --help and a mistyped flag answer at once
+    build_parser().parse_args()
+
+from transformers import TrainingArguments  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+from mmft import shapes  # noqa: E402
+from mmft.features import build_cache  # noqa: E402
+from mmft.testing import build_tiny_models  # noqa: E402
+from mmft.config import RunArguments  # noqa: E402
+from mmft.training import default_training_args, finetune  # noqa: E402
+from mmft.vision import VisionEncoder  # noqa: E402
 
 
 def run(work: Path, cfg, data, steps: int, cache: str | None, pad_to: int | None) -> tuple[float, float]:
@@ -34,9 +45,7 @@ def run(work: Path, cfg, data, steps: int, cache: str | None, pad_to: int | None
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--pad_to", type=int, default=256, help="the fixed length to compare against")
+    parser = build_parser()
     args = parser.parse_args(argv)
     hf_logging.set_verbosity_error()
     with tempfile.TemporaryDirectory() as tmp:

@@ -10,17 +10,37 @@ so the real loading code is what runs.
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import json
-import sys
 from pathlib import Path
 
-import torch
-from transformers import AutoTokenizer, CLIPConfig, CLIPModel, Phi3Config, Phi3ForCausalLM
-from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-from mmft.config import MMFTConfig
-
 PHI3_TOKENIZER_DIR = Path(__file__).parent / "assets" / "phi3-tokenizer"
+TOKENIZER_SOURCES = ("ggml-vocab-phi-3.gguf", "ggml-vocab-phi-3.gguf.inp", "ggml-vocab-phi-3.gguf.out",
+                     "microsoft-Phi-3.5-mini-instruct.jinja")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m mmft.testing",
+                                     description="Regenerate the vendored Phi-3.5 tokenizer from llama.cpp's "
+                                                 "vocab-only GGUF (mmft/assets/phi3-tokenizer/PROVENANCE.md).")
+    parser.add_argument("source", type=Path, help=f"folder holding {', '.join(TOKENIZER_SOURCES)}")
+    parser.add_argument("out", type=Path, nargs="?", default=PHI3_TOKENIZER_DIR, help="default: the vendored folder")
+    return parser
+
+
+if __name__ == "__main__":  # flags before torch: --help and a wrong folder answer at once
+    ARGS = build_parser().parse_args()
+    if not ARGS.source.is_dir() or any(not (ARGS.source / n).is_file() for n in TOKENIZER_SOURCES):
+        build_parser().error(f"{ARGS.source} must hold {', '.join(TOKENIZER_SOURCES)}")
+    if importlib.util.find_spec("gguf") is None:
+        build_parser().error("reading the GGUF needs the gguf package: pip install gguf")
+
+import torch  # noqa: E402
+from transformers import AutoTokenizer, CLIPConfig, CLIPModel, Phi3Config, Phi3ForCausalLM  # noqa: E402
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil  # noqa: E402
+
+from mmft.config import MMFTConfig  # noqa: E402
 PHI3_VOCAB_SIZE = 32064  # rows of Phi-3.5-mini's embedding matrix = the tokenizer's ids
 
 
@@ -110,5 +130,5 @@ def build_tiny_models(folder: str | Path, mode: str = "patch", **config_override
 
 
 if __name__ == "__main__":
-    convert_phi3_tokenizer(sys.argv[1], *sys.argv[2:3])
-    print(f"wrote {sys.argv[2] if len(sys.argv) > 2 else PHI3_TOKENIZER_DIR}")
+    convert_phi3_tokenizer(ARGS.source, ARGS.out)
+    print(f"wrote {ARGS.out}")
