@@ -41,3 +41,13 @@ def test_help_answers_without_importing_torch(entry):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "usage:" in proc.stdout and "EXIT 0" in proc.stdout, proc.stdout[-2000:]
     assert "TORCH False" in proc.stdout, f"{entry} imports torch before answering --help"
+
+
+def test_tokenizer_conversion_names_a_wrong_folder_in_one_line(tmp_path):
+    (tmp_path / "ggml-vocab-phi-3.gguf").write_bytes(b"")  # one of the four files: still not enough
+    proc = subprocess.run([sys.executable, "-m", "mmft.testing", str(tmp_path)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.splitlines()[-1] == (f"python -m mmft.testing: error: {tmp_path} must hold ggml-vocab-phi-3.gguf, "
+                                            "ggml-vocab-phi-3.gguf.inp, ggml-vocab-phi-3.gguf.out, "
+                                            "microsoft-Phi-3.5-mini-instruct.jinja")
