@@ -347,9 +347,9 @@ def cpu_has_amx() -> bool:
 CPU_INFERENCE = CPUPath(
     quantize="int8",
     dtype=torch.float32,
-    why="int8 weights with float32 around them: on a CPU without AMX (bf16 emulated) as fast to decode "
-        "as bf16 around them and faster to prefill; the only path that fits 16 GB with rounds loaded "
-        "(docs/benchmarks.md, 'CPU path')",
+    why="int8 weights with float32 around them: on a CPU without AMX as fast to decode as bf16 around them "
+        "(Cascade Lake, Zen 4) and faster to prefill where bf16 is emulated; the only path that fits 16 GB "
+        "with rounds loaded (docs/benchmarks.md, 'CPU path')",
 )
 CPU_INFERENCE_AMX = CPUPath(
     quantize="int8",
