@@ -40,6 +40,7 @@ HOW_TO_POINT = ("To serve a trained round instead, run `python app.py --repo OWN
                 "(or set `MMFT_REPO` and `MMFT_REVISION`, e.g. in the Space's settings).")
 
 
+ANSWER_LABEL, DRAFT_LABEL = "Answer (base model, refining the draft)", "Draft (fine-tuned model, sees the image)"
 BOTH_STAGES = ("The draft comes from the fine-tuned (LoRA) model, which sees the image; the answer is the base "
                "model's rewrite of it.")
 
@@ -70,6 +71,16 @@ def banner(rounds: Rounds, key: str, problem: str | None = None) -> str:
         return text
     served = f"`{rounds.repo}` at `{key}`" if rounds.on_hub else f"the round folder `{rounds.repo}`"
     return f"**Serving {served}**{where}. {stages} Pick another round below to compare."
+
+
+def image_labels(rounds: Rounds, key: str) -> tuple[str, str]:
+    """The Image tab's answer and draft boxes name the model that writes each: a round may skip a stage."""
+    pipe = rounds.cache.get(key)
+    if pipe is not None and not pipe.model.cfg.pipe_refine:
+        return "Answer (the draft as it is: this round has no refine stage)", DRAFT_LABEL
+    if pipe is not None and not pipe.model.cfg.pipe_draft:
+        return "Answer (base model, without the image: this round has no draft stage)", "Draft (none)"
+    return ANSWER_LABEL, DRAFT_LABEL
 
 
 def audio_help(model_id: str) -> str:
@@ -229,15 +240,17 @@ class Handlers:
 
     def select(self, choice, current):
         """The round picker: load the chosen round (once; cached; "main (latest)" and tags re-checked
-        against the Hub, as a forced re-publish moves a tag) and say so, or keep the current one."""
+        against the Hub, as a forced re-publish moves a tag) and say so, or keep the current one. A new round
+        empties the Image tab's answer and draft and names who writes them (a round may skip a stage)."""
         try:
             self.rounds.get(choice, refresh=True)
         except Exception as err:  # RoundNotFound, a broken round, no memory: the current round stays
             log.warning("could not load round %s: %s", choice, err)
             gr.Warning(f"Round {choice!r} cannot be loaded: {err}", title="Round not loaded")
-            return current, banner(self.rounds, current), current
+            return current, banner(self.rounds, current), current, gr.skip(), gr.skip()
         # the labels name commits: re-listed, as picking a tag may have found it moved
-        return choice, banner(self.rounds, choice), gr.Dropdown(choices=self.rounds.choices(choice), value=choice)
+        return (choice, banner(self.rounds, choice), gr.Dropdown(choices=self.rounds.choices(choice), value=choice),
+                *(gr.Textbox(label=label, value="") for label in image_labels(self.rounds, choice)))
 
     def refresh(self, current):
         """The picker with the repo's rounds now (usable again if listing them had failed at start-up), and
@@ -279,8 +292,9 @@ def create_app(settings: Settings, transcriber: Transcriber | None = None,
                         question = gr.Textbox(label="Question", placeholder="What colour is the shape?", lines=2)
                         ask_image = gr.Button("Ask", variant="primary")
                     with gr.Column():
-                        image_answer = gr.Textbox(label="Answer (base model, refining the draft)", lines=3)
-                        image_draft = gr.Textbox(label="Draft (fine-tuned model, sees the image)", lines=2)
+                        answer_label, draft_label = image_labels(rounds, start)
+                        image_answer = gr.Textbox(label=answer_label, lines=3, elem_id="image-answer")
+                        image_draft = gr.Textbox(label=draft_label, lines=2, elem_id="image-draft")
                         image_notes = gr.Markdown(label="Notes")
                 gr.Examples(examples, inputs=[image, question], cache_examples=False)
             with gr.Tab("Audio", id="audio"):
@@ -309,7 +323,8 @@ def create_app(settings: Settings, transcriber: Transcriber | None = None,
               api_name="audio", **model_call)
         gr.on([ask_text.click, typed.submit], handlers.text, [typed, key], [text_answer, text_notes],
               api_name="text", **model_call)
-        picker.input(handlers.select, [picker, key], [key, page_banner, picker], api_name="select_round", **model_call)
+        picker.input(handlers.select, [picker, key], [key, page_banner, picker, image_answer, image_draft],
+                     api_name="select_round", **model_call)
         refresh.click(handlers.refresh, [key], [picker, page_banner], api_name="rounds", **model_call)
     app.mmft_rounds, app.mmft_handlers, app.mmft_examples = rounds, handlers, Path(examples[0][0]).parent
     return app

@@ -345,7 +345,7 @@ def test_serves_a_hub_round_by_revision_and_the_picker_switches_rounds(hub_onlin
         rounds = app.mmft_rounds
         assert client.predict("Hello", api_name="/text")[0] == last(rounds.get("round-1").stream_text("Hello")).final
 
-        banner, picked = client.predict("round-2", api_name="/select_round")  # this session now asks round-2
+        banner, picked, *_ = client.predict("round-2", api_name="/select_round")  # this session now asks round-2
         assert f"at `round-2`" in banner and picked["value"] == "round-2"  # the picker, its labels re-listed
         assert picked["choices"] == picker["choices"]
         image = picture(tmp_path / "p.png")
@@ -444,6 +444,33 @@ def test_banner_says_what_a_round_serves(standin_round, tmp_path):
         assert "this round does not rewrite it" in banner(rounds, MAIN_KEY)
     finally:
         pipe.model.cfg.pipe_refine = True
+
+
+def test_the_image_boxes_name_the_model_that_writes_them(hub_online, tiny_dir, standin_round, tmp_path):
+    """A round without a refine stage answers with its draft: the box said "base model, refining the draft"."""
+    publish(plan_upload(tiny_round(tiny_dir, tmp_path / "round-1", 1), REPO))
+    folder = tiny_round(tiny_dir, tmp_path / "round-2", 2)
+    cfg, info = load_config(folder)
+    cfg.pipe_refine = False
+    save_config(folder, cfg, info)
+    publish(plan_upload(folder, REPO))
+    app = create_app(Settings(demo_round=standin_round, repo=REPO, revision="round-2", cache_size=2),
+                     transcriber=Transcriber(fn=fake_asr), examples_dir=tmp_path / "examples")
+    try:
+        client = serve(app)
+        assert component(client, elem_id="image-answer")["label"] == (
+            "Answer (the draft as it is: this round has no refine stage)")
+        assert component(client, elem_id="image-draft")["label"] == "Draft (fine-tuned model, sees the image)"
+        image = picture(tmp_path / "p.png")
+        final, draft, _ = client.predict(handle_file(image), QUESTION, api_name="/image")
+        assert final == draft and final  # what the label says: the draft, not rewritten
+        _, _, answer, draft = client.predict("round-1", api_name="/select_round")
+        assert answer == dict(answer, label="Answer (base model, refining the draft)", value="")  # emptied
+        assert draft == dict(draft, label="Draft (fine-tuned model, sees the image)", value="")
+        _, _, answer, _ = client.predict("round-2", api_name="/select_round")
+        assert answer["label"] == "Answer (the draft as it is: this round has no refine stage)"
+    finally:
+        app.close()
 
 
 def test_the_picker_keeps_its_rounds_and_the_served_one_when_a_listing_fails(standin_round, monkeypatch):
