@@ -1,7 +1,8 @@
 """Benchmarks: `python -m bench.<name>`; each prints a table and one JSON line last (docs/benchmarks.md).
 
-Each script builds its flags in `parser()` and parses them before importing torch, so `--help` and a
-mistyped flag answer at once; what the flags name lives here, light, for the same reason.
+Each script builds its flags in `build_parser()` and parses them before importing torch, so `--help` and
+an unknown flag answer at once (values are checked later, in `main`); what the flags name lives here,
+light, for the same reason.
 """
 
 PRECISIONS = ("fp32", "bf16", "int8", "nf4")

@@ -26,13 +26,12 @@ from transformers.generation.streamers import BaseStreamer
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
 
+from bench import PRECISIONS  # the flags name them: defined where --help can read them without torch
 from mmft.config import MMFTConfig
 from mmft.model import MultimodalModel
 from mmft.projector import Projector
 from mmft.quantize import quantize_module_int8_
 from mmft.vision import VisionEncoder
-
-from bench import PRECISIONS  # noqa: F401  (light: the flags name them)
 
 GB = 1e9
 QUESTION = "What is the man in the picture doing, and what is next to him on the street?"

@@ -41,6 +41,7 @@ from transformers import AutoTokenizer, CLIPConfig, CLIPModel, Phi3Config, Phi3F
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil  # noqa: E402
 
 from mmft.config import MMFTConfig  # noqa: E402
+
 PHI3_VOCAB_SIZE = 32064  # rows of Phi-3.5-mini's embedding matrix = the tokenizer's ids
 
 

@@ -48,6 +48,6 @@ def test_tokenizer_conversion_names_a_wrong_folder_in_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "mmft.testing", str(tmp_path)], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert proc.stderr.splitlines()[-1] == (f"python -m mmft.testing: error: {tmp_path} must hold ggml-vocab-phi-3.gguf, "
-                                            "ggml-vocab-phi-3.gguf.inp, ggml-vocab-phi-3.gguf.out, "
-                                            "microsoft-Phi-3.5-mini-instruct.jinja")
+    assert proc.stderr.splitlines()[-1] == (
+        f"python -m mmft.testing: error: {tmp_path} must hold ggml-vocab-phi-3.gguf, ggml-vocab-phi-3.gguf.inp, "
+        "ggml-vocab-phi-3.gguf.out, microsoft-Phi-3.5-mini-instruct.jinja")
