@@ -25,6 +25,26 @@ IGNORE_INDEX = -100
 IMAGE_TEXT = "<image>"
 
 
+def control_texts(tokenizer) -> list[str]:
+    """`<image>` and the text of every token the tokenizer matches in raw text (its added tokens: Phi-3.5's
+    `<|end|>`, `<|assistant|>`, `<s>`...), longest first."""
+    added = {t.content for t in tokenizer.added_tokens_decoder.values()}
+    return sorted(added | {IMAGE_TEXT}, key=lambda c: (-len(c), c))
+
+
+def strip_control_text(tokenizer, text: str) -> str:
+    """`text` without any `control_texts`, removed until none is left (`<im<image>age>`). Typed into a
+    message, they would be the real control tokens: a visitor could end the turn and write the model's.
+    `apply_chat_template` does not do this; the prompt builder does it to every message."""
+    controls = control_texts(tokenizer)
+    while True:
+        before = text
+        for control in controls:
+            text = text.replace(control, "")
+        if text == before:  # each pass that changes anything shortens the text: this ends
+            return text
+
+
 @dataclass
 class Encoded:
     """One tokenized conversation; image slots hold the pad id and are True in `image_mask`."""
@@ -69,8 +89,8 @@ def encode_chat(
     Ending on a user turn gives an inference prompt (generation prompt appended); ending on an
     assistant turn gives a training example (the template's closing eos included). Questions are
     stripped and cut to `prompt_max_question_tokens` (unless `budget_questions=False`: a message
-    already budgeted, like `refine_prompt(..., tokenizer)`'s) and lose any `<image>` (`IMAGE_TEXT`), as answers
-    do; answers are cleaned (`clean_answers`,
+    already budgeted, like `refine_prompt(..., tokenizer)`'s) and lose any control-token text
+    (`strip_control_text`: `<image>`, `<|end|>`...), as answers do; answers are cleaned (`clean_answers`,
     default `config.prompt_clean_answers`) or stripped, and cut to `prompt_max_answer_tokens`.
 
     The ids are exactly `tokenizer.apply_chat_template(messages, tokenize=True)["input_ids"]` of those
@@ -87,7 +107,7 @@ def encode_chat(
     clean = config.prompt_clean_answers if clean_answers is None else clean_answers
     contents, truncated, cut_answers = [], False, set()
     for i, (role, text) in enumerate(turns):
-        text = text.replace(IMAGE_TEXT, "")
+        text = strip_control_text(tokenizer, text)
         if role == "user":
             text, cut = text.strip(), False
             if budget_questions:
