@@ -189,11 +189,22 @@ def _check_outputs(folder: Path, cfg, outputs: list[Path]) -> None:
                     raise ExportError(f"the output folders {out} and {other} overlap: choose separate ones")
 
 
+def _pending(out: Path) -> Path:
+    """The outputs an export to `out` may replace, recorded while it moves them into place: killed between its
+    two final moves, it has TEXT in place and OUT not yet, and its re-run must not need --force."""
+    return out.with_name(out.name + ".partial.json")
+
+
 def _refuse_existing(outputs: list[Path], force: bool) -> None:
-    """An existing non-empty output is only replaced with force; checked for every output before any
-    `.partial` folder is cleared (a refusal must not cost the work an interrupted export left there)."""
+    """An existing non-empty output is only replaced with force, or when an interrupted export to the same
+    folders was allowed to (`_pending`); checked for every output before any `.partial` folder is cleared (a
+    refusal must not cost the work an interrupted export left there)."""
+    try:
+        allowed = set(json.loads(_pending(outputs[0]).read_text())["outputs"])
+    except (OSError, ValueError, KeyError, TypeError):
+        allowed = set()
     for out in outputs:
-        if out.exists() and any(out.iterdir()) and not force:
+        if out.exists() and any(out.iterdir()) and not force and str(out.resolve()) not in allowed:
             raise ExportError(f"{out} already exists and is not empty; choose another folder or pass --force")
 
 
@@ -296,8 +307,11 @@ def export_llava(round_dir: str | Path, out: str | Path, dtype=None, text_model:
         tokenizer.save_pretrained(text_tmp)
         _record_bos_eos(tokenizer, text_tmp)
         _copy_sentencepiece(cfg, folder, text_tmp)
+        _pending(out).write_text(json.dumps({"outputs": [str(o.resolve()) for o in outputs]}))  # the moves
         _publish_folder(text_tmp, Path(text_model))
-    return _publish_folder(tmp, out)
+    _publish_folder(tmp, out)
+    _pending(out).unlink(missing_ok=True)
+    return out
 
 
 def _record_bos_eos(tokenizer, folder: Path) -> None:

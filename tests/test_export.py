@@ -254,6 +254,33 @@ def test_a_refused_export_clears_no_partial_folder(kit_round, tmp_path, capsys):
     assert (tmp_path / "out" / "processor_config.json").is_file() and (tmp_path / "text" / "model.safetensors").is_file()
 
 
+def test_an_export_killed_between_its_two_moves_completes_when_run_again(kit_round, tmp_path, monkeypatch):
+    """Killed after TEXT was moved into place and before OUT was, the re-run refused TEXT ("already exists")
+    and needed --force; it now completes with the same command. A TEXT that was there before still needs it."""
+    import mmft.export as export
+
+    round_dir, _ = kit_round
+    out, text = tmp_path / "out", tmp_path / "text"
+    argv = [str(round_dir), str(out), "--text-model", str(text), "--dtype", "float32"]
+    real, moves = export._publish_folder, []
+
+    def killed_before_the_second(tmp, dest):
+        moves.append(dest)
+        if len(moves) == 2:
+            raise KeyboardInterrupt  # as SIGINT or a kill would stop it: no cleanup runs
+        return real(tmp, dest)
+
+    monkeypatch.setattr(export, "_publish_folder", killed_before_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        export.main(argv)
+    assert (text / "model.safetensors").is_file() and not out.exists() and (tmp_path / "out.partial").is_dir()
+    monkeypatch.setattr(export, "_publish_folder", real)
+    assert export.main(argv) == 0  # no --force: this export was allowed to write TEXT
+    assert (out / "processor_config.json").is_file() and (text / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "text"]  # no partial folder, no record left
+    assert export.main(argv) == 1  # finished: an existing OUT is refused again, as TEXT is
+
+
 # -- publishing (local Hub server, real huggingface_hub client) ---------------------------------
 def _push(hub, *args):
     env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_secret_test_token", "HF_HUB_OFFLINE": "0"}
