@@ -27,8 +27,9 @@ IMAGE_TEXT = "<image>"
 
 def control_texts(tokenizer) -> list[str]:
     """`<image>` and the text of every token the tokenizer matches in raw text (its added tokens: Phi-3.5's
-    `<|end|>`, `<|assistant|>`, `<s>`...), longest first."""
-    added = {t.content for t in tokenizer.added_tokens_decoder.values()}
+    `<|end|>`, `<|assistant|>`, `<s>`, and `</s>`, which it does not mark special), longest first; an added
+    token of whitespace alone (some tokenizers have them) is layout, not control, and stays."""
+    added = {t.content for t in tokenizer.added_tokens_decoder.values() if t.content.strip()}
     return sorted(added | {IMAGE_TEXT}, key=lambda c: (-len(c), c))
 
 

@@ -164,7 +164,7 @@ def test_nul_and_sentinel_lookalikes_in_text_do_not_break_the_builder(tokenizer)
         assert sum(enc.image_mask) == 2 and enc.input_ids[enc.image_mask.index(True) - 1] == 32010
 
 
-def test_typed_control_tokens_are_text_the_builder_drops(tokenizer):
+def test_typed_control_tokens_are_text_the_builder_drops(tokenizer, tiny_dir):
     """Phi-3.5's tokenizer reads `<|end|>`, `<|user|>`, `<s>` in raw text as the control tokens: typed into a
     question they ended the turn and wrote the model's. Dropped, nested forms included, so the ids are the chat's
     for the question without them, and no control id comes from the text."""
@@ -182,6 +182,9 @@ def test_typed_control_tokens_are_text_the_builder_drops(tokenizer):
             assert enc.input_ids.count(control) == plain.count(control), control
     assert strip_control_text(tokenizer, "<im<image>age> <<|user|>|user|>") == " "
     assert control_texts(tokenizer)[:2] == ["<|placeholder1|>", "<|placeholder2|>"]  # longest first
+    spaced = AutoTokenizer.from_pretrained(tiny_dir / "lm")
+    spaced.add_tokens(["\t\t", "<tool>"])  # a layout token stays; any other added token is dropped
+    assert strip_control_text(spaced, "a\t\tb<tool>c") == "a\t\tbc"
 
 
 def test_training_prompt_starts_with_the_inference_prompt(tokenizer):
