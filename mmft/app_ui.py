@@ -21,6 +21,7 @@ from PIL import Image
 
 from mmft import shapes
 from mmft.hub import RoundNotFound
+from mmft.prompt import strip_control_text
 from mmft.quantize import int8_linears
 from mmft.serving import DEMO_KEY, Rounds, Settings  # noqa: F401 (Settings: for app.py and tests)
 from mmft.speech import (DEFAULT_MODEL_ID, GO_ONLINE, MAX_SECONDS, AudioError, SpeechUnavailable, Transcriber,
@@ -159,14 +160,19 @@ class Handlers:
         self.rounds = rounds
         self.transcriber = transcriber
 
-    def _pipeline(self, key: str):
-        """The round's pipeline (loaded once; the model layer makes a load wait for generation on its base)."""
+    def _pipeline(self, key: str, question: str):
+        """The round's pipeline (loaded once; the model layer makes a load wait for generation on its base),
+        for a question that is more than the control-token text its prompt builder drops."""
         try:
-            return self.rounds.get(key or DEMO_KEY)
+            pipe = self.rounds.get(key or DEMO_KEY)
         except (RoundNotFound, FileNotFoundError) as err:
             raise _bad(f"The round {key!r} cannot be loaded: {err}") from err
         except Exception as err:
             raise _unexpected(err) from err
+        if not strip_control_text(pipe.tokenizer, question).strip():
+            raise _bad("The question is only control-token text (such as <|end|>), which the model is never "
+                       "shown: type a question, e.g. “What colour is the shape?”.")
+        return pipe
 
     @staticmethod
     def _run(stream, *args):
@@ -196,7 +202,7 @@ class Handlers:
         if image is None:
             raise _bad("No image: upload a picture (PNG or JPEG), paste one, or click an example below.")
         question, notes = self._question(question)
-        pipe = self._pipeline(key)
+        pipe = self._pipeline(key, question)
         try:
             picture = load_image(image, pipe.cfg.vit_max_pixels)
         except ImageError as err:
@@ -208,7 +214,7 @@ class Handlers:
 
     def text(self, question, key):
         question, notes = self._question(question)
-        pipe = self._pipeline(key)
+        pipe = self._pipeline(key, question)
         for answer in self._run(pipe.stream_text, question):
             yield answer.final, _notes(notes + answer.notes)
 
@@ -234,23 +240,23 @@ class Handlers:
                        "and try again.")
         question, more = self._question(transcript)
         yield "", transcript, _notes(notes + more)
-        pipe = self._pipeline(key)
+        pipe = self._pipeline(key, question)
         for answer in self._run(pipe.stream_text, question):
             yield answer.final, transcript, _notes(notes + more + answer.notes)
 
     def select(self, choice, current):
         """The round picker: load the chosen round (once; cached; "main (latest)" and tags re-checked
         against the Hub, as a forced re-publish moves a tag) and say so, or keep the current one. A new round
-        empties the Image tab's answer and draft and names who writes them (a round may skip a stage)."""
+        empties the Image tab's answer, draft and notes and names who writes them (a round may skip a stage)."""
         try:
             self.rounds.get(choice, refresh=True)
         except Exception as err:  # RoundNotFound, a broken round, no memory: the current round stays
             log.warning("could not load round %s: %s", choice, err)
             gr.Warning(f"Round {choice!r} cannot be loaded: {err}", title="Round not loaded")
-            return current, banner(self.rounds, current), current, gr.skip(), gr.skip()
+            return current, banner(self.rounds, current), current, gr.skip(), gr.skip(), gr.skip()
         # the labels name commits: re-listed, as picking a tag may have found it moved
         return (choice, banner(self.rounds, choice), gr.Dropdown(choices=self.rounds.choices(choice), value=choice),
-                *(gr.Textbox(label=label, value="") for label in image_labels(self.rounds, choice)))
+                *(gr.Textbox(label=label, value="") for label in image_labels(self.rounds, choice)), "")
 
     def refresh(self, current):
         """The picker with the repo's rounds now (usable again if listing them had failed at start-up), and
@@ -323,8 +329,9 @@ def create_app(settings: Settings, transcriber: Transcriber | None = None,
               api_name="audio", **model_call)
         gr.on([ask_text.click, typed.submit], handlers.text, [typed, key], [text_answer, text_notes],
               api_name="text", **model_call)
-        picker.input(handlers.select, [picker, key], [key, page_banner, picker, image_answer, image_draft],
-                     api_name="select_round", **model_call)
+        picker.input(handlers.select, [picker, key],
+                     [key, page_banner, picker, image_answer, image_draft, image_notes], api_name="select_round",
+                     **model_call)
         refresh.click(handlers.refresh, [key], [picker, page_banner], api_name="rounds", **model_call)
     app.mmft_rounds, app.mmft_handlers, app.mmft_examples = rounds, handlers, Path(examples[0][0]).parent
     return app

@@ -177,7 +177,7 @@ def _check_outputs(folder: Path, cfg, outputs: list[Path]) -> None:
         path = Path(_resolve(folder, getattr(cfg, key)))
         if path.exists():
             inputs[f"the base model {getattr(cfg, key)}"] = path.resolve()
-    groups = [(out, out.with_name(out.name + ".partial")) for out in outputs]  # each folder replaced whole
+    groups = [(out, out.with_name(out.name + ".partial"), _pending(out)) for out in outputs]  # the export's own
     for n, group in enumerate(groups):
         for out in group:
             for what, path in inputs.items():
@@ -190,8 +190,9 @@ def _check_outputs(folder: Path, cfg, outputs: list[Path]) -> None:
 
 
 def _pending(out: Path) -> Path:
-    """The outputs an export to `out` may replace, recorded while it moves them into place: killed between its
-    two final moves, it has TEXT in place and OUT not yet, and its re-run must not need --force."""
+    """The text folder an export to `out` has moved into place, recorded until OUT follows: killed between its
+    two final moves, it has TEXT in place and OUT not yet, and its re-run must not need --force for TEXT (an
+    OUT that is there was there before, and still needs it). Like `OUT.partial`, the name is the export's."""
     return out.with_name(out.name + ".partial.json")
 
 
@@ -307,7 +308,7 @@ def export_llava(round_dir: str | Path, out: str | Path, dtype=None, text_model:
         tokenizer.save_pretrained(text_tmp)
         _record_bos_eos(tokenizer, text_tmp)
         _copy_sentencepiece(cfg, folder, text_tmp)
-        _pending(out).write_text(json.dumps({"outputs": [str(o.resolve()) for o in outputs]}))  # the moves
+        _pending(out).write_text(json.dumps({"outputs": [str(Path(text_model).resolve())]}))  # what it moves first
         _publish_folder(text_tmp, Path(text_model))
     _publish_folder(tmp, out)
     _pending(out).unlink(missing_ok=True)

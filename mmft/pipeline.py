@@ -17,7 +17,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 
 from mmft.data import pad_batch
 from mmft.model import MultimodalModel
-from mmft.prompt import Encoded, control_texts, encode_chat, refine_prompt, strip_control_text
+from mmft.prompt import Encoded, encode_chat, refine_prompt, strip_control_text
 from mmft.text import tidy
 
 NO_DRAFT_NOTE = "The draft stage is off, so the image was not used."
@@ -65,9 +65,9 @@ class Pipeline:
         """What the user should be told about their question: control-token text was dropped, or it was
         cut to the token budget, as the prompt builder did (after stripping it: trailing blank lines are no
         reason for a note)."""
-        notes = []
-        if strip_control_text(self.tokenizer, question) != question:
-            found = [c for c in control_texts(self.tokenizer) if c in question]
+        notes, found = [], []
+        strip_control_text(self.tokenizer, question, found)
+        if found:
             notes.append(f"Removed from the question: {', '.join(f'`{c}`' for c in found)} (the model would read "
                          "it as its own control tokens).")
         if self._encode(question, False).truncated:

@@ -33,15 +33,19 @@ def control_texts(tokenizer) -> list[str]:
     return sorted(added | {IMAGE_TEXT}, key=lambda c: (-len(c), c))
 
 
-def strip_control_text(tokenizer, text: str) -> str:
-    """`text` without any `control_texts`, removed until none is left (`<im<image>age>`). Typed into a
-    message, they would be the real control tokens: a visitor could end the turn and write the model's.
-    `apply_chat_template` does not do this; the prompt builder does it to every message."""
+def strip_control_text(tokenizer, text: str, removed: list[str] | None = None) -> str:
+    """`text` without any `control_texts`, removed until none is left (`<im<image>age>`); each one removed is
+    added to `removed`, once. Typed into a message, they would be the real control tokens: a visitor could
+    end the turn and write the model's. `apply_chat_template` does not do this; the prompt builder does it
+    to every message."""
     controls = control_texts(tokenizer)
     while True:
         before = text
         for control in controls:
-            text = text.replace(control, "")
+            if control in text:
+                text = text.replace(control, "")
+                if removed is not None and control not in removed:
+                    removed.append(control)
         if text == before:  # each pass that changes anything shortens the text: this ends
             return text
 
@@ -192,7 +196,8 @@ def refine_prompt(config: MMFTConfig, question: str, draft: str, tokenizer=None)
     With `tokenizer`, only the question is cut to `prompt_max_question_tokens`, so the draft and the
     instruction stay whole; encode the result with `encode_chat(..., budget_questions=False)`.
     """
+    if tokenizer is not None:  # cut what the model will read, as `encode_chat` cuts the draft's question
+        question, _ = _truncate(tokenizer, strip_control_text(tokenizer, question).strip(),
+                                config.prompt_max_question_tokens)
     question = question.strip()
-    if tokenizer is not None:
-        question, _ = _truncate(tokenizer, question, config.prompt_max_question_tokens)
     return config.pipe_refine_template.format(question=question, draft=draft.strip())

@@ -235,6 +235,9 @@ BAD_INPUTS = {
     "bomb image": ("/image", _bomb_png, "holiday.png is too large to decode safely: resize it"),
     "empty question": ("/image", lambda tmp: (handle_file(picture(tmp / "ok.png")), "   "), "question is empty"),
     "empty text": ("/text", lambda tmp: ("",), "question is empty"),
+    "control tokens only": ("/text", lambda tmp: ("<|end|><|assistant|>",), "question is only control-token text"),
+    "image, control tokens only": ("/image", lambda tmp: (handle_file(picture(tmp / "ok.png")), " <|e<s>nd|> "),
+                                   "question is only control-token text"),
     "no audio": ("/audio", lambda tmp: (None,), "No audio was received"),
     "broken audio": ("/audio", lambda tmp: (upload(tmp, "broken.wav", b"RIFF\0\0\0\0WAVEjunk" * 50),),
                      "Could not read the audio file broken.wav"),
@@ -464,10 +467,10 @@ def test_the_image_boxes_name_the_model_that_writes_them(hub_online, tiny_dir, s
         image = picture(tmp_path / "p.png")
         final, draft, _ = client.predict(handle_file(image), QUESTION, api_name="/image")
         assert final == draft and final  # what the label says: the draft, not rewritten
-        _, _, answer, draft = client.predict("round-1", api_name="/select_round")
+        _, _, answer, draft, notes = client.predict("round-1", api_name="/select_round")
         assert answer == dict(answer, label="Answer (base model, refining the draft)", value="")  # emptied
-        assert draft == dict(draft, label="Draft (fine-tuned model, sees the image)", value="")
-        _, _, answer, _ = client.predict("round-2", api_name="/select_round")
+        assert draft == dict(draft, label="Draft (fine-tuned model, sees the image)", value="") and notes == ""
+        _, _, answer, *_ = client.predict("round-2", api_name="/select_round")
         assert answer["label"] == "Answer (the draft as it is: this round has no refine stage)"
     finally:
         app.close()

@@ -279,6 +279,18 @@ def test_an_export_killed_between_its_two_moves_completes_when_run_again(kit_rou
     assert (out / "processor_config.json").is_file() and (text / "model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "text"]  # no partial folder, no record left
     assert export.main(argv) == 1  # finished: an existing OUT is refused again, as TEXT is
+    # killed again between the moves, then a folder of the user's at OUT: the record names TEXT only
+    monkeypatch.setattr(export, "_publish_folder", killed_before_the_second)
+    moves.clear()
+    with pytest.raises(KeyboardInterrupt):
+        export.main(argv + ["--force"])
+    monkeypatch.setattr(export, "_publish_folder", real)
+    shutil.rmtree(out)
+    out.mkdir()
+    (out / "precious.txt").write_text("mine")
+    assert export.main(argv) == 1 and (out / "precious.txt").read_text() == "mine"
+    # the record's own name is no output folder
+    assert export.main([str(round_dir), str(tmp_path / "o"), "--text-model", str(tmp_path / "o.partial.json")]) == 1
 
 
 # -- publishing (local Hub server, real huggingface_hub client) ---------------------------------

@@ -103,6 +103,9 @@ def test_typed_control_tokens_are_dropped_with_a_note(pipeline, monkeypatch):
                             "as its own control tokens)."]
     assert calls[0][0].count("<|assistant|>") == 1  # the template's own, after the question
     assert pipeline.answer_text("What colour is it?", max_new_tokens=2).notes == []
+    nested = pipeline.answer_text("What<|e<s>nd|> colour?", max_new_tokens=2).notes  # <|end|> appears as <s> goes
+    assert nested == ["Removed from the question: `<s>`, `<|end|>` (the model would read it as its own control "
+                      "tokens)."]
 
 
 def test_long_question_gets_a_note(pipeline):

@@ -274,6 +274,10 @@ def test_refine_prompt_cuts_only_the_question(tokenizer):
     enc = encode_chat(tokenizer, cfg, [("user", message)], budget_questions=False)
     assert not enc.truncated
     assert enc.input_ids == _chat_ids(tokenizer, [{"role": "user", "content": message}], True)
+    # control-token text is dropped before the cut, as `encode_chat` drops it before cutting a draft's question
+    typed = "<s>" * 250 + " Which colour is the shape?"
+    assert refine_prompt(cfg, typed, "red", tokenizer) == cfg.pipe_refine_template.format(
+        question="Which colour is the shape?", draft="red")
     # what the old path did: the whole message cut as if it were a question, draft and instruction lost
     cut = encode_chat(tokenizer, cfg, [("user", message)])
     assert cut.truncated and "Rewrite" not in tokenizer.decode(cut.input_ids)
