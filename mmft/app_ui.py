@@ -258,6 +258,12 @@ class Handlers:
         return (choice, banner(self.rounds, choice), gr.Dropdown(choices=self.rounds.choices(choice), value=choice),
                 *(gr.Textbox(label=label, value="") for label in image_labels(self.rounds, choice)), "")
 
+    def listing(self, current):
+        """The picker as a page opens: the repo's rounds now (one listing; nothing is loaded or re-checked), so
+        a round published after the app started is there without pressing Refresh."""
+        choices = self.rounds.choices(current)
+        return gr.Dropdown(choices=choices, value=current, interactive=len(choices) > 1)
+
     def refresh(self, current):
         """The picker with the repo's rounds now (usable again if listing them had failed at start-up), and
         the served round re-checked as a pick re-checks it: a label names the commit that answers (a forced
@@ -333,6 +339,9 @@ def create_app(settings: Settings, transcriber: Transcriber | None = None,
                      [key, page_banner, picker, image_answer, image_draft, image_notes], api_name="select_round",
                      **model_call)
         refresh.click(handlers.refresh, [key], [picker, page_banner], api_name="rounds", **model_call)
+        if rounds.on_hub:  # not in the model slot: a page must not wait for someone else's answer to open
+            app.load(handlers.listing, [key], [picker], api_name="list_rounds", show_progress="hidden",
+                     concurrency_limit=None)  # a Hub listing, no model: any number at once
     app.mmft_rounds, app.mmft_handlers, app.mmft_examples = rounds, handlers, Path(examples[0][0]).parent
     return app
 

@@ -105,6 +105,11 @@ def component(client: Client, **match) -> dict:
                 if all(c["props"].get(k) == v for k, v in match.items()))
 
 
+def component_id(client: Client, **match) -> int:
+    return next(c["id"] for c in client.config["components"]
+                if all(c["props"].get(k) == v for k, v in match.items()))
+
+
 def picture(path: Path, color="red", shape="circle", seed=0) -> Path:
     shapes.draw(color, shape, random.Random(seed)).save(path)
     return path
@@ -361,6 +366,14 @@ def test_serves_a_hub_round_by_revision_and_the_picker_switches_rounds(hub_onlin
 
         publish(plan_upload(tiny_round(tiny_dir, tmp_path / "round-3", 3), REPO))
         assert "round-3" in [key for _, key in rounds.choices("round-1")]  # what "Refresh" shows
+        # ... and what a page opened now lists, without Refresh: the picker is re-listed on every page load
+        load = [d for d in client.config["dependencies"] if d.get("api_name") == "list_rounds"]
+        assert [t[1] for t in load[0]["targets"]] == ["load"]
+        assert load[0]["outputs"] == [component_id(client, label="Round")]
+        visitor = Client(client.src, verbose=False, analytics_enabled=False, download_files=False)  # a new page
+        opened = visitor.predict(api_name="/list_rounds")
+        assert opened["value"] == "round-1" and "round-3" in [key for _, key in opened["choices"]]
+        assert client.predict(api_name="/list_rounds")["value"] == MAIN_KEY  # each page, its own round
         refreshed, _ = app.mmft_handlers.refresh("round-1")  # enabled again, had the listing failed at start-up
         assert refreshed.interactive and "round-3" in [key for _, key in refreshed.choices]
         # a forced re-publish moves round-1's tag: after "Refresh", its label names the commit that answers
