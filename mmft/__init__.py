@@ -1,6 +1,7 @@
 """mmft: teach a language model to see, the LLaVA way (see README.md)."""
 
 import logging
+import warnings
 
 
 class _NoKernelsHint(logging.Filter):
@@ -13,3 +14,7 @@ class _NoKernelsHint(logging.Filter):
 
 
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_NoKernelsHint())
+
+# peft 0.21 reads transformers 5's deprecated `is_gradient_checkpointing` each time it wraps a model: a FutureWarning
+# on every start of the app about code that is not mmft's and that no user can act on. That one message only.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)

@@ -120,6 +120,23 @@ def test_old_round_loads_with_the_features_it_was_trained_on(tmp_path):
     assert load_config(tmp_path)[0].vit_feature_select_strategy == "default"
 
 
+def test_peft_reading_a_deprecated_transformers_property_warns_no_user():
+    """Every PeftModel peft 0.21 builds reads transformers 5's deprecated `is_gradient_checkpointing`: a
+    FutureWarning on each app start. Built here as the app builds one; other FutureWarnings still show."""
+    code = ("import warnings, mmft.loading\n"
+            "from peft import LoraConfig, get_peft_model\n"
+            "from transformers import Phi3Config, Phi3ForCausalLM\n"
+            "lm = Phi3ForCausalLM(Phi3Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,"
+            " num_attention_heads=2, num_key_value_heads=2, pad_token_id=0))\n"
+            "get_peft_model(lm, LoraConfig(r=2, target_modules=['qkv_proj']))\n"
+            "assert lm.is_activation_checkpointing is False\n"
+            "warnings.warn('another deprecation', FutureWarning)\n")
+    done = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "is_gradient_checkpointing" not in done.stderr and "another deprecation" in done.stderr
+
+
 def test_the_bitsandbytes_kernels_hint_is_dropped_on_every_cpu():
     """peft imports bitsandbytes, which logs on CPUs with avx512_bf16 only that its CPU 4-bit kernel wants
     the `kernels` package (mmft never runs 4-bit on a CPU). The record is logged here as bitsandbytes
