@@ -79,17 +79,11 @@ def _onednn_int8(w: torch.Tensor):
         torch.backends.quantized.engine = engine
 
 
-def _onednn_bits() -> int:
-    """8 where oneDNN's int8 kernel takes 8-bit activations without saturating, else 7 (as `activation_bits`)."""
-    ones = torch.ones(1, 64, dtype=torch.float32)
-    return 8 if abs(float(torch.ops.quantized.linear_dynamic(ones, _onednn_int8(ones), False)) - 64) < 1 else 7
-
-
 def kernels() -> dict:
     """name -> (prepare(w [N, K] fp32), call(x [M, K] fp32, prepared) -> y [M, N])."""
-    from mmft.quantize import Int8Linear, activation_bits
+    from mmft.quantize import Int8Linear, activation_bits, probe_activation_bits
 
-    bits, onednn_bits = activation_bits(), _onednn_bits()
+    bits, onednn_bits = activation_bits(), probe_activation_bits(_onednn_int8)  # oneDNN's kernel, probed alike
     out = {
         "fp32 F.linear": (lambda w: w, lambda x, p: F.linear(x, p)),
         "bf16 F.linear (oneDNN; AMX where present)": (lambda w: w.bfloat16(), lambda x, p: F.linear(x.bfloat16(), p)),

@@ -101,10 +101,15 @@ def activation_bits() -> int:
     (docs/benchmarks.md, section 5). Probed on the kernel itself, not read off CPU flags: fbgemm
     picks its kernel at run time (`FBGEMM_ENABLE_INSTRUCTIONS` can hold it to AVX2), and has none for
     AVX-VNNI (Intel's desktop chips since Alder Lake get its AVX2 kernel, so 7)."""
+    return probe_activation_bits(lambda w: torch.ops.quantized.linear_prepack(quantize_rows(w), None))
+
+
+def probe_activation_bits(pack) -> int:
+    """8 where the int8 kernel that `pack` (float weight [out, in] -> packed weight) packs for adds 8-bit
+    activations without saturating, else 7: one product that saturates int16 if the kernel adds in it."""
     ones = torch.ones(1, 64, dtype=torch.float32, device="cpu")  # [1, in]: activations 255, weights 127:
     # every product pair saturates int16 (the kernel takes float32 only, whatever the default dtype)
-    packed = torch.ops.quantized.linear_prepack(quantize_rows(ones), None)
-    y = torch.ops.quantized.linear_dynamic(ones, packed, False)  # [1, 1]: 64 exactly, or ~32 saturated
+    y = torch.ops.quantized.linear_dynamic(ones, pack(ones), False)  # [1, 1]: 64 exactly, or ~32 saturated
     return 8 if abs(float(y) - 64.0) < 1.0 else 7
 
 
