@@ -32,9 +32,11 @@ def main(argv: list[str] | None = None) -> int:
         for warning in upload.warnings:
             print(f"warning: {warning}", file=sys.stderr)
         if args.export:
-            from mmft.export_hub import check_round_exportable
+            from mmft.card import check_repo_id
+            from mmft.export_hub import check_round_exportable, export_repo_id
 
             check_round_exportable(args.round_dir)  # a pooled round is refused before anything is sent
+            check_repo_id(export_repo_id(upload.repo_id), "--repo-id with '-llava' added (the export's repo)")
         if args.dry_run:
             print(f"Dry run, nothing sent. {upload.repo_id}: one commit on main, tagged {upload.tag}, adding:")
             for path, size in upload.listing():

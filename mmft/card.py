@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from mmft.config import MMFTConfig
 from mmft.round import COMMIT_RE
@@ -19,6 +20,18 @@ TAG_PREFIX = "round-"
 REPO_ID_RE = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # not "./lm", "../clip"
 LLAVA_DATASET = "liuhaotian/LLaVA-Instruct-150K"
 KNOWN_LICENSES = {"microsoft/Phi-3.5-mini-instruct": "mit"}  # base LM id -> its license
+
+
+def check_repo_id(repo_id: str, what: str = "--repo-id") -> None:
+    """Refuse, before anything is sent, an OWNER/NAME the Hub would refuse: its client's own rules (96
+    characters, no `--` or `..`, no `-`/`.` at either end, no `.git` end), so a dry run that passes is a
+    push that can pass."""
+    if not REPO_ID_RE.fullmatch(repo_id):
+        raise ValueError(f"{what} must look like OWNER/NAME, got {repo_id!r}")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise ValueError(f"{what} is not a name the Hub accepts: {err}") from None
 
 
 def feature_text(cfg: MMFTConfig) -> str:

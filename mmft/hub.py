@@ -38,7 +38,7 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.file_download import repo_folder_name
 
-from mmft.card import CARD_TEMPLATE, REPO_ID_RE, TAG_PREFIX, render_card, renumbered, round_tag
+from mmft.card import CARD_TEMPLATE, REPO_ID_RE, TAG_PREFIX, check_repo_id, render_card, renumbered, round_tag
 from mmft.config import CONFIG_NAME
 from mmft.round import COMMIT_RE, LOSS_PLOT, METRICS_NAME, ROUND_FILES, path_matches, without_local_paths
 from mmft.round_check import check_round
@@ -128,8 +128,7 @@ def plan_upload(folder: str | Path, repo_id: str, number: int | None = None,
                 template: str | Path = CARD_TEMPLATE) -> RoundUpload:
     """Check the folder and build the card; raises (and sends nothing) on any problem."""
     folder = Path(folder)
-    if not REPO_ID_RE.fullmatch(repo_id):
-        raise ValueError(f"--repo-id must look like OWNER/NAME, got {repo_id!r}")
+    check_repo_id(repo_id)
     if folder.is_dir():
         pickles = find_pickles(folder)
         if pickles:
@@ -231,13 +230,28 @@ def error_line(err: BaseException) -> str:
             and not isinstance(err, OfflineModeIsEnabled):  # "[Errno 111] Connection refused": of what?
         text = f"cannot reach the Hub at {constants.ENDPOINT}: {text}"
     if isinstance(err, UnicodeEncodeError):  # an HTTP header must be ASCII: a token pasted with a stray character
-        from huggingface_hub import get_token
-
-        bad = next((ch for ch in get_token() or "" if not ch.isascii()), None)
-        if bad is not None:
-            text = (f"the Hub token (HF_TOKEN or the one `hf auth login` stored) holds a character that is not "
-                    f"ASCII (U+{ord(bad):04X}): copy it again")
+        text = _token_not_ascii() or text
     return text
+
+
+def _token_not_ascii() -> str | None:
+    from huggingface_hub import get_token
+
+    bad = next((ch for ch in get_token() or "" if not ch.isascii()), None)
+    return None if bad is None else ("the Hub token (HF_TOKEN or the one `hf auth login` stored) holds a character "
+                                     f"that is not ASCII (U+{ord(bad):04X}): copy it again")
+
+
+def token_refused(err: BaseException) -> str | None:
+    """What is wrong with the token, when that is why a Hub call failed (None otherwise). The Hub answers
+    an invalid or expired token with 401 on every request, public repos included."""
+    status = getattr(getattr(err, "response", None), "status_code", None)
+    if status == 401 and not isinstance(err, RepositoryNotFoundError):
+        return ("the Hub refused the token (HTTP 401: invalid or expired): set a valid HF_TOKEN (on a Space, "
+                "as a secret) or run `hf auth login`; a public repo needs no token")
+    if status == 403 and not isinstance(err, RepositoryNotFoundError):
+        return "the token may not read it (HTTP 403): give it read access to the repo, or set another HF_TOKEN"
+    return _token_not_ascii() if isinstance(err, UnicodeEncodeError) else None
 
 
 # -- pulling -------------------------------------------------------------------------------------
@@ -265,7 +279,13 @@ def pull_round(source: str | Path, revision: str | None = None, cache_dir: str |
     except RepositoryNotFoundError as err:
         raise RoundNotFound(f"Hub repo {repo_id} not found (or it is private and no token is set: "
                             "set HF_TOKEN or run `hf auth login`)") from err
-    except (LocalEntryNotFoundError, OfflineModeIsEnabled, httpx2.TransportError, HfHubHTTPError) as err:
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled, httpx2.TransportError, HfHubHTTPError,
+            UnicodeEncodeError) as err:
+        refused = token_refused(err)
+        if refused:
+            raise RoundNotFound(f"cannot pull {_where(repo_id, revision)}: {refused}") from err
+        if isinstance(err, UnicodeEncodeError):
+            raise
         state = "offline (HF_HUB_OFFLINE=1)" if constants.is_offline_mode() else "the Hub could not be reached"
         raise RoundNotFound(f"cannot pull {_where(repo_id, revision)}: {state} and it is not in the local "
                             f"cache ({cache_dir or constants.HF_HUB_CACHE}). Pull it once online (it is cached "
@@ -283,6 +303,11 @@ def list_rounds(repo_id: str, cache_dir: str | Path | None = None) -> list[tuple
         refs = {t.name: t.target_commit for t in HfApi().list_repo_refs(repo_id).tags}
     except RepositoryNotFoundError as err:
         raise RoundNotFound(f"Hub repo {repo_id} not found (or private and no token is set)") from err
+    except (HfHubHTTPError, UnicodeEncodeError) as err:
+        refused = token_refused(err)
+        if refused is None:
+            raise
+        raise RoundNotFound(f"cannot list the rounds of {repo_id}: {refused}") from err
     except (OfflineModeIsEnabled, httpx2.TransportError):
         cached = Path(cache_dir or constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model")
         refs = {p.name: p.read_text().strip() for p in (cached / "refs").glob(f"{TAG_PREFIX}*") if p.is_file()}

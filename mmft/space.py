@@ -156,6 +156,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variable", action="append", default=[], metavar="KEY=VALUE",
                         help="a Space variable to set, e.g. MMFT_REPO=OWNER/NAME (repeatable)")
     args = parser.parse_args(argv)
+    from mmft.card import check_repo_id
+
+    try:  # a dry run that passes is a deploy the Hub accepts the name of
+        check_repo_id(args.space_id, "the Space id")
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     variables = {}
     for item in args.variable:
         key, sep, value = item.partition("=")

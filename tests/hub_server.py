@@ -98,6 +98,7 @@ class LocalHub:
         self.url = f"http://{host}:{port}"
         self.requests: list[tuple[str, str]] = []  # (method, raw URL path without query), never headers
         self._repos: dict[tuple[str, str], _Repo] = {}  # (repo_type, repo_id) -> repo
+        self.revoked: set[str] = set()  # tokens refused on every request, public repos too, as the Hub does
         self._lock = threading.RLock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -131,6 +132,7 @@ class LocalHub:
         with self._lock:
             self._repos.clear()
             self.requests.clear()
+            self.revoked.clear()
 
     def refs(self, repo_id: str, repo_type: str = "model") -> dict:
         with self._lock:
@@ -393,6 +395,8 @@ class _Handler(BaseHTTPRequestHandler):
         segs = [unquote(s) for s in parts.path.strip("/").split("/")]  # split first: revisions arrive %2F-quoted
         authed = self.headers.get("Authorization", "").startswith("Bearer ")
         try:
+            if authed and self.headers["Authorization"].removeprefix("Bearer ") in self.hub.revoked:
+                raise HubError(401, "Invalid credentials in Authorization header")  # what the Hub says, any URL
             with self.hub._lock:
                 status, payload, headers = self.hub._route(method, segs, parse_qs(parts.query), body, authed)
         except HubError as e:

@@ -33,7 +33,7 @@ from mmft.config import MMFTConfig, load_config, save_config
 from mmft.hub import RoundNotFound, plan_upload, publish
 from mmft.loading import build_model
 from mmft.speech import SpeechUnavailable, Transcriber
-from tests.hub_server import free_port
+from tests.hub_server import DUMMY_TOKEN, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 QUESTION = "What colour is the shape?"
@@ -383,6 +383,16 @@ def test_serves_a_hub_round_by_revision_and_the_picker_switches_rounds(hub_onlin
         assert rounds.cache.folder("round-1").name == moved.commit_id and "round-1" in text
     finally:
         app.close()
+
+
+def test_a_refused_token_serves_the_demo_and_names_the_token(hub_online, tiny_dir, standin_round, tmp_path):
+    publish(plan_upload(tiny_round(tiny_dir, tmp_path / "round-1", 1), REPO))
+    hub_online.revoked.add(DUMMY_TOKEN)  # a Space whose HF_TOKEN secret has expired
+    rounds = Rounds(Settings(demo_round=standin_round, repo=REPO, revision="round-1"))
+    key, problem = rounds.start()
+    assert key == DEMO_KEY and problem.startswith(f"cannot pull {REPO} at revision 'round-1': the Hub refused the "
+                                                  "token (HTTP 401: invalid or expired)")
+    assert "could not be reached" not in banner(rounds, key, problem)
 
 
 def test_offline_with_nothing_cached_serves_the_demo_and_says_why(standin_round):

@@ -30,7 +30,7 @@ from mmft.loading import build_model
 from mmft.round_check import check_round
 from mmft.pipeline import Pipeline
 from mmft.serving import load_pipeline
-from tests.hub_server import free_port
+from tests.hub_server import DUMMY_TOKEN, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 REPO = "user/mmft-demo"
@@ -437,6 +437,57 @@ def test_unknown_revision_or_repo_is_a_clear_error(hub_online, rounds):
     HfApi().create_repo("user/empty")
     with pytest.raises(RoundNotFound, match="does not hold a complete round"):
         pull_round("user/empty")
+
+
+REFUSED = ("the Hub refused the token (HTTP 401: invalid or expired): set a valid HF_TOKEN (on a Space, as a "
+           "secret) or run `hf auth login`; a public repo needs no token")
+
+
+def test_a_refused_or_mistyped_token_is_named_when_pulling_and_listing(hub_online, rounds, monkeypatch):
+    publish(plan_upload(rounds[0], REPO))  # public
+    hub_online.revoked.add(DUMMY_TOKEN)  # expired since: the Hub refuses it on every request, public repos too
+    with pytest.raises(RoundNotFound) as pulled:
+        pull_round(REPO, "round-1")
+    assert str(pulled.value) == f"cannot pull {REPO} at revision 'round-1': {REFUSED}"  # not "could not be reached"
+    with pytest.raises(RoundNotFound) as listed:
+        list_rounds(REPO)
+    assert str(listed.value) == f"cannot list the rounds of {REPO}: {REFUSED}"
+    monkeypatch.setenv("HF_TOKEN", "hf_caf\u00e9")  # pasted with an accent: no HTTP header can carry it
+    for call in (lambda: pull_round(REPO, "round-1"), lambda: list_rounds(REPO)):
+        with pytest.raises(RoundNotFound, match=r"holds a character that is not ASCII \(U\+00E9\): copy it again$"):
+            call()
+    monkeypatch.delenv("HF_TOKEN")  # no token: the public round pulls
+    assert round_files(pull_round(REPO, "round-1")) == round_files(rounds[0])
+
+
+@pytest.mark.parametrize("name, problem", [
+    ("user/bad..name", "Cannot have -- or .. in repo_id"),
+    ("user/bad--name", "Cannot have -- or .. in repo_id"),
+    ("user/name-", "cannot start or end with '-' or '.'"),
+    ("user/name.", "cannot start or end with '-' or '.'"),
+    ("user/ok.git", "cannot end by '.git'"),
+    ("user/" + "y" * 97, "the maximum length is 96"),
+])
+def test_names_the_hub_refuses_are_refused_before_anything_is_sent(hub_online, rounds, name, problem):
+    done = push_cli(hub_online, rounds[0], "--repo-id", name, "--dry-run")
+    assert done.returncode == 1 and hub_online.requests == []
+    (line,) = [x for x in done.stderr.splitlines() if not x.startswith("warning: ")]
+    assert line.startswith("error: --repo-id is not a name the Hub accepts: ") and problem in line, line
+
+
+def test_an_export_name_the_hub_refuses_stops_the_push_before_the_round_goes_up(hub_online, rounds, capsys):
+    from mmft.space import main as space_main
+
+    name = "user/" + "y" * 93  # the round's name is fine; with "-llava" (99 characters) the export's is not
+    for extra in (["--dry-run"], []):
+        done = push_cli(hub_online, rounds[0], "--repo-id", name, "--export", "llava", *extra)
+        assert done.returncode == 1 and hub_online.requests == [], done.stdout  # nothing published, either way
+        (line,) = [x for x in done.stderr.splitlines() if not x.startswith("warning: ")]
+        assert line.startswith("error: --repo-id with '-llava' added (the export's repo) is not a name the Hub "
+                               "accepts: ") and "the maximum length is 96" in line
+    assert space_main(["user/my--space", "--dry-run"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: the Space id is not a name the Hub accepts: Cannot have -- or .. in repo_id: 'user/my--space'."]
 
 
 def test_local_folder_is_returned_as_is(rounds):
