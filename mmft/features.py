@@ -117,7 +117,10 @@ class FeatureCache:
         """Refuse a cache built with another CLIP, another commit of it, or another feature choice than `cfg`'s.
         Both revisions are commits (`mmft.loading.pin_revisions`); a cache or a run that names none is not compared."""
         wanted = cfg.feature_choice
-        built = {key: self.index[key] for key in wanted}
+        keys = ["vit_model_id", "vit_feature_mode"]  # the cache's own choice: a patch cache has a layer, a pooled
+        if self.index.get("vit_feature_mode") == "patch":  # run's choice does not (and the reverse)
+            keys += ["vit_feature_layer", "vit_feature_select_strategy"]
+        built = {key: self.index.get(key) for key in keys}
         built["vit_model_id"] = model_key(built["vit_model_id"])  # older caches: a local path as typed
         built_revision = self.index.get("vit_revision")  # older caches did not record it
         if built_revision and cfg.vit_revision and built_revision != cfg.vit_revision:

@@ -176,8 +176,14 @@ def pin_revision(model_id: str, revision: str | None) -> str | None:
     """The commit `revision` of `model_id` points to now (kept if it is one; a local folder's stays as given)."""
     from transformers.utils.hub import cached_file, extract_commit_hash
 
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
     if Path(model_id).exists() or (revision and COMMIT_RE.fullmatch(revision)):
         return revision
+    try:  # "/data/models/lm" mistyped reads as a Hub id: say what it is not, in the user's words
+        validate_repo_id(model_id)
+    except HFValidationError:
+        raise OSError(f"{model_id!r} is neither a model folder on disk nor a Hub repo id (OWNER/NAME)") from None
     # the Hub cache keeps files under snapshots/<commit>/: the commit of what will be loaded
     return extract_commit_hash(cached_file(model_id, "config.json", revision=revision), None)
 

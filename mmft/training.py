@@ -163,14 +163,15 @@ def prepare_model(cfg: MMFTConfig, run: RunArguments, device, feature_dim: int |
 
 
 def read_data(run: RunArguments, cache: FeatureCache | None):
-    """Train and eval records (+ the skip report). With a feature cache no image file is opened."""
+    """Train and eval records and the skip report of each (one shared report when the eval records are split
+    off the training file). With a feature cache no image file is opened."""
     if not run.train_json:
         raise DataError("no training data: give --train_json (a LLaVA-Instruct JSON file)")
     problem = cache.problem if cache is not None else None
     records, report = read_llava(run.train_json, run.image_dir, run.data_offset, run.max_samples, problem)
-    if run.eval_json:
+    eval_report = report
+    if run.eval_json:  # its own report: its skips are not the training data's
         eval_records, eval_report = read_llava(run.eval_json, run.image_dir, 0, run.max_eval_samples, problem)
-        report.skipped.update(eval_report.skipped)
     elif records:  # by picture, not by seed or window: every round holds out the same images (`split_records`)
         records, eval_records = split_records(records, run.eval_fraction, run.max_eval_samples)
     else:
@@ -179,11 +180,11 @@ def read_data(run: RunArguments, cache: FeatureCache | None):
         raise DataError(f"{run.train_json}: no usable training records ({report.summary()})")
     if not eval_records:  # else the run would train to the end and fail at its evaluation, saving nothing
         raise DataError(f"{run.eval_json or run.train_json}: no usable evaluation records "
-                        f"({report.summary() if run.eval_json else 'the training file is too small to split'})")
-    return records, eval_records, report
+                        f"({eval_report.summary() if run.eval_json else 'the training file is too small to split'})")
+    return records, eval_records, report, eval_report
 
 
-def make_datasets(records, eval_records, report, run: RunArguments, model: MultimodalModel,
+def make_datasets(records, eval_records, report, eval_report, run: RunArguments, model: MultimodalModel,
                   cache: FeatureCache | None):
     if cache is not None:
         def load(record):
@@ -195,8 +196,8 @@ def make_datasets(records, eval_records, report, run: RunArguments, model: Multi
         def load(record):
             return {"pixel_values": model.vision.preprocess([image_dir / record.image])[0]}
         n_tokens = model.vision.num_tokens
-    make = lambda recs: ConversationDataset(recs, model.tokenizer, model.cfg, n_tokens, load, report)
-    return make(records), make(eval_records)
+    make = lambda recs, rep: ConversationDataset(recs, model.tokenizer, model.cfg, n_tokens, load, rep)
+    return make(records, report), make(eval_records, eval_report)
 
 
 @torch.no_grad()
@@ -266,6 +267,10 @@ def finetune(cfg: MMFTConfig, run: RunArguments, targs: TrainingArguments, callb
     `cfg` is the model of a new round (ignored with `run.resume_round`: the round's own config wins).
     `evaluate(model)`, if given, runs on the main process after training; its dict is the round's
     `metrics` (in `config.json`, `metrics.json` and the model card's history)."""
+    if Path(targs.output_dir).exists() and not Path(targs.output_dir).is_dir():
+        raise DataError(f"--output_dir {targs.output_dir} is a file, not a folder")
+    if targs.max_steps <= 0 and targs.num_train_epochs <= 0:  # else a "finished" round of 0 steps, loss 0.0
+        raise DataError(f"nothing to train: --num_train_epochs {targs.num_train_epochs:g} and no --max_steps")
     if run.resume_round:
         cfg, continued = round_config(check_round_folder(run.resume_round))
     number = int(continued.get("round", 0)) + 1 if run.resume_round else 1
@@ -284,11 +289,12 @@ def finetune(cfg: MMFTConfig, run: RunArguments, targs: TrainingArguments, callb
             raise DataError(f"--init_projector {run.init_projector} was trained on {describe_features(built)}, but "
                             f"this run uses {describe_features(cfg.feature_choice)}: train it with the same features")
     # Data errors surface before any model is loaded.
-    records, eval_records, report = read_data(run, cache)
+    records, eval_records, report, eval_report = read_data(run, cache)
     set_seed(targs.seed)  # LoRA and projector initialisation, before the Trainer seeds itself
     model, parent = prepare_model(cfg, run, targs.device, cache.feature_dim if cache else None, training_dtype(targs))
-    train_set, eval_set = make_datasets(records, eval_records, report, run, model, cache)
-    print(report.summary())
+    train_set, eval_set = make_datasets(records, eval_records, report, eval_report, run, model, cache)
+    print(report.summary() if eval_report is report else f"training: {report.summary()}\n"
+                                                        f"evaluation: {eval_report.summary()}")
     if not (run.resume_round or run.init_projector):
         match_projector_scale(model, train_set)
 
@@ -330,7 +336,9 @@ def finetune(cfg: MMFTConfig, run: RunArguments, targs: TrainingArguments, callb
         "metrics": {},
         "data": {"dataset": run.dataset_name, "train_json": str(run.train_json), "offset": run.data_offset,
                  "limit": run.max_samples, "seed": targs.seed, "skipped": dict(report.skipped),
-                 "feature_cache": run.feature_cache},
+                 "feature_cache": run.feature_cache,
+                 **({"eval_json": str(run.eval_json), "eval_skipped": dict(eval_report.skipped)} if run.eval_json
+                    else {})},
         "parent": {"round": parent["round"], "source": str(run.resume_round)} if parent else None,
     }
     if evaluate is not None and trainer.is_world_process_zero():

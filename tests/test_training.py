@@ -172,6 +172,11 @@ def test_mismatched_feature_cache_is_refused(tiny_dir, shapes_data, tmp_path):
     build_cache(vision, str(tiny_dir / "clip"), shapes_data[1], ["train-00000.png"], tmp_path / "cache-full")
     with pytest.raises(DataError, match=r"'patch' mode \(layer -1, 'full'\), but this run uses .*\(layer -2, 'default'\)"):
         finetune(*_args(tiny_dir, shapes_data, tmp_path / "y", steps=2, feature_cache=str(tmp_path / "cache-full")))
+    # a patch cache for a pooled run: the cache is described by its own choice (it has a layer, the run not)
+    with pytest.raises(DataError, match=r"'patch' mode \(layer -1, 'full'\), but this run uses .* in 'pooled' mode; "
+                                        r"rebuild it"):
+        finetune(*_args(tiny_dir, shapes_data, tmp_path / "z", steps=2, mode="pooled",
+                        feature_cache=str(tmp_path / "cache-full")))
 
 
 def test_an_interrupted_cache_build_is_never_served_and_damage_is_named(tiny_dir, shapes_data, tmp_path):
@@ -294,7 +299,7 @@ def test_rounds_with_other_windows_never_train_on_each_others_evaluation_picture
     for offset, limit in ((0, 240), (100, 300), (0, None)):
         run = RunArguments(train_json=str(train_json), data_offset=offset, max_samples=limit, eval_fraction=0.1,
                            max_eval_samples=1000)
-        train, held, _ = read_data(run, FeatureCacheStub())
+        train, held, _, _ = read_data(run, FeatureCacheStub())
         rounds.append(({r.image for r in train}, {r.image for r in held}, held))
     for train, _, _ in rounds:
         for _, held, _ in rounds:
@@ -318,7 +323,7 @@ def test_a_file_too_small_for_its_fraction_still_holds_one_picture_out(tmp_path)
     train_json = tmp_path / "train.json"
     train_json.write_text(json.dumps([{"id": str(i), "image": f"{i}.png", "conversations": conversation}
                                       for i in range(5)]))
-    train, held, _ = read_data(RunArguments(train_json=str(train_json), eval_fraction=0.0), FeatureCacheStub())
+    train, held, _, _ = read_data(RunArguments(train_json=str(train_json), eval_fraction=0.0), FeatureCacheStub())
     assert len(held) == 1 and len(train) == 4 and held[0].image not in {r.image for r in train}
     # ... the whole picture, every conversation about it (the fallback held out one and trained on the rest)
     from mmft.data import Record, split_records
@@ -820,3 +825,41 @@ def test_a_mistyped_model_id_is_one_line(hub_online, tiny_dir, shapes_data, tmp_
               "--output_dir", str(tmp_path / "run"), "--max_steps", "2"])
     message = str(done.value.code)
     assert message.startswith("error: ") and "nobody/no-such-model" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lm_model_id", "{tmp}/no-such/lm"], "error: '{tmp}/no-such/lm' is neither a model folder on disk nor a Hub repo "
+                                            "id (OWNER/NAME)"),
+    (["--output_dir", "{tmp}/a-file"], "error: --output_dir {tmp}/a-file is a file, not a folder"),
+    (["--num_train_epochs", "0"], "error: nothing to train: --num_train_epochs 0 and no --max_steps"),
+])
+def test_a_run_that_cannot_train_says_why_in_one_line_and_writes_nothing(tiny_dir, shapes_data, tmp_path, flags,
+                                                                          message):
+    from train.finetune import main
+
+    (tmp_path / "a-file").write_text("kept")
+    args = {"--lm_model_id": str(tiny_dir / "lm"), "--vit_model_id": str(tiny_dir / "clip"),
+            "--train_json": str(shapes_data[0]), "--image_dir": str(shapes_data[1]),
+            "--output_dir": str(tmp_path / "run")}
+    args.update({flag: value.format(tmp=tmp_path) for flag, value in zip(flags[::2], flags[1::2])})
+    with pytest.raises(SystemExit) as done:
+        main([item for pair in args.items() for item in pair])
+    assert str(done.value.code) == message.format(tmp=tmp_path)
+    assert not (tmp_path / "run").exists() and (tmp_path / "a-file").read_text() == "kept"
+
+
+def test_evaluation_file_skips_are_its_own(tiny_dir, shapes_data, tmp_path, capsys):
+    from mmft.data import DataError
+
+    records = json.loads(Path(shapes_data[0]).read_text())
+    bad = [{**r, "image": "gone.png"} for r in records[:3]]
+    (tmp_path / "eval-bad.json").write_text(json.dumps(bad))
+    with pytest.raises(DataError) as err:  # the eval file's own count, not the training file's
+        finetune(*_args(tiny_dir, shapes_data, tmp_path / "a", steps=2, eval_json=str(tmp_path / "eval-bad.json")))
+    assert str(err.value) == f"{tmp_path / 'eval-bad.json'}: no usable evaluation records (read 0 conversations, " \
+                             "skipped 3 (3 missing image))"
+    (tmp_path / "eval.json").write_text(json.dumps(bad[:2] + records[3:7]))
+    folder, info = finetune(*_args(tiny_dir, shapes_data, tmp_path / "b", steps=2,
+                                   eval_json=str(tmp_path / "eval.json")))
+    assert info["data"]["skipped"] == {} and info["data"]["eval_skipped"] == {"missing image": 2}
+    assert f"evaluation: read 4 conversations, skipped 2 (2 missing image)" in capsys.readouterr().out
