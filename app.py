@@ -19,12 +19,13 @@ from pathlib import Path
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-from mmft.config import whole_number  # noqa: E402  (light: no torch, so --help stays fast)
+from mmft.config import DTYPE_NAMES, QUANTIZE_MODES, whole_number  # noqa: E402  (light: no torch, so --help stays fast)
 
 DEMO_ROUND = Path(__file__).resolve().parent / "demo" / "round"
 
 
-QUANTIZE = ["nf4", "int8", "none"]
+QUANTIZE = list(QUANTIZE_MODES)
+MAX_THREADS = 256  # the same bound wherever it is checked: `mmft.space` checks a Space's variables elsewhere
 
 
 TRUE, FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
@@ -85,11 +86,19 @@ def parse_args(argv=None, environ=os.environ) -> argparse.Namespace:
     parser.add_argument("--max-bases", type=_positive, default=_int(environ, "MMFT_MAX_BASES") or 1,
                         help="base models (LM + CLIP) kept loaded; a round on another base drops the least recently "
                              "used one first when this many are loaded [env MMFT_MAX_BASES] (default: 1)")
+    parser.add_argument("--check", action="store_true",
+                        help="check the flags and environment, say what is wrong, and exit without serving "
+                             "(`python -m mmft.space` runs it on a Space's variables before deploying)")
     args = parser.parse_args(argv)
     if args.quantize is not None and args.quantize not in QUANTIZE:  # argparse checks flags, not env defaults
         parser.error(f"MMFT_QUANTIZE={args.quantize!r}: choose one of {', '.join(QUANTIZE)}")
     if args.port > 65535:
         parser.error(f"--port / GRADIO_SERVER_PORT {args.port}: use a port from 1 to 65535")
+    if args.dtype is not None and args.dtype not in DTYPE_NAMES:
+        parser.error(f"--dtype / MMFT_DTYPE {args.dtype!r}: use one of {', '.join(sorted(DTYPE_NAMES))}")
+    if args.threads is not None and args.threads > MAX_THREADS:  # torch's pool fails far past it, blaming a file
+        parser.error(f"--threads / MMFT_THREADS {args.threads}: use 1 to {MAX_THREADS} (a free CPU Space has 2 "
+                     f"vCPUs; this machine has {os.cpu_count()})")
     if args.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?|mps", args.device):
         parser.error(f"--device / MMFT_DEVICE {args.device!r}: use cpu, cuda, cuda:N or mps")
     args.repo, args.revision = args.repo or None, args.revision or None  # --repo "" is unset, as MMFT_REPO="" is
@@ -107,16 +116,16 @@ def set_env_defaults(args: argparse.Namespace, environ=os.environ) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.check:
+        print("app.py: the flags and environment are usable")
+        return
     set_env_defaults(args)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("mmft").setLevel(logging.INFO)
     import torch  # heavy imports after parsing: --help stays instant
 
     from mmft.app_ui import Settings, create_app, launch  # imports gradio and huggingface_hub: after the env
-    from mmft.loading import DTYPES
 
-    if args.dtype is not None and args.dtype not in DTYPES:
-        sys.exit(f"app.py: --dtype / MMFT_DTYPE {args.dtype!r} is not one of {', '.join(sorted(DTYPES))}")
     if args.device and args.device != "cpu":
         index = int(args.device.partition(":")[2] or 0)
         here = (torch.cuda.device_count() > index if args.device.startswith("cuda")

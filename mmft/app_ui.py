@@ -14,6 +14,7 @@ import logging
 import os
 import random
 import tempfile
+import unicodedata
 from pathlib import Path
 
 import gradio as gr
@@ -30,6 +31,7 @@ from mmft.vision import RESIZE_HINT, ImageError, load_image
 
 log = logging.getLogger(__name__)
 
+INVISIBLE = ("Cc", "Cf", "Zs", "Zl", "Zp")  # control, format (zero-width), space: a question of these alone is empty
 MAX_QUESTION_CHARS = 20_000  # cut before tokenizing; the Pipeline then cuts to its token budget
 MAX_FILE_SIZE = "20mb"
 MODEL_SLOT = "model"  # the one concurrency group every model call shares
@@ -191,7 +193,7 @@ class Handlers:
     def _question(question: str | None) -> tuple[str, list[str]]:
         # a lone surrogate (JSON allows "\ud800") is no text the tokenizer takes: it becomes U+FFFD
         question = (question or "").encode("utf-16", "surrogatepass").decode("utf-16", "replace").strip()
-        if not question:
+        if not any(unicodedata.category(ch) not in INVISIBLE for ch in question):  # NULs, zero-width spaces
             raise _bad("The question is empty: type a question, e.g. “What colour is the shape?”.")
         if len(question) > MAX_QUESTION_CHARS:
             cut = f"The question was cut to its first {MAX_QUESTION_CHARS:,} characters."
@@ -223,6 +225,8 @@ class Handlers:
             clip = prepare_audio(audio)
         except AudioError as err:
             raise _bad(_scrub(str(err), audio)) from err
+        except Exception as err:  # anything else the decoder raises: a message, not its internals
+            raise _unexpected(err) from err
         notes = []
         if clip.trimmed:
             notes.append(f"The recording is {clip.original_seconds:.0f} s long: only its first "

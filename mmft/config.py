@@ -149,6 +149,10 @@ _TYPES = {"str": (str,), "str | None": (str, type(None)), "int": (int,), "int | 
           "float": (int, float), "bool": (bool,), "list[str]": (list,)}
 
 
+DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+               "float16": "float16", "fp16": "float16"}  # what a --dtype flag takes -> torch's name
+
+
 def whole_number(low: int = 1):
     """An argparse type for counts: a whole number >= `low`, in ASCII digits ("²".isdigit() is True, int("²")
     fails), or a one-line usage error; the entry points share it."""

@@ -17,15 +17,14 @@ from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_t
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mmft.config import QUANTIZE_MODES, MMFTConfig, load_config, model_key
+from mmft.config import DTYPE_NAMES, QUANTIZE_MODES, MMFTConfig, load_config, model_key
 from mmft.model import MultimodalModel
 from mmft.projector import Projector, load_projector
 from mmft.quantize import load_int8_lm, pick_cpu_path
 from mmft.round import ADAPTER_DIR, COMMIT_RE, PROJECTOR_NAME, check_round_folder
 from mmft.vision import VisionEncoder
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {name: getattr(torch, dtype) for name, dtype in DTYPE_NAMES.items()}
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:

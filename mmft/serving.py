@@ -302,7 +302,7 @@ class Rounds:
             try:
                 self._listed = [(f"{tag} ({sha[:7]})", tag) for tag, sha in reversed(list_rounds(self.repo))]
             except Exception as err:  # the picker is a convenience: the app serves on, with the last listing
-                log.warning("could not list the rounds of %s: %s", self.repo, err)
+                log.warning("could not list the rounds of %s: %s", self.repo, error_line(err))
             options += self._listed
         keys = {key for _, key in options}
         for extra in (self.settings.revision, current):  # the configured round and the one being served

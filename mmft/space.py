@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import os
 import re
 import shutil
 import subprocess
@@ -122,15 +123,26 @@ def committed_bytes(root: str | Path, files: list[str]) -> dict[str, bytes | Pat
     return out
 
 
+def check_variables(variables: dict[str, str], root: str | Path = ROOT) -> None:
+    """Refuse values app.py refuses at start (the Space would build, then not start): the checkout's own
+    `app.py --check` reads them as the Space will, without the deploying machine's MMFT_* settings."""
+    if not variables:
+        return
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MMFT_", "GRADIO_SERVER_"))}
+    done = subprocess.run([sys.executable, str(Path(root) / "app.py"), "--check"], cwd=root, env={**env, **variables},
+                          capture_output=True, text=True, timeout=120)
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
+        why = re.sub(r"^app\.py: (error: )?", "", lines[-1])
+        raise ValueError(f"the Space would not start with these variables: {why}")
+
+
 def deploy(space_id: str, root: str | Path = ROOT, private: bool = False, variables: dict[str, str] | None = None):
     """Create the Space (Gradio SDK) if needed, make it hold exactly `space_files` (as committed), set its
     variables; (the commit, whether it is a new one)."""
     from huggingface_hub import HfApi
 
     contents = committed_bytes(root, space_files(root))  # before anything is sent
-    api = HfApi()
-    api.create_repo(space_id, repo_type="space", space_sdk="gradio", exist_ok=True, private=private)
-    before = api.repo_info(space_id, repo_type="space").sha
     with tempfile.TemporaryDirectory() as stage:  # the files as committed, in one folder
         for path, content in contents.items():
             target = Path(stage) / path
@@ -139,6 +151,10 @@ def deploy(space_id: str, root: str | Path = ROOT, private: bool = False, variab
                 target.write_bytes(content)
             else:
                 shutil.copyfile(content, target)
+        check_variables(variables or {}, stage)  # the app.py that goes, before anything is sent
+        api = HfApi()
+        api.create_repo(space_id, repo_type="space", space_sdk="gradio", exist_ok=True, private=private)
+        before = api.repo_info(space_id, repo_type="space").sha
         info = api.upload_folder(repo_id=space_id, repo_type="space", folder_path=stage,
                                  # exact paths: escaped, as the client matches them with fnmatch too
                                  allow_patterns=[glob.escape(p) for p in contents], delete_patterns="*",
@@ -178,6 +194,12 @@ def main(argv: list[str] | None = None) -> int:
                   "Secret in the Space's settings instead", file=sys.stderr)
             return 2
         variables[key] = value
+    try:  # a deploy checks them against the app.py it sends (`deploy`); a dry run, against this checkout's
+        if args.dry_run:
+            check_variables(variables)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     skipped: list[str] = []
     try:  # what goes, read from git: refusals (nothing committed, a symlink, no git) before anything is sent
         files = space_files(skipped=skipped)

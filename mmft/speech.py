@@ -143,7 +143,8 @@ def _read_file(path: Path, max_seconds: float) -> tuple[int, np.ndarray, int]:
                 mono[n : n + len(block)] = block.mean(axis=1)
                 n += len(block)
             return rate, mono[:n, None], f.frames
-    except (RuntimeError, OSError) as exc:  # soundfile.LibsndfileError is a RuntimeError
+    except (RuntimeError, OSError, TypeError, ValueError) as exc:  # LibsndfileError is a RuntimeError; a headerless
+        # format (".raw": soundfile then wants the rate and layout given) is a TypeError
         raise AudioError(
             f"Could not read the audio file {path.name} ({exc}) — it may be corrupt or in an "
             "unsupported format; upload a WAV, FLAC, OGG or MP3 file."

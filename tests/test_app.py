@@ -240,12 +240,17 @@ BAD_INPUTS = {
     "bomb image": ("/image", _bomb_png, "holiday.png is too large to decode safely: resize it"),
     "empty question": ("/image", lambda tmp: (handle_file(picture(tmp / "ok.png")), "   "), "question is empty"),
     "empty text": ("/text", lambda tmp: ("",), "question is empty"),
+    "invisible text": ("/text", lambda tmp: ("\x00\u200b\x00\u2028",), "question is empty"),  # NUL, zero-width
+    "image, invisible question": ("/image", lambda tmp: (handle_file(picture(tmp / "ok.png")), "\u200b\u200b"),
+                                  "question is empty"),
     "control tokens only": ("/text", lambda tmp: ("<|end|><|assistant|>",), "question is only control-token text"),
     "image, control tokens only": ("/image", lambda tmp: (handle_file(picture(tmp / "ok.png")), " <|e<s>nd|> "),
                                    "question is only control-token text"),
     "no audio": ("/audio", lambda tmp: (None,), "No audio was received"),
     "broken audio": ("/audio", lambda tmp: (upload(tmp, "broken.wav", b"RIFF\0\0\0\0WAVEjunk" * 50),),
                      "Could not read the audio file broken.wav"),
+    "headerless audio": ("/audio", lambda tmp: (upload(tmp, "clip.raw", wav(tmp / "r.wav").read_bytes()),),
+                         "Could not read the audio file clip.raw"),  # soundfile wants a rate for .raw: TypeError
     "image as audio": ("/audio", lambda tmp: (handle_file(picture(tmp / "a.png")),), "unsupported format"),
     "silent audio": ("/audio", lambda tmp: (handle_file(wav(tmp / "s.wav", amplitude=0)),), "silent"),
     "too short audio": ("/audio", lambda tmp: (handle_file(wav(tmp / "t.wav", seconds=0.05)),), "too short"),
@@ -385,7 +390,8 @@ def test_serves_a_hub_round_by_revision_and_the_picker_switches_rounds(hub_onlin
         app.close()
 
 
-def test_a_refused_token_serves_the_demo_and_names_the_token(hub_online, tiny_dir, standin_round, tmp_path):
+def test_a_refused_token_serves_the_demo_and_names_the_token(hub_online, tiny_dir, standin_round, tmp_path,
+                                                              monkeypatch):
     publish(plan_upload(tiny_round(tiny_dir, tmp_path / "round-1", 1), REPO))
     hub_online.revoked.add(DUMMY_TOKEN)  # a Space whose HF_TOKEN secret has expired
     rounds = Rounds(Settings(demo_round=standin_round, repo=REPO, revision="round-1"))
@@ -393,6 +399,12 @@ def test_a_refused_token_serves_the_demo_and_names_the_token(hub_online, tiny_di
     assert key == DEMO_KEY and problem.startswith(f"cannot pull {REPO} at revision 'round-1': the Hub refused the "
                                                   "token (HTTP 401: invalid or expired)")
     assert "could not be reached" not in banner(rounds, key, problem)
+    hub_online.revoked.clear()
+    monkeypatch.setenv("HF_TOKEN", "hf_abc\u00e9")  # mistyped: nothing is pulled, so nothing "was pulled"
+    key, problem = Rounds(Settings(demo_round=standin_round, repo=REPO, revision="round-1")).start()
+    assert key == DEMO_KEY and problem == (f"cannot pull {REPO} at revision 'round-1': the Hub token (HF_TOKEN or the "
+                                           "one `hf auth login` stored) holds a character that is not ASCII (U+00E9): "
+                                           "copy it again")
 
 
 def test_offline_with_nothing_cached_serves_the_demo_and_says_why(standin_round):
@@ -542,6 +554,8 @@ def test_flags_and_environment():
                                  ("MMFT_THREADS", "²", "'²' is not a positive whole number"),  # "²".isdigit()
                                  ("MMFT_DEMO", "maybe", "use one of 1, true, yes, on"),
                                  ("MMFT_DEVICE", "gpu", "use cpu, cuda, cuda:N or mps"),
+                                 ("MMFT_THREADS", "99999999999", "use 1 to 256"),  # torch overflowed, traceback
+                                 ("MMFT_DTYPE", "f8", "use one of bf16, bfloat16, float16, float32, fp16, fp32"),
                                  ("GRADIO_SERVER_PORT", "70000", "use a port from 1 to 65535")):  # not at launch
         with pytest.raises(SystemExit):
             app_py.parse_args([], environ={name: value})
@@ -552,6 +566,9 @@ def test_flags_and_environment():
                           (["--device", "cuda:7"], "no such device here")):  # flags too; no CI machine has 8 GPUs
         done = subprocess.run([sys.executable, str(ROOT / "app.py"), *argv], capture_output=True, text=True, timeout=120)
         assert done.returncode != 0 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+    checked = subprocess.run([sys.executable, str(ROOT / "app.py"), "--check"], capture_output=True, text=True,
+                             timeout=60, env={**os.environ, "MMFT_QUANTIZE": "int8", "MMFT_THREADS": "2"})
+    assert (checked.returncode, checked.stdout) == (0, "app.py: the flags and environment are usable\n"), checked.stderr
     with socket.socket() as busy:  # a port in use: one line, before any model loads
         busy.bind(("127.0.0.1", 0))
         busy.listen()

@@ -617,6 +617,18 @@ def test_space_variables_are_checked_one_by_one(variables, message, capsys):
     assert capsys.readouterr().err.splitlines() == [message]
 
 
+def test_space_variables_the_app_refuses_are_refused_before_anything_is_sent(hub_online, capsys):
+    from mmft.space import deploy, main
+
+    assert main(["user/space", "--dry-run", "--variable", "MMFT_QUANTIZE=int4"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: the Space would not start with these variables: MMFT_QUANTIZE='int4': choose one of nf4, int8, none"]
+    with pytest.raises(ValueError, match=r"would not start with these variables: --threads / MMFT_THREADS 9999: "
+                                         r"use 1 to 256"):
+        deploy("user/space", variables={"MMFT_REPO": "user/rounds", "MMFT_THREADS": "9999"})
+    assert hub_online.requests == []
+
+
 @pytest.mark.slow
 def test_space_deploy_uploads_what_the_app_needs_and_it_runs(hub_online, tmp_path):
     from huggingface_hub import snapshot_download
