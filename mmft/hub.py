@@ -245,6 +245,8 @@ def _token_not_ascii() -> str | None:
 def token_refused(err: BaseException) -> str | None:
     """What is wrong with the token, when that is why a Hub call failed (None otherwise). The Hub answers
     an invalid or expired token with 401 on every request, public repos included."""
+    if isinstance(err, LocalEntryNotFoundError) and err.__cause__ is not None:  # snapshot_download wraps all
+        return token_refused(err.__cause__)  # but a 401 (a 403 too) in "not in the cache"
     status = getattr(getattr(err, "response", None), "status_code", None)
     if status == 401 and not isinstance(err, RepositoryNotFoundError):
         return ("the Hub refused the token (HTTP 401: invalid or expired): set a valid HF_TOKEN (on a Space, "

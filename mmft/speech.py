@@ -143,6 +143,8 @@ def _read_file(path: Path, max_seconds: float) -> tuple[int, np.ndarray, int]:
                 mono[n : n + len(block)] = block.mean(axis=1)
                 n += len(block)
             return rate, mono[:n, None], f.frames
+    except AudioError:  # a ValueError, already saying what is wrong
+        raise
     except (RuntimeError, OSError, TypeError, ValueError) as exc:  # LibsndfileError is a RuntimeError; a headerless
         # format (".raw": soundfile then wants the rate and layout given) is a TypeError
         raise AudioError(

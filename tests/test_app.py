@@ -554,7 +554,7 @@ def test_flags_and_environment():
                                  ("MMFT_THREADS", "²", "'²' is not a positive whole number"),  # "²".isdigit()
                                  ("MMFT_DEMO", "maybe", "use one of 1, true, yes, on"),
                                  ("MMFT_DEVICE", "gpu", "use cpu, cuda, cuda:N or mps"),
-                                 ("MMFT_THREADS", "99999999999", "use 1 to 256"),  # torch overflowed, traceback
+                                 ("MMFT_THREADS", "99999999999", "use 1 to 1024"),  # torch overflowed, traceback
                                  ("MMFT_DTYPE", "f8", "use one of bf16, bfloat16, float16, float32, fp16, fp32"),
                                  ("GRADIO_SERVER_PORT", "70000", "use a port from 1 to 65535")):  # not at launch
         with pytest.raises(SystemExit):

@@ -30,7 +30,7 @@ from mmft.loading import build_model
 from mmft.round_check import check_round
 from mmft.pipeline import Pipeline
 from mmft.serving import load_pipeline
-from tests.hub_server import DUMMY_TOKEN, free_port
+from tests.hub_server import DUMMY_TOKEN, HubError, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 REPO = "user/mmft-demo"
@@ -452,6 +452,16 @@ def test_a_refused_or_mistyped_token_is_named_when_pulling_and_listing(hub_onlin
     with pytest.raises(RoundNotFound) as listed:
         list_rounds(REPO)
     assert str(listed.value) == f"cannot list the rounds of {REPO}: {REFUSED}"
+    hub_online.revoked.clear()
+
+    def forbidden(*args, **kwargs):  # a valid fine-grained token without read access to this repo
+        raise HubError(403, "Forbidden")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(hub_online, "_route", forbidden)
+        for call in (lambda: pull_round(REPO, "round-1"), lambda: list_rounds(REPO)):  # the pull's 403 is wrapped
+            with pytest.raises(RoundNotFound, match=r": the token may not read it \(HTTP 403\): give it read access"):
+                call()
     monkeypatch.setenv("HF_TOKEN", "hf_caf\u00e9")  # pasted with an accent: no HTTP header can carry it
     for call in (lambda: pull_round(REPO, "round-1"), lambda: list_rounds(REPO)):
         with pytest.raises(RoundNotFound, match=r"holds a character that is not ASCII \(U\+00E9\): copy it again$"):
@@ -624,7 +634,7 @@ def test_space_variables_the_app_refuses_are_refused_before_anything_is_sent(hub
     assert capsys.readouterr().err.splitlines() == [
         "error: the Space would not start with these variables: MMFT_QUANTIZE='int4': choose one of nf4, int8, none"]
     with pytest.raises(ValueError, match=r"would not start with these variables: --threads / MMFT_THREADS 9999: "
-                                         r"use 1 to 256"):
+                                         r"use 1 to 1024"):
         deploy("user/space", variables={"MMFT_REPO": "user/rounds", "MMFT_THREADS": "9999"})
     assert hub_online.requests == []
 

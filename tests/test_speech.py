@@ -204,6 +204,12 @@ def test_corrupt_or_missing_file_raises_audio_error(tmp_path):
         prepare_audio(tmp_path / "missing.wav")
     with pytest.raises(AudioError, match="The recording is empty"):
         prepare_audio(write_wav(tmp_path / "empty.wav", 16_000, np.zeros(0)))
+    with pytest.raises(AudioError) as fast:  # a readable file whose rate is refused: that message, not "corrupt"
+        prepare_audio(write_wav(tmp_path / "fast.wav", 1_000_000, np.zeros(100)))
+    assert str(fast.value).startswith("Unsupported sample rate 1000000 Hz")
+    shutil.copyfile(write_wav(tmp_path / "ok.wav", 16_000, sine(16_000, 1.0)), tmp_path / "clip.raw")
+    with pytest.raises(AudioError, match="Could not read the audio file clip.raw .* corrupt"):  # soundfile: TypeError
+        prepare_audio(tmp_path / "clip.raw")
 
 
 # --- Transcriber ---------------------------------------------------------------------------------
