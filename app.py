@@ -19,7 +19,7 @@ from pathlib import Path
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-from mmft.config import DTYPE_NAMES, QUANTIZE_MODES, whole_number  # noqa: E402  (light: no torch, so --help stays fast)
+from mmft.config import DTYPE_NAMES, QUANTIZE_MODES, whole_number  # noqa: E402  (light: no torch)
 
 DEMO_ROUND = Path(__file__).resolve().parent / "demo" / "round"
 
@@ -96,9 +96,9 @@ def parse_args(argv=None, environ=os.environ) -> argparse.Namespace:
         parser.error(f"--port / GRADIO_SERVER_PORT {args.port}: use a port from 1 to 65535")
     if args.dtype is not None and args.dtype not in DTYPE_NAMES:
         parser.error(f"--dtype / MMFT_DTYPE {args.dtype!r}: use one of {', '.join(sorted(DTYPE_NAMES))}")
-    if args.threads is not None and args.threads > MAX_THREADS:  # the same bound on any machine: mmft.space checks
-        parser.error(f"--threads / MMFT_THREADS {args.threads}: use 1 to {MAX_THREADS} (a free CPU Space has "
-                     "2 vCPUs)")  # a Space's variables on the deploying one
+    if args.threads is not None and args.threads > MAX_THREADS:  # one bound on any machine: mmft.space checks a
+        # Space's variables on the machine that deploys it
+        parser.error(f"--threads / MMFT_THREADS {args.threads}: use 1 to {MAX_THREADS} (a free CPU Space has 2 vCPUs)")
     if args.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?|mps", args.device):
         parser.error(f"--device / MMFT_DEVICE {args.device!r}: use cpu, cuda, cuda:N or mps")
     args.repo, args.revision = args.repo or None, args.revision or None  # --repo "" is unset, as MMFT_REPO="" is

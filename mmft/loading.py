@@ -173,9 +173,8 @@ def pin_revisions(cfg: MMFTConfig) -> MMFTConfig:
 
 def pin_revision(model_id: str, revision: str | None) -> str | None:
     """The commit `revision` of `model_id` points to now (kept if it is one; a local folder's stays as given)."""
-    from transformers.utils.hub import cached_file, extract_commit_hash
-
     from huggingface_hub.utils import HFValidationError, validate_repo_id
+    from transformers.utils.hub import cached_file, extract_commit_hash
 
     if Path(model_id).exists() or (revision and COMMIT_RE.fullmatch(revision)):
         return revision
