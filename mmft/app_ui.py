@@ -14,7 +14,6 @@ import logging
 import os
 import random
 import tempfile
-import unicodedata
 from pathlib import Path
 
 import gradio as gr
@@ -22,7 +21,7 @@ from PIL import Image
 
 from mmft import shapes
 from mmft.hub import RoundNotFound
-from mmft.prompt import strip_control_text
+from mmft.prompt import blank, strip_control_text
 from mmft.quantize import int8_linears
 from mmft.serving import DEMO_KEY, Rounds, Settings  # noqa: F401 (Settings: for app.py and tests)
 from mmft.speech import (DEFAULT_MODEL_ID, GO_ONLINE, MAX_SECONDS, AudioError, SpeechUnavailable, Transcriber,
@@ -31,7 +30,6 @@ from mmft.vision import RESIZE_HINT, ImageError, load_image
 
 log = logging.getLogger(__name__)
 
-INVISIBLE = ("Cc", "Cf", "Zs", "Zl", "Zp")  # control, format (zero-width), space: a question of these alone is empty
 MAX_QUESTION_CHARS = 20_000  # cut before tokenizing; the Pipeline then cuts to its token budget
 MAX_FILE_SIZE = "20mb"
 MODEL_SLOT = "model"  # the one concurrency group every model call shares
@@ -193,7 +191,7 @@ class Handlers:
     def _question(question: str | None) -> tuple[str, list[str]]:
         # a lone surrogate (JSON allows "\ud800") is no text the tokenizer takes: it becomes U+FFFD
         question = (question or "").encode("utf-16", "surrogatepass").decode("utf-16", "replace").strip()
-        if not any(unicodedata.category(ch) not in INVISIBLE for ch in question):  # NULs, zero-width spaces
+        if blank(question):  # NULs and zero-width characters too
             raise _bad("The question is empty: type a question, e.g. “What colour is the shape?”.")
         if len(question) > MAX_QUESTION_CHARS:
             cut = f"The question was cut to its first {MAX_QUESTION_CHARS:,} characters."

@@ -17,7 +17,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 
 from mmft.data import pad_batch
 from mmft.model import MultimodalModel
-from mmft.prompt import Encoded, encode_chat, refine_prompt, strip_control_text
+from mmft.prompt import Encoded, blank, encode_chat, refine_prompt, strip_control_text
 from mmft.text import tidy
 
 NO_DRAFT_NOTE = "The draft stage is off, so the image was not used."
@@ -65,8 +65,12 @@ class Pipeline:
         """What the user should be told about their question: control-token text was dropped, or it was
         cut to the token budget, as the prompt builder did (after stripping it: trailing blank lines are no
         reason for a note)."""
+        if not isinstance(question, str):
+            raise TypeError(f"a question is a string, got {type(question).__name__}")
         notes, found = [], []
-        strip_control_text(self.tokenizer, question, found)
+        if blank(strip_control_text(self.tokenizer, question, found)):  # no question: no confident answer to it
+            raise ValueError("the question is empty" + (f" once its control-token text ({', '.join(found)}) is "
+                                                        "removed" if found else ""))
         if found:
             notes.append(f"Removed from the question: {', '.join(f'`{c}`' for c in found)} (the model would read "
                          "it as its own control tokens).")
@@ -154,10 +158,13 @@ class Pipeline:
     def answer_images(self, images: list, questions: list[str], batch_size: int = 16, **gen) -> list[Answer]:
         if len(images) != len(questions):  # else the error would be about image slots, not about the cause
             raise ValueError(f"one question per image: got {len(images)} images and {len(questions)} questions")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        notes = [self._notes(q) for q in questions]  # every question checked before any is answered
         answers = []
         for i in range(0, len(questions), batch_size):
             imgs, qs = images[i : i + batch_size], questions[i : i + batch_size]
-            chunk = [Answer(q, notes=self._notes(q)) for q in qs]
+            chunk = [Answer(q, notes=n) for q, n in zip(qs, notes[i : i + batch_size])]
             if self.cfg.pipe_draft:
                 drafts = self.draft(imgs, qs, **gen)
                 finals = self.refine(qs, drafts, **gen) if self.cfg.pipe_refine else drafts
@@ -175,7 +182,8 @@ class Pipeline:
 
     def answer_text(self, question: str, **gen) -> Answer:
         """Typed text or a speech transcript: straight to the base model."""
-        return Answer(question, final=self.text([question], **gen)[0], notes=self._notes(question))
+        notes = self._notes(question)  # checks it, before anything runs
+        return Answer(question, final=self.text([question], **gen)[0], notes=notes)
 
     def stream_image(self, image, question: str, **gen) -> Iterator[Answer]:
         """Like `answer_image`, yielding the partial Answer as each stage's tokens arrive."""

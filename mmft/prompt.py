@@ -14,6 +14,7 @@ Labels are *not* shifted here: the LM's loss shifts them.
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass, field
 
 from mmft.config import MMFTConfig
@@ -48,6 +49,15 @@ def strip_control_text(tokenizer, text: str, removed: list[str] | None = None) -
                     removed.append(control)
         if text == before:  # each pass that changes anything shortens the text: this ends
             return text
+
+
+INVISIBLE = ("Cc", "Cf", "Zs", "Zl", "Zp")  # Unicode control, format (zero-width) and space characters
+
+
+def blank(text: str) -> bool:
+    """Nothing a reader would see: empty, spaces, NULs, zero-width characters. A question of these is no
+    question (the app and the pipeline refuse it)."""
+    return not any(unicodedata.category(ch) not in INVISIBLE for ch in text)
 
 
 @dataclass

@@ -32,6 +32,8 @@ class ImageError(ValueError):
 
 def check_size(image: Image.Image, max_pixels: int) -> None:
     width, height = image.size
+    if width < 1 or height < 1:  # CLIP's resize divides by the short side
+        raise ImageError(f"image is {width}x{height} pixels: it has nothing to see")
     if width * height > max_pixels:
         raise ImageError(
             f"image is {width}x{height} = {width * height:,} pixels, over the limit of "
@@ -79,7 +81,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
         return image
     if image.mode == "P":
         image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+    if image.mode == "La":  # premultiplied: PIL converts it to LA only
+        image = image.convert("LA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa"):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")

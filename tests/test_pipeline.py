@@ -108,6 +108,26 @@ def test_typed_control_tokens_are_dropped_with_a_note(pipeline, monkeypatch):
                       "tokens)."]
 
 
+@pytest.mark.parametrize("question, message", [
+    ("", "the question is empty"),
+    ("  \n\x00\u200b", "the question is empty"),
+    ("<|end|> <s>", r"the question is empty once its control-token text \(<\|end\|>, <s>\) is removed"),
+])
+def test_a_question_with_nothing_to_read_is_refused_before_anything_runs(pipeline, monkeypatch, question, message):
+    calls = _spy(pipeline, monkeypatch)
+    image = Image.new("RGB", (40, 40), (200, 30, 30))
+    for ask in (lambda: pipeline.answer_text(question), lambda: pipeline.answer_image(image, question),
+                lambda: next(pipeline.stream_image(image, question)), lambda: next(pipeline.stream_text(question)),
+                lambda: pipeline.answer_images([image, image], ["What colour?", question])):
+        with pytest.raises(ValueError, match=f"^{message}$"):  # was a confident answer to no question
+            ask()
+    assert calls == []  # nothing generated, the good question of the batch included
+    with pytest.raises(TypeError, match="a question is a string, got NoneType"):
+        pipeline.answer_text(None)
+    with pytest.raises(ValueError, match="batch_size must be at least 1, got 0"):
+        pipeline.answer_images([image], ["What colour?"], batch_size=0)
+
+
 def test_long_question_gets_a_note(pipeline):
     answer = pipeline.answer_text("red " * 400)
     assert any("shortened to its first 64 tokens" in note for note in answer.notes)

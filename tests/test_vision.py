@@ -38,6 +38,14 @@ def test_conversions_keep_what_the_image_shows():
     assert to_rgb(big).getpixel((0, 0)) == (100, 100, 100)  # floats on an 8-bit scale stay on it
     cmyk = Image.new("CMYK", (2, 2), (0, 255, 255, 0))
     assert to_rgb(cmyk).getpixel((0, 0)) == (255, 0, 0)
+    # premultiplied grey 100 at alpha 200 is grey 127 (100 * 255 / 200, rounded down by PIL) over white
+    assert to_rgb(Image.new("La", (2, 2), (100, 200))).getpixel((0, 0)) == (155, 155, 155)  # was "damaged file"
+
+
+@pytest.mark.parametrize("size", [(0, 5), (5, 0), (0, 0)])
+def test_an_image_without_pixels_is_refused(size):
+    with pytest.raises(ImageError, match=rf"^image is {size[0]}x{size[1]} pixels: it has nothing to see$"):
+        load_image(np.zeros((size[1], size[0], 3), np.uint8), max_pixels=10**6)  # was a ZeroDivisionError in CLIP's resize
 
 
 def test_oversize_image_is_refused_before_decoding():
