@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -114,6 +115,9 @@ def _export_dtype(cfg, folder: Path, dtype):
         if dtype not in DTYPE_NAMES:
             raise ExportError(f"--dtype must be one of {DTYPE_NAMES}, got {dtype!r}")
         return getattr(torch, dtype)
+    from mmft.loading import check_model_id
+
+    check_model_id(_resolve(folder, cfg.lm_model_id), f"{folder / 'config.json'} names lm_model_id ")
     stored = getattr(AutoConfig.from_pretrained(_resolve(folder, cfg.lm_model_id), revision=cfg.lm_revision),
                      "dtype", None)
     stored = getattr(torch, stored) if isinstance(stored, str) else stored
@@ -177,6 +181,9 @@ def _check_outputs(folder: Path, cfg, outputs: list[Path]) -> None:
         path = Path(_resolve(folder, getattr(cfg, key)))
         if path.exists():
             inputs[f"the base model {getattr(cfg, key)}"] = path.resolve()
+    for out in outputs:  # replacing it would remove the link, or fail on it after the whole export
+        if out.is_symlink():
+            raise ExportError(f"{out} is a symbolic link: give the folder it points to, or another folder")
     groups = [(out, out.with_name(out.name + ".partial"), _pending(out)) for out in outputs]  # the export's own
     for n, group in enumerate(groups):
         for out in group:
@@ -243,15 +250,15 @@ def export_llava(round_dir: str | Path, out: str | Path, dtype=None, text_model:
     from mmft.loading import load_round
 
     layer, strategy = feature_choice(cfg)
-    out = Path(out)
+    out = Path(os.path.abspath(out))  # "." has no name to put ".partial" after; links stay links (refused)
+    text_model = os.path.abspath(text_model) if text_model else None
     outputs = [out] + ([Path(text_model)] if text_model else [])
     _check_outputs(folder, cfg, outputs)
     _refuse_existing(outputs, force)
     dtype = _export_dtype(cfg, folder, dtype)
-    tmp = _fresh_folder(out)
-    text_tmp = _fresh_folder(Path(text_model)) if text_model else None
-
     model, _ = load_round(folder, device="cpu", dtype=dtype, quantize="none")  # strict projector, same checks
+    tmp = _fresh_folder(out)  # after the round loaded: a round that does not leaves no empty `.partial` behind
+    text_tmp = _fresh_folder(Path(text_model)) if text_model else None
     lm = model.lm.merge_and_unload() if model.has_adapter else model.lm  # in memory; the base on disk is untouched
     tokenizer, vision = model.tokenizer, model.vision
     image_id = _add_image_token(tokenizer, lm)

@@ -171,17 +171,26 @@ def pin_revisions(cfg: MMFTConfig) -> MMFTConfig:
                    vit_revision=pin_revision(cfg.vit_model_id, cfg.vit_revision), **local)
 
 
+def check_model_id(model_id: str, what: str = "") -> None:
+    """A folder that is there or a Hub repo id; a mistyped "/data/models/lm" otherwise reaches the Hub
+    client, whose "Repo id must be in the form…" points elsewhere."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if Path(model_id).exists():
+        return
+    try:
+        validate_repo_id(model_id)
+    except HFValidationError:
+        raise OSError(f"{what}{model_id!r} is neither a model folder on disk nor a Hub repo id (OWNER/NAME)") from None
+
+
 def pin_revision(model_id: str, revision: str | None) -> str | None:
     """The commit `revision` of `model_id` points to now (kept if it is one; a local folder's stays as given)."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
     from transformers.utils.hub import cached_file, extract_commit_hash
 
     if Path(model_id).exists() or (revision and COMMIT_RE.fullmatch(revision)):
         return revision
-    try:  # "/data/models/lm" mistyped reads as a Hub id: say what it is not, in the user's words
-        validate_repo_id(model_id)
-    except HFValidationError:
-        raise OSError(f"{model_id!r} is neither a model folder on disk nor a Hub repo id (OWNER/NAME)") from None
+    check_model_id(model_id)
     # the Hub cache keeps files under snapshots/<commit>/: the commit of what will be loaded
     return extract_commit_hash(cached_file(model_id, "config.json", revision=revision), None)
 
@@ -203,6 +212,8 @@ def load_round(folder: str | Path, device=None, dtype=None, quantize=None, train
     folder = check_round_folder(folder)
     cfg, round_info = round_config(folder)
     cfg = replace(cfg, **config_overrides)
+    for key in ("lm_model_id", "vit_model_id"):
+        check_model_id(getattr(cfg, key), f"{folder / 'config.json'} names {key} ")
     if quantize is None and not trainable:  # inference: the CPU path of mmft.quantize (int8)
         quantize = resolve_quantize(None, pick_device(device), inference=True)
     model = build_model(cfg, device, dtype, quantize, with_vision=with_vision, feature_dim=cfg.mp_input_dim,

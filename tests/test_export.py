@@ -10,6 +10,7 @@ logits by >1e-2).
 """
 
 import hashlib
+import json
 import os
 import random
 import shutil
@@ -252,6 +253,42 @@ def test_a_refused_export_clears_no_partial_folder(kit_round, tmp_path, capsys):
     assert (tmp_path / "out.partial" / "model.safetensors").read_text() == "the work of the interrupted export"
     assert main(argv + ["--force"]) == 0
     assert (tmp_path / "out" / "processor_config.json").is_file() and (tmp_path / "text" / "model.safetensors").is_file()
+
+
+def test_odd_output_paths_are_exported_into_or_refused_up_front(kit_round, tmp_path, capsys, monkeypatch):
+    from mmft.export import main
+
+    round_dir, _ = kit_round
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    assert main([str(round_dir), ".", "--dtype", "float32"]) == 0  # was: "PosixPath('.') has an empty name"
+    assert (tmp_path / "here" / "processor_config.json").is_file() and not (tmp_path / "here.partial").exists()
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    assert main([str(round_dir), str(tmp_path / "link"), "--force", "--dtype", "float32"]) == 1
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'link'} is a symbolic link: give the folder it points to, "
+                                       "or another folder\n")  # was: an rmtree error after the whole export
+    assert not (tmp_path / "link.partial").exists()
+
+
+def test_a_round_that_does_not_load_leaves_no_partial_folder(kit_round, tmp_path, capsys):
+    from mmft.export import main
+
+    round_dir, _ = kit_round
+    broken = tmp_path / "round"
+    shutil.copytree(round_dir, broken)
+    (broken / "projector.safetensors").write_bytes(b"\0" * 100)
+    assert main([str(broken), str(tmp_path / "out"), "--dtype", "float32"]) == 1
+    assert "projector.safetensors" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["round"]  # no empty out.partial
+    missing = tmp_path / "no-base"
+    shutil.copytree(round_dir, missing)
+    config = json.loads((missing / "config.json").read_text())
+    config["mmft"]["lm_model_id"] = str(tmp_path / "gone" / "lm")
+    (missing / "config.json").write_text(json.dumps(config))
+    assert main([str(missing), str(tmp_path / "out")]) == 1  # the stored dtype is read from the base: named first
+    assert capsys.readouterr().err == (f"error: {missing / 'config.json'} names lm_model_id '{tmp_path / 'gone' / 'lm'}'"
+                                       " is neither a model folder on disk nor a Hub repo id (OWNER/NAME)\n")
 
 
 def test_an_export_killed_between_its_two_moves_completes_when_run_again(kit_round, tmp_path, monkeypatch):
