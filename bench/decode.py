@@ -25,22 +25,22 @@ import sys
 import tempfile
 import time
 
-from bench import PRECISIONS
+from bench import POSITIVE, PRECISIONS
 
 VARIANTS = ("cached", "naive", "generate", "three_pass")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--threads", type=POSITIVE, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--tiny", action="store_true", help="tiny kit models (tests, seconds)")
-    parser.add_argument("--layers", type=int, default=32, help="decoder layers of the real-size LM (32 = full)")
+    parser.add_argument("--layers", type=POSITIVE, default=32, help="decoder layers of the real-size LM (32 = full)")
     parser.add_argument("--precision", choices=PRECISIONS, default=None,
                         help="real-size LM precision (default: the app's CPU path, int8)")
     parser.add_argument("--mode", choices=("patch", "pooled"), default="patch",
                         help="image tokens: patch = 49 (LLaVA's default: second-to-last layer, no CLS), pooled = 1")
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--naive-tokens", type=int, default=None,
+    parser.add_argument("--new-tokens", type=POSITIVE, default=64)
+    parser.add_argument("--naive-tokens", type=POSITIVE, default=None,
                         help="stop the naive loop after this many tokens (its tokens/s is then an upper bound)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
     return parser

@@ -31,17 +31,19 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench import POSITIVE
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny kit models (runs on CPU; what the tests run)")
-    parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--batch", type=int, default=8, help="samples per training step")
-    parser.add_argument("--steps", type=int, default=10, help="timed training steps (after 2 warm-up steps)")
-    parser.add_argument("--gen-tokens", type=int, default=64)
+    parser.add_argument("--layers", type=POSITIVE, default=32)
+    parser.add_argument("--batch", type=POSITIVE, default=8, help="samples per training step")
+    parser.add_argument("--steps", type=POSITIVE, default=10, help="timed training steps (after 2 warm-up steps)")
+    parser.add_argument("--gen-tokens", type=POSITIVE, default=64)
     parser.add_argument("--budget-s", type=float, default=270, help="stop timed steps early past this wall time")
     parser.add_argument("--checks", default="bench", help="comma list of bench, finetune, vllm (vllm needs finetune)")
-    parser.add_argument("--finetune-steps", type=int, default=4)
+    parser.add_argument("--finetune-steps", type=POSITIVE, default=4)
     return parser
 
 

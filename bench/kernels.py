@@ -24,15 +24,17 @@ import statistics
 import time
 from pathlib import Path
 
+from bench import POSITIVE
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=POSITIVE, default=2)
     parser.add_argument("--tiny", action="store_true", help="toy shapes (tests)")
-    parser.add_argument("--copies", type=int, default=4, help="layer copies cycled through, at least (more where "
+    parser.add_argument("--copies", type=POSITIVE, default=4, help="layer copies cycled through, at least (more where "
                                                               "needed to exceed twice the L3)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed passes over the copies")
-    parser.add_argument("--prefill", type=int, default=80, help="rows of the prefill call")
+    parser.add_argument("--repeats", type=POSITIVE, default=5, help="timed passes over the copies")
+    parser.add_argument("--prefill", type=POSITIVE, default=80, help="rows of the prefill call")
     return parser
 
 

@@ -31,12 +31,14 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench import POSITIVE
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--llama-cpp", type=Path, default=Path("/work/llama/llama_cpp_python-0.3.36/vendor/llama.cpp"))
     parser.add_argument("--work", type=Path, help="keep the files here (default: a temporary folder)")
-    parser.add_argument("--tokens", type=int, default=8)
+    parser.add_argument("--tokens", type=POSITIVE, default=8)
     parser.add_argument("--vocab-gguf", type=Path, help="Phi-3 vocab GGUF (default: LLAMA_CPP/models/ggml-vocab-phi-3.gguf)")
     return parser
 
@@ -190,10 +192,28 @@ def main(argv=None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
     llama_cpp = args.llama_cpp.resolve()
-    bins = llama_cpp / "build" / "bin"
-    env = {**os.environ, "PYTHONPATH": f"{llama_cpp / 'gguf-py'}:{os.environ.get('PYTHONPATH', '')}"}
+    vocab = args.vocab_gguf or llama_cpp / "models" / "ggml-vocab-phi-3.gguf"
+    missing = [str(p) for p in (llama_cpp / "convert_hf_to_gguf.py", llama_cpp / "gguf-py", vocab) if not p.exists()]
+    if missing:  # before minutes of building a round to convert
+        parser.error(f"--llama-cpp {args.llama_cpp}: no {', '.join(missing)} (a llama.cpp tree, e.g. the one the "
+                     "llama-cpp-python sdist vendors; --vocab-gguf for another vocabulary)")
+    try:
+        import google.protobuf  # noqa: F401  (tokenizer.model is a SentencePiece protobuf)
+    except ImportError:
+        parser.error("the protobuf package is needed to write tokenizer.model: pip install protobuf")
+    temporary = args.work is None
     work = args.work or Path(tempfile.mkdtemp(prefix="llama-export-"))
     work.mkdir(parents=True, exist_ok=True)
+    try:
+        return _run(args, llama_cpp, vocab, work)
+    finally:
+        if temporary:  # a 60 MB folder per run otherwise
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(args, llama_cpp: Path, vocab: Path, work: Path) -> dict:
+    bins = llama_cpp / "build" / "bin"
+    env = {**os.environ, "PYTHONPATH": f"{llama_cpp / 'gguf-py'}:{os.environ.get('PYTHONPATH', '')}"}
     result = dict(bench="llama_cpp_export", llama_cpp=str(llama_cpp))
 
     import random
@@ -203,7 +223,6 @@ def main(argv=None) -> dict:
 
     round_dir = build_round(work)
     export = export_llava(round_dir, work / "llava", dtype="float32", text_model=work / "text", force=True)
-    vocab = args.vocab_gguf or llama_cpp / "models" / "ggml-vocab-phi-3.gguf"
     write_sentencepiece(vocab, work / "text" / "tokenizer.model", llama_cpp / "gguf-py")
     pictures = []  # 56 px: neither side resizes
     for i, (colour, shape) in enumerate([("red", "circle"), ("blue", "square"), ("green", "triangle"),

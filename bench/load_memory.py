@@ -30,14 +30,16 @@ from pathlib import Path
 
 LOADERS = ("streamed", "transformers")
 
+from bench import POSITIVE
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--layers", type=POSITIVE, default=32)
     parser.add_argument("--tiny", action="store_true", help="toy shapes (tests)")
     parser.add_argument("--loaders", default=",".join(LOADERS))
     parser.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: the app's, around int8)")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=POSITIVE, default=None)
     parser.add_argument("--keep", default=None, help="keep the saved weights here (a re-run reuses them)")
     parser.add_argument("--worker", choices=(*LOADERS, "save"), help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)

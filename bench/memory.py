@@ -29,20 +29,26 @@ import sys
 import tempfile
 import time
 
-from bench import PRECISIONS
+from bench import POSITIVE, PRECISIONS
 
 VARIANTS = ("single", "one_copy", "two_copies")
 
 
+def _counts(text: str) -> list[int]:
+    """`--layers`: "32" or "4,8", each a positive whole number."""
+    return [POSITIVE(x) for x in text.split(",") if x.strip()] or [POSITIVE(text)]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--threads", type=POSITIVE, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--tiny", action="store_true", help="tiny kit, in this process (tests)")
     parser.add_argument("--precision", choices=PRECISIONS[:3], default=None,
                         help="default: the app's CPU path, int8")
-    parser.add_argument("--layers", default="32", help="one count, or several to fit and extrapolate: 4,8")
-    parser.add_argument("--target-layers", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=32, help="tokens forced per stage")
+    parser.add_argument("--layers", type=_counts, default=[32], help="one count, or several to fit and "
+                                                                     "extrapolate: 4,8")
+    parser.add_argument("--target-layers", type=POSITIVE, default=32)
+    parser.add_argument("--new-tokens", type=POSITIVE, default=32, help="tokens forced per stage")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     return parser
@@ -149,7 +155,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     args.precision = args.precision or default_precision()
     common.set_threads(args.threads)
-    layer_counts = [int(x) for x in args.layers.split(",") if x]
+    layer_counts = args.layers
 
     if args.worker:
         with tempfile.TemporaryDirectory() as tmp:
@@ -158,6 +164,9 @@ def main(argv=None) -> dict:
         return {}
 
     variants = [v for v in args.variants.split(",") if v]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {VARIANTS}")
     result = dict(bench="memory", machine=common.machine(), tiny=args.tiny, precision=args.precision,
                   new_tokens=args.new_tokens)
     rows = []

@@ -31,24 +31,24 @@ import subprocess
 import sys
 import time
 
-from bench import PRECISIONS
+from bench import POSITIVE, PRECISIONS
 
 DEFAULT_TOKENS = {"fp32": 16, "bf16": 16, "int8": 32, "nf4": 6}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--threads", type=POSITIVE, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--tiny", action="store_true", help="toy Phi-3 shapes, all in this process (tests)")
-    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--layers", type=POSITIVE, default=32)
     parser.add_argument("--precisions", default=",".join(PRECISIONS))
-    parser.add_argument("--new-tokens", type=int, default=None,
+    parser.add_argument("--new-tokens", type=POSITIVE, default=None,
                         help=f"decoded tokens per precision (default {DEFAULT_TOKENS})")
-    parser.add_argument("--prompt-tokens", type=int, default=80,
+    parser.add_argument("--prompt-tokens", type=POSITIVE, default=80,
                         help="prefill length (the issue's 80; the patch-mode image prompt is 77 now)")
     parser.add_argument("--paired", action="store_true",
                         help="load --precisions together and alternate decode runs (ratios robust to load)")
-    parser.add_argument("--rounds", type=int, default=3, help="alternations for --paired")
+    parser.add_argument("--rounds", type=POSITIVE, default=3, help="alternations for --paired")
     parser.add_argument("--worker", choices=PRECISIONS, help=argparse.SUPPRESS)
     return parser
 

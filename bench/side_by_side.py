@@ -35,24 +35,24 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import GGUF_TYPES, VOCAB_GGUF
+from bench import GGUF_TYPES, POSITIVE, VOCAB_GGUF
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--llama-cpp", default=None, help="llama.cpp source tree with build/bin (or MMFT_LLAMA_CPP)")
     parser.add_argument("--vocab-gguf", default=VOCAB_GGUF, help="Phi-3 vocab-only GGUF for the converted model")
-    parser.add_argument("--threads", type=int, default=2, help="threads for both engines")
-    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--threads", type=POSITIVE, default=2, help="threads for both engines")
+    parser.add_argument("--layers", type=POSITIVE, default=32)
     parser.add_argument("--tiny", action="store_true", help="toy shapes (tests)")
     parser.add_argument("--mmft", default=None,
                         help="mmft rows as dtype:quantize, comma separated (default: the app's default, "
                              "bfloat16:none (the reference), and int8 with the other dtype)")
-    parser.add_argument("--rounds", type=int, default=1, help="alternations of all engines")
-    parser.add_argument("--prompt-tokens", type=int, default=80)
-    parser.add_argument("--new-tokens", type=int, default=32, help="mmft decode tokens (llama-bench: 64)")
+    parser.add_argument("--rounds", type=POSITIVE, default=1, help="alternations of all engines")
+    parser.add_argument("--prompt-tokens", type=POSITIVE, default=80)
+    parser.add_argument("--new-tokens", type=POSITIVE, default=32, help="mmft decode tokens (llama-bench: 64)")
     parser.add_argument("--gguf", default=",".join(GGUF_TYPES), help="llama.cpp quantizations to compare")
-    parser.add_argument("--llama-reps", type=int, default=2, help="llama-bench repetitions (-r)")
+    parser.add_argument("--llama-reps", type=POSITIVE, default=2, help="llama-bench repetitions (-r)")
     parser.add_argument("--keep", default=None,
                         help="keep the weights and GGUFs in this folder (a re-run reuses what it holds)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)

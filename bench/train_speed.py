@@ -11,11 +11,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench import POSITIVE
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--pad_to", type=int, default=256, help="the fixed length to compare against")
+    parser.add_argument("--steps", type=POSITIVE, default=60)
+    parser.add_argument("--pad_to", type=POSITIVE, default=256, help="the fixed length to compare against")
     return parser
 
 

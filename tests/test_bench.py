@@ -289,3 +289,27 @@ def test_decode_and_memory_default_to_the_apps_cpu_path():
     from bench.decode import default_precision
 
     assert default_precision() == "int8"  # tests pin the CPU without AMX: int8 linears, fp32 around them
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("decode", ["--tiny", "--new-tokens", "0"], "argument --new-tokens: '0' is not a positive whole number"),
+    ("decode", ["--tiny", "--threads", "-1"], "argument --threads: '-1' is not a positive whole number"),
+    ("side_by_side", ["--tiny", "--new-tokens", "0"], "argument --new-tokens: '0' is not a positive whole number"),
+    ("kernels", ["--tiny", "--repeats", "0"], "argument --repeats: '0' is not a positive whole number"),
+    ("kernels", ["--tiny", "--prefill", "-5"], "argument --prefill: '-5' is not a positive whole number"),
+    ("memory", ["--tiny", "--layers", "4,abc"], "argument --layers: 'abc' is not a positive whole number"),
+    ("memory", ["--tiny", "--variants", "bogus"], "unknown variants ['bogus']; choose from"),
+    ("train_speed", ["--steps", "0"], "argument --steps: '0' is not a positive whole number"),
+    ("llama_cpp_export", ["--llama-cpp", "/nonexistent"],
+     "--llama-cpp /nonexistent: no /nonexistent/convert_hf_to_gguf.py"),
+])
+def test_a_bad_flag_value_is_one_usage_line_before_any_work(script, argv, message, capsys):
+    """Each was a traceback after minutes of building (or, for memory's variants, a row of errors, exit 0)."""
+    import importlib
+
+    module = importlib.import_module(f"bench.{script}")
+    with pytest.raises(SystemExit) as done:
+        module.main(argv)
+    assert done.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert ": error: " in err and message in err, err  # the program name is pytest's here
