@@ -212,7 +212,7 @@ def load_round(folder: str | Path, device=None, dtype=None, quantize=None, train
     folder = check_round_folder(folder)
     cfg, round_info = round_config(folder)
     cfg = replace(cfg, **config_overrides)
-    for key in ("lm_model_id", "vit_model_id"):
+    for key in ("lm_model_id", "vit_model_id") if with_vision else ("lm_model_id",):
         check_model_id(getattr(cfg, key), f"{folder / 'config.json'} names {key} ")
     if quantize is None and not trainable:  # inference: the CPU path of mmft.quantize (int8)
         quantize = resolve_quantize(None, pick_device(device), inference=True)

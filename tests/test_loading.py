@@ -149,3 +149,21 @@ def test_the_bitsandbytes_kernels_hint_is_dropped_on_every_cpu():
                           cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0, done.stderr[-2000:]
     assert "kernels-community" not in done.stderr and "another bitsandbytes warning" in done.stderr
+
+
+def test_a_round_naming_a_base_that_is_nowhere_says_so_and_only_for_what_it_loads(tmp_path):
+    import json
+    import shutil
+
+    demo = Path(__file__).resolve().parent.parent / "demo"
+    shutil.copytree(demo / "round", tmp_path / "round")
+    config = json.loads((tmp_path / "round" / "config.json").read_text())
+    config["mmft"].update(lm_model_id=str(demo / "base" / "lm"), vit_model_id=str(tmp_path / "gone" / "clip"))
+    (tmp_path / "round" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(OSError) as err:
+        loading.load_round(tmp_path / "round", device="cpu", dtype=torch.float32, quantize="none")
+    assert str(err.value) == (f"{tmp_path / 'round' / 'config.json'} names vit_model_id '{tmp_path / 'gone' / 'clip'}' "
+                              "is neither a model folder on disk nor a Hub repo id (OWNER/NAME)")
+    model, _ = loading.load_round(tmp_path / "round", device="cpu", dtype=torch.float32, quantize="none",
+                                  with_vision=False)  # CLIP is not loaded: its folder is not needed
+    assert model.vision is None
