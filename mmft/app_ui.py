@@ -169,7 +169,7 @@ class Handlers:
             raise _bad(f"The round {key!r} cannot be loaded: {err}") from err
         except Exception as err:
             raise _unexpected(err) from err
-        if not strip_control_text(pipe.tokenizer, question).strip():
+        if blank(strip_control_text(pipe.tokenizer, question)):  # the pipeline's own rule (`Pipeline._notes`)
             raise _bad("The question is only control-token text (such as <|end|>), which the model is never "
                        "shown: type a question, e.g. “What colour is the shape?”.")
         return pipe

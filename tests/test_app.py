@@ -244,6 +244,8 @@ BAD_INPUTS = {
     "image, invisible question": ("/image", lambda tmp: (handle_file(picture(tmp / "ok.png")), "\u200b\u200b"),
                                   "question is empty"),
     "control tokens only": ("/text", lambda tmp: ("<|end|><|assistant|>",), "question is only control-token text"),
+    "control tokens and invisible text": ("/text", lambda tmp: ("<|end|>\u200b<s>",),
+                                          "question is only control-token text"),  # was "Something went wrong"
     "image, control tokens only": ("/image", lambda tmp: (handle_file(picture(tmp / "ok.png")), " <|e<s>nd|> "),
                                    "question is only control-token text"),
     "no audio": ("/audio", lambda tmp: (None,), "No audio was received"),
